@@ -1,0 +1,113 @@
+"""Evaluation metrics with their standard definitions (numpy only).
+
+- image / pixel AUROC: area under the ROC curve, ties counted as one half (Mann-Whitney U).
+- AUPRO: area under the per-region-overlap curve up to a false positive rate of 0.3, divided by 0.3
+  (Bergmann et al., MVTec AD, IJCV 2021). Regions are 8-connected components of each ground-truth mask.
+- F1-max: the best F1 over all thresholds on image scores (anomalib's F1Max).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).ravel().astype(bool)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in length")
+    if labels.all() or not labels.any():
+        raise ValueError(f"AUROC needs both classes; got {int(labels.sum())} positives of {labels.size}")
+    return labels, scores
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve. labels: [N] bool (True = anomalous); scores: [N] higher = more anomalous."""
+    labels, scores = _check_binary(labels, scores)
+    ranks = _average_ranks(scores)
+    n_pos = labels.sum()
+    n_neg = labels.size - n_pos
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank. x: [N] -> [N] float64."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # start index of each run of equal values
+    new_run = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
+    run_id = np.cumsum(new_run) - 1                                   # [N] run of each sorted element
+    run_start = np.flatnonzero(new_run)                               # [R]
+    run_end = np.concatenate([run_start[1:], [x.size]])               # [R] exclusive
+    run_rank = (run_start + run_end + 1) / 2.0                        # [R] mean of 1-based ranks
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = run_rank[run_id]
+    return ranks
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Maximum F1 over thresholds "score >= t", t taken at every distinct score."""
+    labels, scores = _check_binary(labels, scores)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)                                                 # [N] predicted positive = first i+1
+    fp = np.cumsum(~y)
+    last_of_tie = np.concatenate([s[1:] != s[:-1], [True]])           # thresholds at distinct scores
+    tp, fp = tp[last_of_tie], fp[last_of_tie]
+    precision = tp / (tp + fp)
+    recall = tp / labels.sum()
+    f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    return float(f1.max())
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, *, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to `fpr_limit`.
+
+    masks: [N, H, W] bool ground truth; maps: [N, H, W] float anomaly scores.
+    PRO(t) is the mean, over all connected defect regions of all images, of the fraction of the region's
+    pixels with score >= t; FPR(t) is the fraction of normal pixels (all images) with score >= t.
+    Computed exactly at every distinct score by one sort: each defect pixel adds 1/(|region| * n_regions)
+    to PRO and each normal pixel adds 1/n_normal to FPR as the threshold falls past it.
+    """
+    masks = np.asarray(masks).astype(bool)
+    maps = np.asarray(maps, dtype=np.float64)
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} must both be [N, H, W]")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit={fpr_limit} must be in (0, 1]")
+    weights = np.zeros(masks.shape, dtype=np.float64)
+    region_sizes = []
+    labelled = np.zeros(masks.shape, dtype=np.int64)
+    offset = 0
+    eight = np.ones((3, 3), dtype=bool)
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, structure=eight)
+        labelled[i] = np.where(lab > 0, lab + offset, 0)
+        region_sizes.extend(np.bincount(lab.ravel())[1:].tolist())
+        offset += n
+    n_regions = offset
+    n_normal = int((~masks).sum())
+    if n_regions == 0 or n_normal == 0:
+        raise ValueError(f"AUPRO needs defect regions and normal pixels; got {n_regions} regions, "
+                         f"{n_normal} normal pixels")
+    sizes = np.asarray([0] + region_sizes, dtype=np.float64)
+    defect = labelled > 0
+    weights[defect] = 1.0 / (sizes[labelled[defect]] * n_regions)
+    flat_scores = maps.ravel()
+    order = np.argsort(-flat_scores, kind="mergesort")
+    s = flat_scores[order]
+    pro = np.cumsum(weights.ravel()[order])                           # [P] PRO at threshold s[i]
+    fpr = np.cumsum((~masks).ravel()[order]) / n_normal               # [P] FPR at threshold s[i]
+    last_of_tie = np.concatenate([s[1:] != s[:-1], [True]])
+    fpr = np.concatenate([[0.0], fpr[last_of_tie]])
+    pro = np.concatenate([[0.0], pro[last_of_tie]])
+    # cut the curve at fpr_limit, interpolating the PRO value there
+    k = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    if k < fpr.size:
+        f0, f1, p0, p1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+        p_cut = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)
+        fpr = np.concatenate([fpr[:k], [fpr_limit]])
+        pro = np.concatenate([pro[:k], [p_cut]])
+    return float(np.trapezoid(pro, fpr) / fpr_limit)

@@ -1,0 +1,72 @@
+"""From patch distances to what a user sees: anomaly maps, image scores, compact heatmaps."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+REDUCTIONS = ("topk_mean", "max")
+
+
+def image_scores(patch_distances: np.ndarray, *, reduction: str, top_fraction: float) -> np.ndarray:
+    """Image anomaly score from its patches.
+
+    patch_distances: [B, P] float32 nearest-neighbour distances. Returns [B] float32.
+    "topk_mean": mean of the ceil(top_fraction * P) largest (AnomalyDINO, arXiv 2405.14529 §3);
+    "max": the largest (PatchCore without its reweighting).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is unknown; choose one of {list(REDUCTIONS)}")
+    d = np.asarray(patch_distances, dtype=np.float32)
+    if d.ndim != 2:
+        raise ValueError(f"patch_distances must be [B, P], got shape {d.shape}")
+    if reduction == "max":
+        return d.max(axis=1)
+    k = max(1, math.ceil(top_fraction * d.shape[1]))
+    top = np.partition(d, d.shape[1] - k, axis=1)[:, -k:]             # [B, k]
+    return top.mean(axis=1)
+
+
+def anomaly_maps(patch_distances: np.ndarray, *, out_size: int, sigma: float) -> np.ndarray:
+    """Patch grid -> pixel map: bilinear upsampling then Gaussian smoothing (PatchCore, AnomalyDINO).
+
+    patch_distances: [B, h, w] float32. Returns [B, out_size, out_size] float32 in the same units.
+    """
+    d = np.asarray(patch_distances, dtype=np.float32)
+    if d.ndim != 3:
+        raise ValueError(f"patch_distances must be [B, h, w], got shape {d.shape}")
+    out = np.empty((d.shape[0], out_size, out_size), dtype=np.float32)
+    for i, grid in enumerate(d):
+        # PIL's bilinear resize samples pixel centres (align_corners=False), like torch's interpolate.
+        up = np.asarray(Image.fromarray(grid, mode="F").resize((out_size, out_size), Image.BILINEAR))
+        out[i] = ndimage.gaussian_filter(up, sigma=sigma, mode="nearest") if sigma > 0 else up
+    return out
+
+
+def peak_location(amap: np.ndarray, *, width: int, height: int) -> tuple[int, int]:
+    """(x, y) in original image pixels of the strongest point of a square map [S, S]."""
+    s = amap.shape[0]
+    iy, ix = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    return int((ix + 0.5) * width / s), int((iy + 0.5) * height / s)
+
+
+def encode_heatmap(amap: np.ndarray) -> tuple[bytes, float, float]:
+    """[H, W] float map -> (8-bit grayscale PNG, vmin, vmax). decode_heatmap inverts it to within
+    (vmax - vmin) / 510 per pixel."""
+    amap = np.asarray(amap, dtype=np.float32)
+    vmin, vmax = float(amap.min()), float(amap.max())
+    scale = 255.0 / (vmax - vmin) if vmax > vmin else 0.0
+    q = np.round((amap - vmin) * scale).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(q, mode="L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue(), vmin, vmax
+
+
+def decode_heatmap(png: bytes, vmin: float, vmax: float) -> np.ndarray:
+    """Inverse of encode_heatmap: PNG bytes and value range -> [H, W] float32 anomaly scores."""
+    q = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)
+    return (vmin + q * ((vmax - vmin) / 255.0)).astype(np.float32)
