@@ -90,6 +90,12 @@ class Backbone:
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         log.info("backbone %s blocks=%s on %s, weights %s", name, self.blocks, self.device, identity)
 
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        """(patches per image, feature width) of `patch_features` rows."""
+        g = self.image_size // PATCH_SIZE
+        return g * g, self.model.embed_dim * len(self.blocks)
+
     @torch.inference_mode()
     def patch_features(self, images: np.ndarray) -> np.ndarray:
         """images: [B, S, S, 3] uint8 RGB, S = image_size.

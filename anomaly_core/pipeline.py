@@ -50,8 +50,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
 
 
 class FeatureExtractor:
-    """Decoded batch -> patch features [B, P, D] float32 of the readable images; unreadable rows dropped
-    (fit must not learn from them; they are counted and logged by the job)."""
+    """Decoded batch -> {"path", "error", "features" [B, P, D] float32}; unreadable rows keep their error
+    and all-zero features, so the fit job can report them and leave them out of the bank."""
 
     def __init__(self, *, config: ModelConfig, device: str = "auto", num_threads: int | None = None):
         self.backbone = Backbone(name=config.backbone, weights=config.weights, image_size=config.image_size,
@@ -59,8 +59,10 @@ class FeatureExtractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
-        feats = self.backbone.patch_features(batch["pixels"][ok])            # [b, P, D]
-        return {"path": batch["path"][ok], "features": feats}
+        feats = np.zeros((len(ok),) + self.backbone.feature_shape, dtype=np.float32)   # [B, P, D]
+        if ok.any():
+            feats[ok] = self.backbone.patch_features(batch["pixels"][ok])
+        return {"path": batch["path"], "error": batch["error"], "features": feats}
 
 
 def split_holdout(paths: list[str], *, fraction: float, seed: int) -> np.ndarray:
@@ -114,6 +116,7 @@ class Scorer:
 
     def __init__(self, *, model_path: str, device: str = "auto", num_threads: int | None = None,
                  run_id: str = "", run_time: str = ""):
+        """run_time: ISO-8601 UTC start of the run; its date is the output's partition key."""
         self.model: Model = load_model(model_path)
         cfg = self.model.config
         self.extractor = FeatureExtractor(config=cfg, device=device, num_threads=num_threads)
@@ -164,4 +167,5 @@ class Scorer:
             "model_created_at": np.full(n, self.model.manifest["created_at"], dtype=object),
             "run_id": np.full(n, self.run_id, dtype=object),
             "run_time": np.full(n, self.run_time, dtype=object),
+            "run_date": np.full(n, self.run_time[:10], dtype=object),            # partition key
         }

