@@ -1,0 +1,96 @@
+"""Fit and score through Ray Data on generated real-texture images; results read back with DuckDB."""
+
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from anomaly_core import decode_heatmap, metrics
+from anomaly_core.config import ModelConfig
+from jobs.cli import main
+from jobs.fit import run_fit
+from jobs.score import run_score
+
+CFG = ModelConfig(image_size=112, blocks=(6,))
+
+
+@pytest.fixture(scope="module")
+def model(ray_local, texture_dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "m"
+    manifest = run_fit(str(texture_dataset / "train" / "good"), str(path), config=CFG, batch_size=8)
+    return path, manifest
+
+
+@pytest.fixture(scope="module")
+def scored(model, texture_dataset, tmp_path_factory):
+    archive = tmp_path_factory.mktemp("archive")
+    shutil.copytree(texture_dataset / "test", archive / "test")
+    (archive / "test" / "defect" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (archive / "test" / "good" / "empty.jpg").write_bytes(b"")
+    out = tmp_path_factory.mktemp("out") / "scores"
+    summary = run_score(str(archive), str(model[0]), str(out), batch_size=8)
+    return out, summary
+
+
+def rows(out, sql):
+    return duckdb.execute(sql.replace("T", f"read_parquet('{out}/**/*.parquet', hive_partitioning=1)", 1)
+                          ).fetchall()
+
+
+def test_fit_writes_a_calibrated_model(model):
+    path, manifest = model
+    assert (path / "manifest.json").is_file() and (path / "bank.faiss").is_file()
+    stats = manifest["stats"]
+    assert stats["n_images"] == 10 and stats["n_holdout_images"] == 2
+    assert stats["bank_size"] == int(np.ceil(0.1 * 8 * 64))
+    assert manifest["calibration"]["threshold"] >= manifest["calibration"]["normal_max"]
+
+
+def test_every_image_gets_one_row_and_bad_ones_an_error(scored):
+    out, summary = scored
+    assert summary["images"] == 12 and summary["errors"] == 2
+    bad = rows(out, "SELECT uri, verdict, error FROM T WHERE status = 'error' ORDER BY uri")
+    assert [r[0].rsplit("/", 1)[1] for r in bad] == ["corrupt.png", "empty.jpg"]
+    assert all(r[1] == "error" and r[2] for r in bad)
+
+
+def test_defects_score_above_normal_parts(scored):
+    out, _ = scored
+    r = rows(out, "SELECT uri LIKE '%/defect/%', score FROM T WHERE status = 'ok'")
+    labels, scores = np.array([x[0] for x in r]), np.array([x[1] for x in r])
+    assert metrics.auroc(labels, scores) >= 0.9
+
+
+def test_output_columns_and_heatmap_decoding(scored, model):
+    out, summary = scored
+    cols = {r[0] for r in duckdb.execute(
+        f"DESCRIBE SELECT * FROM read_parquet('{out}/**/*.parquet', hive_partitioning=1)").fetchall()}
+    assert {"uri", "content_sha256", "width", "height", "score", "score_normalised", "verdict", "threshold",
+            "heatmap_png", "heatmap_min", "heatmap_max", "peak_x", "peak_y", "model_id", "run_id",
+            "run_time", "run_date", "status", "error"} <= cols
+    uri, png, lo, hi, model_id, run_id = rows(
+        out, "SELECT uri, heatmap_png, heatmap_min, heatmap_max, model_id, run_id FROM T "
+             "WHERE status = 'ok' ORDER BY score DESC LIMIT 1")[0]
+    heat = decode_heatmap(png, lo, hi)
+    assert heat.shape == (112, 112) and heat.max() == pytest.approx(hi, rel=1e-3)
+    assert model_id == model[1]["model_id"] and run_id == summary["run_id"]
+
+
+def test_cli_fit_rejects_bad_config_before_starting(texture_dataset, tmp_path):
+    res = CliRunner().invoke(main, ["fit", str(texture_dataset), str(tmp_path / "m"), "--image-size", "100"])
+    assert res.exit_code != 0 and "multiple of 14" in res.output
+
+
+def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
+    res = CliRunner().invoke(main, ["evaluate", str(texture_dataset), "--out", str(tmp_path),
+                                    "--image-size", "112", "--blocks", "6", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "n_train", "n_test", "fit_seconds",
+                "score_seconds"):
+        assert key in m
+    assert m["n_train"] == 10 and m["n_test"] == 10 and m["image_auroc"] >= 0.9
+    assert duckdb.execute(f"SELECT count(*) FROM '{tmp_path}/per_image.parquet'").fetchone()[0] == 10
