@@ -36,8 +36,8 @@ def scored(model, texture_dataset, tmp_path_factory):
 
 
 def rows(out, sql):
-    return duckdb.execute(sql.replace("T", f"read_parquet('{out}/**/*.parquet', hive_partitioning=1)", 1)
-                          ).fetchall()
+    """Run `sql` with {T} standing for the scored table."""
+    return duckdb.execute(sql.format(T=f"read_parquet('{out}/**/*.parquet', hive_partitioning=1)")).fetchall()
 
 
 def test_fit_writes_a_calibrated_model(model):
@@ -52,14 +52,14 @@ def test_fit_writes_a_calibrated_model(model):
 def test_every_image_gets_one_row_and_bad_ones_an_error(scored):
     out, summary = scored
     assert summary["images"] == 12 and summary["errors"] == 2
-    bad = rows(out, "SELECT uri, verdict, error FROM T WHERE status = 'error' ORDER BY uri")
+    bad = rows(out, "SELECT uri, verdict, error FROM {T} WHERE status = 'error' ORDER BY uri")
     assert [r[0].rsplit("/", 1)[1] for r in bad] == ["corrupt.png", "empty.jpg"]
     assert all(r[1] == "error" and r[2] for r in bad)
 
 
 def test_defects_score_above_normal_parts(scored):
     out, _ = scored
-    r = rows(out, "SELECT uri LIKE '%/defect/%', score FROM T WHERE status = 'ok'")
+    r = rows(out, "SELECT uri LIKE '%/defect/%', score FROM {T} WHERE status = 'ok'")
     labels, scores = np.array([x[0] for x in r]), np.array([x[1] for x in r])
     assert metrics.auroc(labels, scores) >= 0.9
 
@@ -72,7 +72,7 @@ def test_output_columns_and_heatmap_decoding(scored, model):
             "heatmap_png", "heatmap_min", "heatmap_max", "peak_x", "peak_y", "model_id", "run_id",
             "run_time", "run_date", "status", "error"} <= cols
     uri, png, lo, hi, model_id, run_id = rows(
-        out, "SELECT uri, heatmap_png, heatmap_min, heatmap_max, model_id, run_id FROM T "
+        out, "SELECT uri, heatmap_png, heatmap_min, heatmap_max, model_id, run_id FROM {T} "
              "WHERE status = 'ok' ORDER BY score DESC LIMIT 1")[0]
     heat = decode_heatmap(png, lo, hi)
     assert heat.shape == (112, 112) and heat.max() == pytest.approx(hi, rel=1e-3)
