@@ -1,0 +1,79 @@
+"""Score throughput against the bare backbone, measured in one run on this machine.
+
+    python bench/throughput.py [--data DIR] [--images 96] [--batch-size 16]
+
+Three figures, same images, same batch size:
+  1. bare backbone forward (already decoded, resized uint8 arrays; the limit),
+  2. the score step in-process (decode + features + kNN + maps + PNG heatmaps; anomaly_core.pipeline),
+  3. the Ray score job end to end (read files -> Parquet), excluding Ray start-up but including actor start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anomaly_core.config import ModelConfig
+from anomaly_core.images import IMAGE_EXTENSIONS
+from anomaly_core.pipeline import Scorer, decode_batch
+from jobs.demo import make_dataset
+from jobs.fit import run_fit
+from jobs.runtime import ensure_ray
+from jobs.score import run_score
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, help="MVTec-layout folder (default: generated brick parts)")
+    ap.add_argument("--images", type=int, default=96, help="images to score")
+    ap.add_argument("--batch-size", type=int, default=16)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    data = a.data or make_dataset(work / "data", n_train=20, n_good=a.images // 2, n_defect=a.images // 2)
+    files = sorted(p for p in (data / "test").rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    files = files[:a.images]
+    archive = work / "archive"
+    archive.mkdir()
+    for i, f in enumerate(files):
+        shutil.copy(f, archive / f"{i:05d}{f.suffix}")
+    cfg = ModelConfig()
+    ensure_ray(None)
+    run_fit(str(data / "train" / "good"), str(work / "model"), config=cfg)
+
+    batch = decode_batch({"path": np.array([str(f) for f in files], dtype=object),
+                          "bytes": np.array([f.read_bytes() for f in files], dtype=object)},
+                         image_size=cfg.image_size)
+    scorer = Scorer(model_path=str(work / "model"), device="cpu")
+    bb = scorer.extractor.backbone
+    bs = a.batch_size
+    bb.patch_features(batch["pixels"][:bs])                                   # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(files), bs):
+        bb.patch_features(batch["pixels"][i:i + bs])
+    backbone_ips = len(files) / (time.perf_counter() - t)
+
+    raw = {"path": np.array([str(f) for f in files], dtype=object),
+           "bytes": np.array([f.read_bytes() for f in files], dtype=object)}
+    t = time.perf_counter()
+    for i in range(0, len(files), bs):
+        scorer(decode_batch({k: v[i:i + bs] for k, v in raw.items()}, image_size=cfg.image_size))
+    step_ips = len(files) / (time.perf_counter() - t)
+
+    summary = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)
+    job_ips = summary["images_per_second"]
+
+    print(f"images={len(files)} image_size={cfg.image_size} blocks={cfg.blocks} batch={bs} "
+          f"bank={scorer.model.bank.size}")
+    print(f"| bare backbone forward | {backbone_ips:.2f} img/s | 1.00 |")
+    print(f"| score step in-process | {step_ips:.2f} img/s | {step_ips / backbone_ips:.2f} |")
+    print(f"| Ray score job, files -> Parquet | {job_ips:.2f} img/s | {job_ips / backbone_ips:.2f} |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
