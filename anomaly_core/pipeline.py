@@ -7,6 +7,7 @@ set-up (backbone, bank) happens once in `__init__`, as in Ray's batch-inference 
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 
@@ -110,13 +111,24 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
     return scores, maps
 
 
+_PATH_LABEL = {key: re.compile(rf"(?:^|/){key}=([^/]+)/") for key in ("product", "line")}
+
+
+def path_label(uri: str, key: str) -> str:
+    """Value of a Hive-style `key=value` folder in `uri` ("" when absent): archives laid out as
+    .../product=P/line=L/... get those as columns without a side table."""
+    m = _PATH_LABEL[key].search(uri)
+    return m.group(1) if m else ""
+
+
 class Scorer:
     """Decoded batch -> one output row per image (DESIGN §5). Unreadable images become rows with
     status "error" and the error text; the others are scored against the model's bank."""
 
     def __init__(self, *, model_path: str, device: str = "auto", num_threads: int | None = None,
-                 run_id: str = "", run_time: str = ""):
-        """run_time: ISO-8601 UTC start of the run; its date is the output's partition key."""
+                 run_id: str = "", run_time: str = "", run_date: str = ""):
+        """run_time: ISO-8601 UTC start of the run; run_date: the audit date (partition key),
+        by default the date of run_time."""
         self.model: Model = load_model(model_path)
         cfg = self.model.config
         self.extractor = FeatureExtractor(config=cfg, device=device, num_threads=num_threads)
@@ -126,7 +138,7 @@ class Scorer:
             raise ValueError(f"model {model_path} was fitted with weights {self.model.manifest['weights']} "
                              f"but {cfg.weights!r} now loads tensors with sha256 {got[:12]}...; "
                              f"install the same weights or refit")
-        self.run_id, self.run_time = run_id, run_time
+        self.run_id, self.run_time, self.run_date = run_id, run_time, run_date or run_time[:10]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg, cal = self.model.config, self.model.calibration
@@ -152,6 +164,8 @@ class Scorer:
             "content_sha256": batch["content_sha256"],
             "width": batch["width"],
             "height": batch["height"],
+            "product": np.array([path_label(str(u), "product") for u in batch["path"]], dtype=object),
+            "line": np.array([path_label(str(u), "line") for u in batch["path"]], dtype=object),
             "status": np.where(ok, "ok", "error").astype(object),
             "error": batch["error"],
             "score": score,
@@ -167,5 +181,5 @@ class Scorer:
             "model_created_at": np.full(n, self.model.manifest["created_at"], dtype=object),
             "run_id": np.full(n, self.run_id, dtype=object),
             "run_time": np.full(n, self.run_time, dtype=object),
-            "run_date": np.full(n, self.run_time[:10], dtype=object),            # partition key
+            "run_date": np.full(n, self.run_date, dtype=object),                # partition key
         }

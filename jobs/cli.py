@@ -112,6 +112,7 @@ def fit(data, model_dir, verbose, overwrite, **kw):
 @click.argument("out_dir")
 @_run_options
 @click.option("--run-id", default=None, help="Run identifier (default: UTC time + random suffix).")
+@click.option("--run-date", default=None, help="Audit date YYYY-MM-DD, the output partition (default: today, UTC).")
 def score(data, model_dir, out_dir, verbose, **kw):
     """Score every image under DATA with MODEL_DIR; write Parquet rows to OUT_DIR."""
     _logging(verbose)

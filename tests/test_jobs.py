@@ -9,19 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from anomaly_core import decode_heatmap, metrics
-from anomaly_core.config import ModelConfig
 from jobs.cli import main
-from jobs.fit import run_fit
 from jobs.score import run_score
 
-CFG = ModelConfig(image_size=112, blocks=(6,))
 
 
 @pytest.fixture(scope="module")
-def model(ray_local, texture_dataset, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "m"
-    manifest = run_fit(str(texture_dataset / "train" / "good"), str(path), config=CFG, batch_size=8)
-    return path, manifest
+def model(fitted_model_dir):
+    return fitted_model_dir
 
 
 @pytest.fixture(scope="module")

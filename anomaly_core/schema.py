@@ -1,0 +1,50 @@
+"""The output contract: one row per scored image. docs/schema.md documents it column by column and a
+test fails when the two, or a written file, drift apart. Bump SCHEMA_VERSION on any change."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+METADATA_KEY = b"anomaly.schema_version"
+
+# (name, type, unit, meaning); the order is the column order in the files.
+COLUMNS = [
+    ("uri", pa.string(), "", "the image file (local path or URI)"),
+    ("content_sha256", pa.string(), "hex", "sha256 of the file's bytes"),
+    ("width", pa.int32(), "px", "original width (0 when unreadable)"),
+    ("height", pa.int32(), "px", "original height (0 when unreadable)"),
+    ("product", pa.string(), "", "value of a `product=...` folder in the path, else empty"),
+    ("line", pa.string(), "", "value of a `line=...` folder in the path, else empty"),
+    ("status", pa.string(), "", "`ok` or `error`"),
+    ("error", pa.string(), "", "why the image could not be scored; empty when ok"),
+    ("score", pa.float32(), "cosine distance", "image anomaly score; NaN on error"),
+    ("score_normalised", pa.float32(), "", "0 = mean held-out normal image, 1 = the threshold"),
+    ("verdict", pa.string(), "", "`anomalous` (score >= threshold), `normal` or `error`"),
+    ("threshold", pa.float32(), "cosine distance", "the model's calibrated threshold"),
+    ("heatmap_png", pa.binary(), "PNG", "8-bit grayscale anomaly map, image_size x image_size; null on error"),
+    ("heatmap_min", pa.float32(), "cosine distance", "score at PNG value 0"),
+    ("heatmap_max", pa.float32(), "cosine distance", "score at PNG value 255"),
+    ("peak_x", pa.int32(), "px", "column of the strongest point, original image pixels (-1 on error)"),
+    ("peak_y", pa.int32(), "px", "row of the strongest point, original image pixels (-1 on error)"),
+    ("model_id", pa.string(), "", "content hash of the model that scored the image"),
+    ("model_created_at", pa.string(), "ISO 8601 UTC", "when that model was fitted"),
+    ("run_id", pa.string(), "", "the scoring run"),
+    ("run_time", pa.string(), "ISO 8601 UTC", "when the run started"),
+    ("run_date", pa.string(), "YYYY-MM-DD", "audit date; the Hive partition key (a folder, not a column in the file)"),
+]
+
+PARTITION_COLUMN = "run_date"
+
+
+def output_schema(*, include_partition: bool = False) -> pa.Schema:
+    """Arrow schema of the files (without the partition column unless asked), carrying the version."""
+    fields = [pa.field(n, t) for n, t, _, _ in COLUMNS if include_partition or n != PARTITION_COLUMN]
+    return pa.schema(fields, metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+
+
+def markdown_table() -> str:
+    """The documentation table (docs/schema.md embeds exactly this)."""
+    rows = ["| column | type | unit | meaning |", "| --- | --- | --- | --- |"]
+    rows += [f"| {n} | {t} | {u} | {m} |" for n, t, u, m in COLUMNS]
+    return "\n".join(rows)
