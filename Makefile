@@ -21,4 +21,6 @@ demo: $(STAMP)
 	$(VENV)/bin/anomaly demo --out demo_out
 
 test: $(STAMP)
+	# the report test renders in a real browser: Debian's Chromium (needs root, as on these machines)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest -q tests

@@ -134,6 +134,37 @@ def evaluate(dataset, out, verbose, **kw):
 
 
 @main.command()
+@click.argument("scores_dir")
+@click.option("--html", "html_path", default=None, help="Report file (default: SCORES_DIR/../report.html).")
+@click.option("--top", type=int, default=12, show_default=True, help="Anomalies shown with their heatmaps.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def report(scores_dir, html_path, top, verbose):
+    """Write a self-contained HTML report (counts, score histogram, worst images with heatmaps, errors)."""
+    _logging(verbose)
+    from pathlib import Path
+
+    from jobs.report import write_report
+    html_path = html_path or str(Path(scores_dir).resolve().parent / "report.html")
+    click.echo(str(write_report(scores_dir, html_path, top=top)))
+
+
+@main.command()
+@click.argument("image")
+@click.option("--model", "model_dir", required=True, help="Fitted model directory.")
+@click.option("--out", default=None, help="Overlay PNG (default: IMAGE_STEM_overlay.png here).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def show(image, model_dir, out, device, verbose):
+    """Score one image (no Ray) and write it beside its heatmap overlay, for checking a single part."""
+    _logging(verbose)
+    from pathlib import Path
+
+    from jobs.report import write_show
+    out = out or f"{Path(image).stem}_overlay.png"
+    click.echo(json.dumps(write_show(image, model_dir, out, device=device)))
+
+
+@main.command()
 @click.option("--out", default="demo_out", show_default=True, help="Folder for the demo's images and results.")
 @_run_options
 def demo(out, verbose, **kw):

@@ -89,6 +89,10 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         f"COPY (SELECT uri, regexp_extract(uri, '.*/test/([^/]+)/[^/]+$', 1) AS defect_type, score, "
         f"score_normalised, verdict FROM read_parquet('{scores_dir}/**/*.parquet') ORDER BY uri) "
         f"TO '{per_image}' (FORMAT parquet)")
+    from jobs.report import write_report
+    labels = {str(p): p.parent.name for p in paths}
+    write_report(str(scores_dir), str(out_dir / "report.html"), labels=labels,
+                 title=f"Evaluation: {root.name}")
     log.info("evaluate: %s", {k: v for k, v in result.items() if k != "config"})
     return result
 

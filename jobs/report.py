@@ -1,0 +1,199 @@
+"""What people look at: a self-contained HTML report of a scored output, and one overlay PNG per part.
+
+The report embeds every image as base64 so the file can be mailed. A small script counts images that
+failed to load and records the count on <body data-broken-images>, which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")                      # no display on servers and in Ray workers
+import matplotlib.pyplot as plt            # noqa: E402
+import numpy as np                         # noqa: E402
+from PIL import Image                      # noqa: E402
+
+from anomaly_core import metrics                                  # noqa: E402
+from anomaly_core.images import ImageDecodeError, decode_image   # noqa: E402
+from anomaly_core.scoring import decode_heatmap                  # noqa: E402
+from jobs.analyst import connect                                 # noqa: E402
+
+log = logging.getLogger(__name__)
+
+THUMB = 200
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, *, threshold: float) -> np.ndarray:
+    """image [H, W, 3] uint8, heat [S, S] float scores -> [H, W, 3] uint8 with the map laid over it.
+
+    Colours are on a fixed scale (0 to 1.5 x threshold, "inferno") and opacity grows with the score, so
+    overlays of different images compare, and normal regions stay visible underneath.
+    """
+    h, w = image.shape[:2]
+    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+    v = np.clip(up / (1.5 * threshold), 0.0, 1.0)                               # [H, W]
+    rgb = plt.get_cmap("inferno")(v)[..., :3] * 255.0                            # [H, W, 3]
+    alpha = (0.15 + 0.6 * v)[..., None]
+    return (image * (1 - alpha) + rgb * alpha).astype(np.uint8)
+
+
+def _png_b64(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fig_b64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumb(arr: np.ndarray) -> np.ndarray:
+    im = Image.fromarray(arr)
+    im.thumbnail((THUMB, THUMB))
+    return np.asarray(im)
+
+
+def _pair(uri: str, png: bytes, lo: float, hi: float, threshold: float) -> tuple[str, str] | None:
+    """(original, overlay) thumbnails as data URIs; None when the original cannot be read any more."""
+    try:
+        image = decode_image(Path(uri).read_bytes())
+    except (OSError, ImageDecodeError) as e:
+        log.warning("report: cannot read %s for its thumbnail: %s", uri, e)
+        return None
+    return _png_b64(_thumb(image)), _png_b64(_thumb(overlay(image, decode_heatmap(png, lo, hi),
+                                                             threshold=threshold)))
+
+
+def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
+                 title: str = "Anomaly audit") -> Path:
+    """Write the HTML report of every run under `scores_dir`.
+
+    labels: optional {uri: defect type, "good" for normal} from ground truth; adds ROC and per-type metrics.
+    """
+    if not any(Path(scores_dir).rglob("*.parquet")):
+        raise FileNotFoundError(f"no Parquet files under {scores_dir}: run `anomaly score ... {scores_dir}` first")
+    con = connect(scores_dir)
+    rows = con.execute("SELECT uri, status, error, score, verdict, threshold, run_id, run_date, model_id "
+                       "FROM scores").fetchall()
+    ok = [r for r in rows if r[1] == "ok"]
+    threshold = float(ok[0][5]) if ok else float("nan")
+    scores = np.array([r[3] for r in ok], dtype=np.float64)
+    n_anom = sum(r[4] == "anomalous" for r in ok)
+    errors = [(r[0], r[2]) for r in rows if r[1] == "error"]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p>Output <code>{html.escape(str(scores_dir))}</code>; runs "
+             f"{', '.join(sorted({html.escape(str(r[6])) for r in rows}))}; model "
+             f"{', '.join(sorted({html.escape(str(r[8])) for r in rows}))}; written "
+             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+             "<h2>Summary</h2><table>"
+             f"<tr><th>images</th><td>{len(rows)}</td></tr><tr><th>scored</th><td>{len(ok)}</td></tr>"
+             f"<tr><th>anomalous</th><td>{n_anom} ({n_anom / max(len(ok), 1):.1%})</td></tr>"
+             f"<tr><th>errors</th><td>{len(errors)}</td></tr>"
+             f"<tr><th>threshold</th><td>{threshold:.4f}</td></tr></table>"]
+    if ok:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.hist(scores, bins=min(50, max(10, len(ok) // 4)), color="#4a78b0")
+        ax.axvline(threshold, color="#c0392b", linestyle="--", label=f"threshold {threshold:.3f}")
+        ax.set_xlabel("image score (cosine distance)")
+        ax.set_ylabel("images")
+        ax.legend()
+        parts.append(f"<h2>Score distribution</h2><img alt='score histogram' src='{_fig_b64(fig)}'>")
+    worst = con.execute("SELECT uri, score, score_normalised, verdict, heatmap_png, heatmap_min, heatmap_max "
+                        "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top]).fetchall()
+    cards = []
+    for uri, score, norm, verdict, png, lo, hi in worst:
+        pair = _pair(uri, png, lo, hi, threshold)
+        imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
+                else "<p class='missing'>original image no longer readable</p>")
+        cards.append(f"<div class='card'>{imgs}<p><b>{score:.4f}</b> (normalised {norm:.2f}, {verdict})<br>"
+                     f"<code>{html.escape(uri)}</code></p></div>")
+    parts.append(f"<h2>Top {len(worst)} anomalies</h2><div class='grid'>{''.join(cards)}</div>")
+    if errors:
+        items = "".join(f"<tr><td><code>{html.escape(u)}</code></td><td>{html.escape(e)}</td></tr>"
+                        for u, e in errors)
+        parts.append(f"<h2>Images with errors</h2><table><tr><th>image</th><th>error</th></tr>{items}</table>")
+    if labels:
+        parts.append(_ground_truth_section(ok, labels, threshold))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_CHECK_JS}</script></body></html>")
+    out = Path(html_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    log.info("report: %s (%d rows, %d shown)", out, len(rows), len(worst))
+    return out
+
+
+def _ground_truth_section(ok_rows, labels: dict[str, str], threshold: float) -> str:
+    known = [(r[0], r[3]) for r in ok_rows if r[0] in labels]
+    types = np.array([labels[u] for u, _ in known])
+    scores = np.array([s for _, s in known], dtype=np.float64)
+    y = types != "good"
+    if y.all() or not y.any():
+        return "<h2>Ground truth</h2><p>needs both good and defective images</p>"
+    fpr, tpr = _roc(y, scores)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, color="#4a78b0", label=f"AUROC {metrics.auroc(y, scores):.3f}")
+    ax.plot([0, 1], [0, 1], color="#999", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right")
+    rows = []
+    for t in sorted(set(types) - {"good"}):
+        sel = (types == t) | (types == "good")
+        rows.append(f"<tr><td>{html.escape(t)}</td><td>{int((types == t).sum())}</td>"
+                    f"<td>{metrics.auroc(types[sel] != 'good', scores[sel]):.3f}</td>"
+                    f"<td>{(scores[types == t] >= threshold).mean():.2f}</td></tr>")
+    fp = (scores[~y] >= threshold).mean()
+    return (f"<h2>Ground truth</h2><img alt='ROC curve' src='{_fig_b64(fig)}'>"
+            "<table><tr><th>defect type</th><th>images</th><th>image AUROC vs good</th>"
+            f"<th>flagged at threshold</th></tr>{''.join(rows)}</table>"
+            f"<p>good images flagged at threshold: {fp:.3f}</p>")
+
+
+def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-s, kind="mergesort")
+    tp = np.concatenate([[0], np.cumsum(y[order])]) / y.sum()
+    fp = np.concatenate([[0], np.cumsum(~y[order])]) / (~y).sum()
+    return fp, tp
+
+
+def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "auto") -> dict:
+    """Score one image in-process (no Ray) and write image | overlay side by side as a PNG."""
+    from anomaly_core.pipeline import Scorer, decode_batch
+    scorer = Scorer(model_path=model_dir, device=device)
+    data = Path(image_path).read_bytes()
+    batch = decode_batch({"path": np.array([image_path], dtype=object), "bytes": np.array([data], dtype=object)},
+                         image_size=scorer.model.config.image_size)
+    row = {k: v[0] for k, v in scorer(batch).items()}
+    if row["status"] != "ok":
+        raise ValueError(f"{image_path}: {row['error']}")
+    image = decode_image(data)
+    heat = decode_heatmap(row["heatmap_png"], row["heatmap_min"], row["heatmap_max"])
+    side = np.concatenate([image, overlay(image, heat, threshold=float(row["threshold"]))], axis=1)
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(side).save(out_png)
+    return {"image": image_path, "score": float(row["score"]), "verdict": row["verdict"],
+            "score_normalised": float(row["score_normalised"]), "peak": [int(row["peak_x"]), int(row["peak_y"])],
+            "overlay": out_png}
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.grid{display:flex;flex-wrap:wrap;gap:1em}
+.card{border:1px solid #ddd;padding:.5em;width:420px}.card img{width:200px;margin-right:4px}
+code{font-size:.8em;word-break:break-all}.missing{color:#c0392b}"""
+
+_CHECK_JS = """window.addEventListener('load', function () {
+  var broken = Array.prototype.filter.call(document.images, function (i) { return !i.complete || i.naturalWidth === 0; });
+  document.body.setAttribute('data-broken-images', String(broken.length));
+  document.body.setAttribute('data-images', String(document.images.length));
+});"""
