@@ -23,7 +23,6 @@ from anomaly_core.weights import file_sha256
 FORMAT = "anomaly-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-BANK_FILE = "bank.faiss"
 
 
 class ModelFileError(RuntimeError):
@@ -62,9 +61,9 @@ def save_model(path: str | Path, *, config: ModelConfig, bank: MemoryBank, calib
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        bank.save(tmp / BANK_FILE)
-        files = {BANK_FILE: {"sha256": file_sha256(tmp / BANK_FILE),
-                             "bytes": (tmp / BANK_FILE).stat().st_size}}
+        shards = bank.save(tmp)
+        files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                 for name in shards}
         model_id = hashlib.sha256(
             json.dumps([config.to_dict(), files, weights], sort_keys=True).encode()).hexdigest()[:16]
         manifest = {
@@ -74,7 +73,8 @@ def save_model(path: str | Path, *, config: ModelConfig, bank: MemoryBank, calib
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(),
             "weights": weights,
-            "bank": {"size": bank.size, "dim": bank.dim, "metric": "cosine"},
+            "bank": {"size": bank.size, "dim": bank.dim, "metric": "cosine", "index": config.index,
+                     "shards": shards},
             "calibration": calibration.to_dict(),
             "stats": stats,
             "versions": _versions(),
@@ -113,6 +113,7 @@ def load_model(path: str | Path) -> Model:
         if digest != meta["sha256"]:
             raise ModelFileError(f"{f} has sha256 {digest[:12]}... but the manifest says "
                                  f"{meta['sha256'][:12]}...: the file was modified or corrupted; refit")
-    bank = MemoryBank.load(path / BANK_FILE)
-    return Model(config=ModelConfig.from_dict(manifest["config"]), bank=bank,
+    config = ModelConfig.from_dict(manifest["config"])
+    bank = MemoryBank.load(path, manifest["bank"]["shards"], nprobe=config.nprobe, ef_search=config.ef_search)
+    return Model(config=config, bank=bank,
                  calibration=Calibration(**manifest["calibration"]), manifest=manifest)

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from anomaly_core.backbone import BACKBONES, PATCH_SIZE
+from anomaly_core.index import INDEX_KINDS
 from anomaly_core.scoring import REDUCTIONS
 
 
@@ -33,6 +34,22 @@ class ModelConfig:
     coreset_size: int | None = None
     # Random-projection width for the approximate greedy (PatchCore reference: 128, Johnson-Lindenstrauss).
     projection_dim: int = 128
+    # Patches per partition of the two-round composable greedy: 16384 x 128 float32 = 8 MiB, which stays in
+    # cache (2.2x faster per row here than an uncached pass) and bounds each task's memory.
+    coreset_partition: int = 16384
+    # Round 1 keeps oversample x its share of the target; >1 tightens the 4-approximation toward 2.
+    coreset_oversample: float = 2.0
+    # Fraction of the bank chosen last by greedy over all patches from the composed selection: it takes
+    # the worst-covered points, bringing the cover radius back to plain greedy's (measured: within 1%).
+    coreset_refine: float = 0.1
+    # Memory-bank index: "flat" (exact, default), or approximate "hnsw", "ivf", "ivfpq" (README: measured
+    # cost in AUROC and gain in speed).
+    index: str = "flat"
+    # Vectors per bank shard (one file each): 2^20 x 384 float32 = 1.5 GiB, loadable on any worker.
+    shard_size: int = 1 << 20
+    # Inverted lists probed per query by "ivf"/"ivfpq"; candidate list size of "hnsw" searches.
+    nprobe: int = 8
+    ef_search: int = 64
     # Image score from patch distances: "topk_mean" (AnomalyDINO: mean of the top 1%) or "max" (PatchCore).
     reduction: str = "topk_mean"
     # Fraction of patches averaged by "topk_mean" (AnomalyDINO uses 1%; at least one patch is used).
@@ -63,8 +80,19 @@ class ModelConfig:
             raise ValueError(f"coreset_ratio={self.coreset_ratio} must be in (0, 1]; 1 keeps every patch")
         if self.coreset_size is not None and self.coreset_size < 1:
             raise ValueError(f"coreset_size={self.coreset_size} must be >= 1 or None")
+        if self.coreset_partition < 1:
+            raise ValueError(f"coreset_partition={self.coreset_partition} must be >= 1 patches")
+        if self.coreset_oversample < 1:
+            raise ValueError(f"coreset_oversample={self.coreset_oversample} must be >= 1")
+        if not 0 <= self.coreset_refine < 1:
+            raise ValueError(f"coreset_refine={self.coreset_refine} must be in [0, 1)")
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim={self.projection_dim} must be >= 1")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index={self.index!r} is unknown; choose one of {sorted(INDEX_KINDS)}")
+        if self.shard_size < 1 or self.nprobe < 1 or self.ef_search < 1:
+            raise ValueError(f"shard_size={self.shard_size}, nprobe={self.nprobe} and "
+                             f"ef_search={self.ef_search} must all be >= 1")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction={self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
         if not 0.0 < self.top_fraction <= 1.0:

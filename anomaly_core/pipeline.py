@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import numpy as np
 
@@ -81,20 +82,27 @@ def split_holdout(paths: list[str], *, fraction: float, seed: int) -> np.ndarray
     return held
 
 
-def fit_bank(train: np.ndarray, holdout: np.ndarray, *, config: ModelConfig
+def fit_bank(train: np.ndarray, holdout: np.ndarray, *, config: ModelConfig, map_fn=map
              ) -> tuple[MemoryBank, Calibration, dict]:
     """train: [N, P, D], holdout: [M, P, D] float32 L2-normalised patch features.
-    Returns the coreset bank, the calibration from the held-out images, and fit statistics."""
+    Returns the coreset bank, the calibration from the held-out images, and fit statistics.
+    map_fn runs the coreset partitions (builtin map: in this process)."""
     flat = train.reshape(-1, train.shape[-1])                                # [N*P, D]
     k = coreset_size(flat.shape[0], ratio=config.coreset_ratio, size=config.coreset_size)
     log.info("coreset: %d of %d patches (projection %d)", k, flat.shape[0], config.projection_dim)
-    core = select_coreset(flat, k=k, projection_dim=config.projection_dim, seed=config.seed)
-    bank = MemoryBank.build(flat[core.indices])
+    t0 = time.perf_counter()
+    core = select_coreset(flat, k=k, projection_dim=config.projection_dim, seed=config.seed,
+                          partition_size=config.coreset_partition, oversample=config.coreset_oversample,
+                          refine=config.coreset_refine,
+                          map_fn=map_fn)
+    t_core = time.perf_counter() - t0
+    bank = MemoryBank.build(flat[core.indices], kind=config.index, shard_size=config.shard_size,
+                            seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
     held_scores, _ = score_features(holdout, bank, config=config, with_maps=False)
     cal = calibrate(held_scores, sigmas=config.threshold_sigmas)
     stats = {"n_train_images": int(train.shape[0]), "n_holdout_images": int(holdout.shape[0]),
              "n_train_patches": int(flat.shape[0]), "bank_size": bank.size,
-             "cover_radius": core.cover_radius}
+             "cover_radius": core.cover_radius, "coreset_seconds": round(t_core, 2)}
     return bank, cal, stats
 
 

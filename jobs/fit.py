@@ -13,7 +13,7 @@ import numpy as np
 from anomaly_core.artifact import save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import FeatureExtractor, fit_bank, split_holdout
-from jobs.runtime import default_actors, ensure_ray, read_decoded
+from jobs.runtime import default_actors, ensure_ray, ray_map, read_decoded
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_fit(data_uri: str | list[str], model_dir: str, *, config: ModelConfig, b
     features = np.stack(feats)                                                   # [N, P, D]
     t_feat = time.time() - t0
     held = split_holdout(paths, fraction=config.holdout_fraction, seed=config.seed)
-    bank, cal, stats = fit_bank(features[~held], features[held], config=config)
+    bank, cal, stats = fit_bank(features[~held], features[held], config=config, map_fn=ray_map)
     stats.update(n_images=len(paths), n_unreadable=len(bad), feature_seconds=round(t_feat, 2),
                  fit_seconds=round(time.time() - t0, 2),
                  holdout_images=sorted(p for p, h in zip(paths, held) if h))

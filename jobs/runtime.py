@@ -47,6 +47,13 @@ def default_actors(requested: int | None) -> tuple[int, int, float]:
     return n, max(1, cpus // n), 0.0
 
 
+def ray_map(fn, items):
+    """map() whose calls run as Ray tasks (one CPU each), results in input order. Numpy arguments travel
+    through the object store; this is the `map_fn` the coreset partitions run with."""
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(item) for item in items])
+
+
 def read_decoded(uri: str | list[str], *, image_size: int, batch_size: int) -> "ray.data.Dataset":
     """Ray Data dataset of decoded images (see anomaly_core.pipeline.decode_batch) under `uri`."""
     ds = ray.data.read_binary_files(uri, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS),

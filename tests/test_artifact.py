@@ -27,15 +27,16 @@ def test_round_trip(tmp_path, rng):
 def test_manifest_is_plain_json_with_checksums(tmp_path, rng):
     _save(tmp_path / "m", rng)
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"bank.faiss"} and len(manifest["files"]["bank.faiss"]["sha256"]) == 64
+    assert set(manifest["files"]) == {"bank-00000.faiss"} == set(manifest["bank"]["shards"])
+    assert len(manifest["files"]["bank-00000.faiss"]["sha256"]) == 64
     assert manifest["config"]["blocks"] == [5, 8] and "torch" in manifest["versions"]
 
 
 def test_modified_bank_is_refused(tmp_path, rng):
     _save(tmp_path / "m", rng)
-    with open(tmp_path / "m" / "bank.faiss", "ab") as f:
+    with open(tmp_path / "m" / "bank-00000.faiss", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ModelFileError, match="bank.faiss.*modified or corrupted"):
+    with pytest.raises(ModelFileError, match="bank-00000.faiss.*modified or corrupted"):
         load_model(tmp_path / "m")
 
 

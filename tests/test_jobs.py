@@ -37,7 +37,7 @@ def rows(out, sql):
 
 def test_fit_writes_a_calibrated_model(model):
     path, manifest = model
-    assert (path / "manifest.json").is_file() and (path / "bank.faiss").is_file()
+    assert (path / "manifest.json").is_file() and (path / "bank-00000.faiss").is_file()
     stats = manifest["stats"]
     assert stats["n_images"] == 10 and stats["n_holdout_images"] == 2
     assert stats["bank_size"] == int(np.ceil(0.1 * 8 * 64))

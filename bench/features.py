@@ -1,0 +1,44 @@
+"""Real DINOv2 patch features of the shared data sets, cached as .npy for the coreset and index benchmarks.
+
+    python bench/features.py ../shared/data/mpdd_metal_plate --out /tmp/feats_mpdd.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from anomaly_core.backbone import Backbone
+from anomaly_core.config import ModelConfig
+from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
+
+
+def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarray:
+    """[N, P, D] float32 L2-normalised patch features of the images, with the config's backbone."""
+    bb = Backbone(name=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, blocks=cfg.blocks)
+    out = []
+    for i in range(0, len(paths), batch):
+        px = np.stack([resize_square(decode_image(p.read_bytes()), cfg.image_size) for p in paths[i:i + batch]])
+        out.append(bb.patch_features(px))
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dataset", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    cfg = ModelConfig()
+    listing = lambda d: sorted(p for p in d.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    train = listing(a.dataset / "train" / "good")
+    test = listing(a.dataset / "test")
+    np.savez(a.out, train=extract(train, cfg), test=extract(test, cfg),
+             labels=np.array([p.parent.name != "good" for p in test]),
+             test_paths=np.array([str(p) for p in test]))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
