@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from anomaly_core import metrics
+from anomaly_core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def run_demo(out: str, **run_kw) -> dict:
     (data / "test" / "defect" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     t = time.time()
     manifest = run_fit(str(data / "train" / "good"), str(out_dir / "model"), overwrite=True,
-                       config=_demo_config(), **run_kw)
+                       config=ModelConfig(), **run_kw)
     run = run_score(str(data / "test"), str(out_dir / "model"), str(out_dir / "scores"), **run_kw)
     pattern = f"{out_dir}/scores/**/*.parquet"
     rows = duckdb.execute(
@@ -119,8 +120,3 @@ def run_demo(out: str, **run_kw) -> dict:
               "top_anomalies": top, "error_rows": errors, "seconds": round(time.time() - t, 1)}
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     return result
-
-
-def _demo_config():
-    from anomaly_core.config import ModelConfig
-    return ModelConfig()

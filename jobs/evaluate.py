@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -45,8 +46,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     manifest = run_fit(str(root / "train" / "good"), str(out_dir / "model"), config=config,
                        batch_size=batch_size, actors=actors, device=device, address=address, overwrite=True)
     scores_dir = out_dir / "scores"
-    if scores_dir.exists():
-        import shutil
+    if scores_dir.exists():                          # a re-run replaces the previous evaluation's scores
         shutil.rmtree(scores_dir)
     summary = run_score(str(root / "test"), str(out_dir / "model"), str(scores_dir), batch_size=batch_size,
                         actors=actors, device=device, address=address)
@@ -84,10 +84,11 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    per_image = out_dir / "per_image.parquet"
+    per_image = str(out_dir / "per_image.parquet").replace("'", "''")
+    pattern = f"{scores_dir}/**/*.parquet".replace("'", "''")
     duckdb.execute(
         f"COPY (SELECT uri, regexp_extract(uri, '.*/test/([^/]+)/[^/]+$', 1) AS defect_type, score, "
-        f"score_normalised, verdict FROM read_parquet('{scores_dir}/**/*.parquet') ORDER BY uri) "
+        f"score_normalised, verdict FROM read_parquet('{pattern}') ORDER BY uri) "
         f"TO '{per_image}' (FORMAT parquet)")
     from jobs.report import write_report
     labels = {str(p): p.parent.name for p in paths}
