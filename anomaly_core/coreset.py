@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from anomaly_core.index import MemoryBank
 
@@ -61,7 +62,10 @@ def greedy_kcenter(points: np.ndarray, k: int, *, start: int | None = None,
         c = int(np.argmax(min_d))
     d = np.empty(n, dtype=np.float32)                                       # reused: no allocation per step
     chosen = np.empty(k, dtype=np.int64)
-    for i in range(k):
+    # a bar in a terminal for long selections; tqdm stays silent when stderr is not a TTY (Ray jobs, CI)
+    steps = tqdm(range(k), desc="greedy coreset", unit="centre", mininterval=2.0, leave=False,
+                 disable=None if k >= 2000 else True)
+    for i in steps:
         chosen[i] = c
         np.matmul(x, x[c], out=d)                                           # [N] x . c
         d *= -2.0
