@@ -66,7 +66,7 @@ class Backbone:
                  device: str = "auto", num_threads: int | None = None):
         import timm
 
-        from anomaly_core.weights import load_weights, state_dict_sha256
+        from anomaly_core.weights import load_weights
 
         if name not in BACKBONES:
             raise ValueError(f"backbone {name!r} is unknown; choose one of {sorted(BACKBONES)}")
@@ -76,13 +76,9 @@ class Backbone:
         self.blocks = tuple(blocks)
         state, identity = load_weights(weights, backbone=name)
         self.image_size = image_size
-        model = timm.create_model(name, pretrained=state is None, num_classes=0, img_size=image_size)
-        if state is not None:
-            identity["state_sha256"] = state_dict_sha256(state)
-            state = dict(state, pos_embed=resample_pos_embed(state["pos_embed"], image_size // PATCH_SIZE))
-            model.load_state_dict(state, strict=True)
-        else:
-            identity["state_sha256"] = state_dict_sha256(model.state_dict())
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+        state = dict(state, pos_embed=resample_pos_embed(state["pos_embed"], image_size // PATCH_SIZE))
+        model.load_state_dict(state, strict=True)
         self.identity = identity
         model.prune_intermediate_layers(list(self.blocks), prune_norm=True, prune_head=True)
         self.model = model.eval().requires_grad_(False).to(self.device)

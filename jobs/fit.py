@@ -13,6 +13,7 @@ import numpy as np
 from anomaly_core.artifact import save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import FeatureExtractor, fit_bank, split_holdout
+from anomaly_core.weights import load_weights
 from jobs.runtime import default_actors, ensure_ray, ray_map, read_decoded
 
 log = logging.getLogger(__name__)
@@ -48,22 +49,12 @@ def run_fit(data_uri: str | list[str], model_dir: str, *, config: ModelConfig, b
     stats.update(n_images=len(paths), n_unreadable=len(bad), feature_seconds=round(t_feat, 2),
                  fit_seconds=round(time.time() - t0, 2),
                  holdout_images=sorted(p for p, h in zip(paths, held) if h))
-    manifest = save_model(model_dir, config=config, bank=bank, calibration=cal,
-                          weights=_weights_identity(config), stats=stats, overwrite=overwrite)
+    _, weights = load_weights(config.weights, backbone=config.backbone)      # the identity the actors load
+    manifest = save_model(model_dir, config=config, bank=bank, calibration=cal, weights=weights, stats=stats,
+                          overwrite=overwrite)
     log.info("fit: %d images (%d unreadable) -> bank %d, threshold %.4f, %.1fs -> %s",
              len(paths), len(bad), bank.size, cal.threshold, stats["fit_seconds"], model_dir)
     return manifest
-
-
-def _weights_identity(config: ModelConfig) -> dict:
-    """The identity the backbone reports (weights source and tensor hash), computed on the driver."""
-    from anomaly_core.weights import load_weights, state_dict_sha256
-    state, identity = load_weights(config.weights, backbone=config.backbone)
-    if state is None:                                   # timm-hub: hash what timm gives us
-        import timm
-        state = timm.create_model(config.backbone, pretrained=True).state_dict()
-    identity["state_sha256"] = state_dict_sha256(state)
-    return identity
 
 
 if __name__ == "__main__":
