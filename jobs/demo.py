@@ -115,7 +115,10 @@ def run_demo(out: str, **run_kw) -> dict:
     errors = duckdb.execute(
         "SELECT uri, error FROM read_parquet(?, hive_partitioning=1) WHERE run_id = ? AND status = 'error'",
         [pattern, run["run_id"]]).fetchall()
+    from jobs.report import write_report
+    report = write_report(str(out_dir / "scores"), str(out_dir / "report.html"), top=8, title="Demo audit")
     result = {"model_id": manifest["model_id"], "threshold": manifest["calibration"]["threshold"],
+              "report": str(report),
               "run": run, "image_auroc": metrics.auroc(labels, np.array([r[1] for r in rows])),
               "top_anomalies": top, "error_rows": errors, "seconds": round(time.time() - t, 1)}
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
