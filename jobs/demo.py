@@ -12,12 +12,12 @@ import logging
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 from PIL import Image, ImageDraw
 
 from anomaly_core import metrics
 from anomaly_core.config import ModelConfig
+from jobs.analyst import connect
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,15 @@ def run_demo(out: str, **run_kw) -> dict:
     manifest = run_fit(str(data / "train" / "good"), str(out_dir / "model"), overwrite=True,
                        config=ModelConfig(), **run_kw)
     run = run_score(str(data / "test"), str(out_dir / "model"), str(out_dir / "scores"), **run_kw)
-    pattern = f"{out_dir}/scores/**/*.parquet"
-    rows = duckdb.execute(
-        "SELECT uri, score, verdict FROM read_parquet(?, hive_partitioning=1) "
-        "WHERE run_id = ? AND status = 'ok' ORDER BY uri", [pattern, run["run_id"]]).fetchall()
+    con = connect(str(out_dir / "scores"))
+    rows = con.execute("SELECT uri, score, verdict FROM scores WHERE run_id = ? AND status = 'ok' ORDER BY uri",
+                       [run["run_id"]]).fetchall()
     labels = np.array(["/defect/" in r[0] for r in rows])
-    top = duckdb.execute(
-        "SELECT regexp_extract(uri, '[^/]+/[^/]+$') AS image, round(score, 4) AS score, verdict, "
-        "peak_x, peak_y FROM read_parquet(?, hive_partitioning=1) WHERE run_id = ? AND status = 'ok' "
-        "ORDER BY score DESC LIMIT 5", [pattern, run["run_id"]]).fetchall()
-    errors = duckdb.execute(
-        "SELECT uri, error FROM read_parquet(?, hive_partitioning=1) WHERE run_id = ? AND status = 'error'",
-        [pattern, run["run_id"]]).fetchall()
+    top = con.execute(
+        "SELECT regexp_extract(uri, '[^/]+/[^/]+$') AS image, round(score, 4) AS score, verdict, peak_x, peak_y "
+        "FROM scores WHERE run_id = ? AND status = 'ok' ORDER BY score DESC LIMIT 5", [run["run_id"]]).fetchall()
+    errors = con.execute("SELECT uri, error FROM scores WHERE run_id = ? AND status = 'error'",
+                         [run["run_id"]]).fetchall()
     from jobs.report import write_report
     report = write_report(str(out_dir / "scores"), str(out_dir / "report.html"), top=8, title="Demo audit")
     result = {"model_id": manifest["model_id"], "threshold": manifest["calibration"]["threshold"],

@@ -12,7 +12,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import duckdb
 import numpy as np
 from PIL import Image
 
@@ -20,6 +19,7 @@ from anomaly_core import metrics
 from anomaly_core.config import ModelConfig
 from anomaly_core.images import IMAGE_EXTENSIONS
 from anomaly_core.scoring import decode_heatmap
+from jobs.analyst import connect
 from jobs.fit import run_fit
 from jobs.score import run_score
 
@@ -50,9 +50,9 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         shutil.rmtree(scores_dir)
     summary = run_score(str(root / "test"), str(out_dir / "model"), str(scores_dir), batch_size=batch_size,
                         actors=actors, device=device, address=address)
-    rows = duckdb.execute(
-        "SELECT uri, score, heatmap_png, heatmap_min, heatmap_max, status FROM read_parquet(?) ORDER BY uri",
-        [f"{scores_dir}/**/*.parquet"]).fetchall()
+    con = connect(str(scores_dir))
+    rows = con.execute("SELECT uri, score, heatmap_png, heatmap_min, heatmap_max, status FROM scores "
+                       "ORDER BY uri").fetchall()
     bad = [r[0] for r in rows if r[5] != "ok"]
     if bad:
         raise RuntimeError(f"{len(bad)} test images could not be scored, e.g. {bad[:3]}")
@@ -85,11 +85,9 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     per_image = str(out_dir / "per_image.parquet").replace("'", "''")
-    pattern = f"{scores_dir}/**/*.parquet".replace("'", "''")
-    duckdb.execute(
+    con.execute(
         f"COPY (SELECT uri, regexp_extract(uri, '.*/test/([^/]+)/[^/]+$', 1) AS defect_type, score, "
-        f"score_normalised, verdict FROM read_parquet('{pattern}') ORDER BY uri) "
-        f"TO '{per_image}' (FORMAT parquet)")
+        f"score_normalised, verdict FROM scores ORDER BY uri) TO '{per_image}' (FORMAT parquet)")
     from jobs.report import write_report
     labels = {str(p): p.parent.name for p in paths}
     write_report(str(scores_dir), str(out_dir / "report.html"), labels=labels,

@@ -13,12 +13,11 @@ import logging
 import time
 import uuid
 
-import duckdb
-
 from anomaly_core.artifact import read_manifest
 from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import Scorer
 from anomaly_core.schema import PARTITION_COLUMN, output_schema
+from jobs.analyst import connect
 from jobs.runtime import default_actors, ensure_ray, read_decoded
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,9 @@ def run_score(data_uri: str | list[str], model_dir: str, out_dir: str, *, batch_
 
 def summarise(out_dir: str, *, run_id: str) -> dict:
     """Counts of one run, read back from the Parquet it wrote."""
-    row = duckdb.execute(
+    row = connect(out_dir).execute(
         "SELECT count(*), count(*) FILTER (verdict = 'anomalous'), count(*) FILTER (status = 'error') "
-        "FROM read_parquet(?, hive_partitioning = true) WHERE run_id = ?",
-        [f"{out_dir}/**/*.parquet", run_id]).fetchone()
+        "FROM scores WHERE run_id = ?", [run_id]).fetchone()
     return {"images": row[0], "anomalous": row[1], "errors": row[2]}
 
 
