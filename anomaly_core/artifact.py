@@ -1,6 +1,9 @@
-"""Model artifact: a directory with manifest.json and the FAISS bank, checksummed, no pickle.
+"""Model artifact: a folder (local or s3://) with manifest.json and the FAISS bank, checksummed, no pickle.
 
-Written to a temporary sibling directory and renamed into place, so a reader never sees half a model.
+A reader never sees half a model: locally it is written to a temporary sibling folder and renamed into
+place; on S3 the bank files are uploaded first and manifest.json last, so the manifest is the commit
+marker (and its checksums catch any file replaced underneath it). Remote models are copied once into a
+local cache keyed by model id ($ANOMALY_CACHE, default ~/.cache/anomaly-audit) for FAISS to read.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from anomaly_core import storage
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
+from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import Calibration
 from anomaly_core.weights import file_sha256
 
@@ -51,16 +56,15 @@ def _versions() -> dict:
     return out
 
 
-def save_model(path: str | Path, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration,
-               weights: dict, stats: dict, overwrite: bool = False) -> dict:
-    """Write the model directory at `path`; returns the manifest. `stats` holds counts and timings."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"model directory {path} exists; pass overwrite=True (--overwrite) or "
-                              f"choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration,
+               weights: dict, stats: dict, overwrite: bool = False, options: StorageOptions | None = None) -> dict:
+    """Write the model folder at `uri`; returns the manifest. `stats` holds counts and timings."""
+    uri = str(uri)
+    if storage.exists(storage.join(uri, MANIFEST), options) and not overwrite:
+        raise FileExistsError(f"a model exists at {uri}; pass overwrite=True (--overwrite) or choose another path")
+    with tempfile.TemporaryDirectory(prefix="anomaly-model-") as staging:
+        tmp = Path(staging) / "model"
+        tmp.mkdir()
         shards = bank.save(tmp)
         files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in shards}
@@ -80,38 +84,68 @@ def save_model(path: str | Path, *, config: ModelConfig, bank: MemoryBank, calib
             "versions": _versions(),
             "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        if storage.is_s3(uri):
+            storage.delete(uri, options)                 # an overwritten model disappears whole first
+            for name in shards:
+                storage.write_bytes(storage.join(uri, name), (tmp / name).read_bytes(), options)
+            storage.write_bytes(storage.join(uri, MANIFEST), body, options)          # the commit
+        else:
+            (tmp / MANIFEST).write_bytes(body)
+            _replace_dir(tmp, Path(storage.local_path(uri)))
     return manifest
 
 
-def read_manifest(path: str | Path) -> dict:
-    mf = Path(path) / MANIFEST
-    if not mf.is_file():
-        raise ModelFileError(f"{mf} not found: {path} is not a fitted model directory (run `anomaly fit`)")
-    manifest = json.loads(mf.read_text())
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` to `dst` with a rename, replacing any folder there."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)    # same file system as dst, so the rename is atomic
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(uri: str, options: StorageOptions | None = None) -> dict:
+    uri = str(uri)
+    mf = storage.join(uri, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_bytes(mf, options))
+    except FileNotFoundError:
+        raise ModelFileError(f"{mf} not found: {uri} is not a fitted model (run `anomaly fit`)") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"{mf}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
                              f"is not {FORMAT!r} v{FORMAT_VERSION}; refit the model with this version")
     return manifest
 
 
-def load_model(path: str | Path) -> Model:
-    """Load and verify every file against the manifest's checksums."""
-    path = Path(path)
-    manifest = read_manifest(path)
+def cache_dir() -> Path:
+    return Path(os.environ.get("ANOMALY_CACHE") or Path.home() / ".cache" / "anomaly-audit")
+
+
+def load_model(uri: str, options: StorageOptions | None = None) -> Model:
+    """Load a model and verify every file against the manifest's checksums."""
+    uri = str(uri)
+    manifest = read_manifest(uri, options)
+    if storage.is_s3(uri):
+        path = cache_dir() / "models" / manifest["model_id"]
+        for name in manifest["files"]:
+            if not (path / name).is_file():
+                storage.write_bytes(str(path / name), storage.read_bytes(storage.join(uri, name), options))
+    else:
+        path = Path(storage.local_path(uri))
     for name, meta in manifest["files"].items():
         f = path / name
         if not f.is_file():
-            raise ModelFileError(f"{f} is listed in the manifest but missing; the model is incomplete")
+            raise ModelFileError(f"{storage.join(uri, name)} is listed in the manifest but missing; "
+                                 f"the model is incomplete")
         digest = file_sha256(f)
         if digest != meta["sha256"]:
-            raise ModelFileError(f"{f} has sha256 {digest[:12]}... but the manifest says "
+            raise ModelFileError(f"{storage.join(uri, name)} has sha256 {digest[:12]}... but the manifest says "
                                  f"{meta['sha256'][:12]}...: the file was modified or corrupted; refit")
     config = ModelConfig.from_dict(manifest["config"])
     bank = MemoryBank.load(path, manifest["bank"]["shards"], nprobe=config.nprobe, ef_search=config.ef_search)

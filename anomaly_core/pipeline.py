@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from anomaly_core import storage
 from anomaly_core.artifact import Model, load_model
 from anomaly_core.backbone import Backbone
 from anomaly_core.config import ModelConfig
@@ -19,23 +20,45 @@ from anomaly_core.coreset import coreset_size, select_coreset
 from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import anomaly_maps, encode_heatmap, image_scores, peak_location
+from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import Calibration, calibrate, normalise
 
 log = logging.getLogger(__name__)
 
 
+def read_batch(batch: dict[str, np.ndarray], *, image_size: int, options: StorageOptions | None = None
+               ) -> dict[str, np.ndarray]:
+    """{"path": [B] URI} -> decode_batch's output. A missing object becomes a row with an error; any other
+    storage error (access denied, server gone once retries are spent) raises, so that the job stops
+    and no transient failure is ever recorded as a verdict."""
+    blobs, errors = [], []
+    for uri in batch["path"]:
+        try:
+            blobs.append(storage.read_bytes(str(uri), options))
+            errors.append("")
+        except FileNotFoundError as e:
+            blobs.append(b"")
+            errors.append(str(e))
+    return decode_batch({"path": batch["path"], "bytes": np.asarray(blobs, dtype=object),
+                         "error": np.asarray(errors, dtype=object)}, image_size=image_size)
+
+
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
-    """{"path": [B] str, "bytes": [B] bytes} -> adds pixels [B, S, S, 3] uint8 (zeros where unreadable),
-    width/height [B] int32 (0 if unreadable), content_sha256 [B] str, error [B] str ("" when fine).
-    Drops "bytes"."""
+    """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8
+    (zeros where unreadable), width/height [B] int32 (0 if unreadable), content_sha256 [B] str,
+    error [B] str ("" when fine; a row that arrives with an error keeps it). Drops "bytes"."""
     n = len(batch["path"])
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     digest, error = [], []
+    prior = batch.get("error", np.full(n, "", dtype=object))
     for i, data in enumerate(batch["bytes"]):
         data = bytes(data) if data is not None else b""
         digest.append(content_hash(data))
+        if prior[i]:
+            error.append(str(prior[i]))
+            continue
         try:
             img = decode_image(data)                                         # [H, W, 3] uint8
         except ImageDecodeError as e:
@@ -134,10 +157,10 @@ class Scorer:
     status "error" and the error text; the others are scored against the model's bank."""
 
     def __init__(self, *, model_path: str, device: str = "auto", num_threads: int | None = None,
-                 run_id: str = "", run_time: str = "", run_date: str = ""):
-        """run_time: ISO-8601 UTC start of the run; run_date: the audit date (partition key),
-        by default the date of run_time."""
-        self.model: Model = load_model(model_path)
+                 run_id: str = "", run_time: str = "", run_date: str = "", options: StorageOptions | None = None):
+        """model_path: local folder or s3:// URI; run_time: ISO-8601 UTC start of the run;
+        run_date: the audit date (partition key), by default the date of run_time."""
+        self.model: Model = load_model(model_path, options)
         cfg = self.model.config
         self.extractor = FeatureExtractor(config=cfg, device=device, num_threads=num_threads)
         expected = self.model.manifest["weights"]["state_sha256"]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import duckdb
 
+from anomaly_core.storage import StorageOptions
+from jobs.output import scores_dataset
+
 SQL_FILE = Path(__file__).with_name("analyst.sql")
 
 
@@ -16,11 +19,16 @@ def load_queries(path: Path = SQL_FILE) -> dict[str, str]:
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
 
 
-def connect(out_dir: str) -> duckdb.DuckDBPyConnection:
-    """In-memory DuckDB with a `scores` view over OUT_DIR/**/*.parquet (Hive-partitioned)."""
+def connect(out: str, options: StorageOptions | None = None) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB with a `scores` view over the published rows under OUT (a folder or s3:// prefix).
+
+    The rows come through a pyarrow dataset (jobs.output.scores_dataset): it reads S3 with the same
+    credentials and endpoint as the jobs (DuckDB's httpfs extension would be a download at run time)
+    and skips staged files of unfinished runs. DuckDB pushes filters and projections into it."""
     con = duckdb.connect()
-    pattern = f"{out_dir}/**/*.parquet".replace("'", "''")
-    con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)")
+    con.register("published_scores", scores_dataset(str(out), options))
+    # run_date as DATE, as DuckDB's own hive_partitioning reads the folder names
+    con.execute("CREATE VIEW scores AS SELECT * REPLACE (CAST(run_date AS DATE) AS run_date) FROM published_scores")
     return con
 
 

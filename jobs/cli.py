@@ -7,13 +7,17 @@ that cluster. `python -m jobs.fit|score|evaluate` run the same commands.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import functools
 import json
 import logging
 import sys
 
 import click
 
+from anomaly_core.artifact import ModelFileError
 from anomaly_core.config import ModelConfig
+from anomaly_core.storage import StorageOptions
 
 DEFAULTS = ModelConfig()
 
@@ -72,6 +76,37 @@ def _run_options(f):
     return f
 
 
+def _storage_options(f):
+    opts = [
+        click.option("--endpoint-url", default=None,
+                     help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL, else AWS)."),
+        click.option("--region", default=None, help="S3 region (default: $AWS_REGION, else us-east-1)."),
+        click.option("--anonymous", is_flag=True, help="Unsigned S3 requests (public buckets)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _storage(kw: dict) -> StorageOptions:
+    try:
+        return StorageOptions(endpoint_url=kw.pop("endpoint_url"), region=kw.pop("region"),
+                              anonymous=kw.pop("anonymous"))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+
+
+def _fail_cleanly(fn):
+    """Errors the user can fix end the command with their message and exit status 1, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError, ModelFileError) as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+    return wrapper
+
+
 def _config(kw: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     values = {k: kw.pop(k) for k in list(kw) if k in names}
@@ -97,33 +132,71 @@ def main() -> None:
 
 @main.command()
 @click.argument("data")
-@click.argument("model_dir")
+@click.argument("model")
 @_model_options
 @_run_options
-@click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
-def fit(data, model_dir, verbose, overwrite, **kw):
-    """Learn normal appearance from the good images under DATA; write the model to MODEL_DIR."""
+@_storage_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing model.")
+@_fail_cleanly
+def fit(data, model, verbose, overwrite, **kw):
+    """Learn normal appearance from the good images in DATA (folder, s3:// prefix or .txt manifest of
+    image URIs); write the model to MODEL (folder or s3:// prefix)."""
     _logging(verbose)
     from jobs.fit import run_fit
+    options = _storage(kw)
     config = _config(kw)
-    manifest = run_fit(data, model_dir, config=config, overwrite=overwrite, **kw)
-    click.echo(json.dumps({"model": model_dir, "model_id": manifest["model_id"],
+    manifest = run_fit(data, model, config=config, overwrite=overwrite, options=options, **kw)
+    click.echo(json.dumps({"model": model, "model_id": manifest["model_id"],
                            "threshold": manifest["calibration"]["threshold"],
                            **{k: v for k, v in manifest["stats"].items() if k != "holdout_images"}}))
 
 
 @main.command()
-@click.argument("data")
-@click.argument("model_dir")
-@click.argument("out_dir")
+@click.argument("data", required=False)
+@click.argument("model", required=False)
+@click.argument("out", required=False)
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="Audit YAML (model, archive with {date}, output, resources, storage); options given "
+                   "on the command line override it. See cluster/audit.yaml.")
 @_run_options
-@click.option("--run-id", default=None, help="Run identifier (default: UTC time + random suffix).")
+@_storage_options
+@click.option("--run-id", default=None, help="Run identifier (default: derived from archive, model and date, "
+                                            "so a re-run resumes).")
 @click.option("--run-date", default=None, help="Audit date YYYY-MM-DD, the output partition (default: today, UTC).")
-def score(data, model_dir, out_dir, verbose, **kw):
-    """Score every image under DATA with MODEL_DIR; write Parquet rows to OUT_DIR."""
+@click.option("--replace", is_flag=True, help="Delete a finished run with the same id and score it again.")
+@click.option("--rows-per-file", type=int, default=1024, show_default=True,
+              help="Rows per committed Parquet file (the work a killed run can lose).")
+@click.pass_context
+@_fail_cleanly
+def score(ctx, data, model, out, config_file, verbose, **kw):
+    """Score every image in DATA with MODEL; write Parquet rows to OUT (folders or s3:// URIs).
+    Prints the run summary as one JSON line."""
     _logging(verbose)
     from jobs.score import run_score
-    click.echo(json.dumps(run_score(data, model_dir, out_dir, **kw)))
+    if config_file:
+        if data or model or out:
+            raise click.UsageError("give either --config or DATA MODEL OUT, not both")
+        from jobs.audit import load_audit
+        audit = load_audit(config_file)
+        typed = {k for k in kw if ctx.get_parameter_source(k) in (click.core.ParameterSource.COMMANDLINE,
+                                                                  click.core.ParameterSource.ENVIRONMENT)}
+        storage_keys = ("endpoint_url", "region", "anonymous")
+        if typed & set(storage_keys):
+            options = _storage(kw)
+        else:
+            options = audit.storage
+            for k in storage_keys:
+                kw.pop(k)
+        for key in ("batch_size", "actors", "device", "address", "rows_per_file"):
+            if key not in typed:
+                kw[key] = getattr(audit, key)
+        kw["run_date"] = kw["run_date"] or audit.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+        data, model, out = audit.archive_for(kw["run_date"]), audit.model, audit.output
+    else:
+        if not (data and model and out):
+            raise click.UsageError("give DATA MODEL OUT, or --config audit.yaml")
+        options = _storage(kw)
+    click.echo(json.dumps(run_score(data, model, out, options=options, **kw)))
 
 
 @main.command()

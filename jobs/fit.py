@@ -1,6 +1,6 @@
 """Fit job: good images -> patch features (Ray actor pool) -> coreset bank + calibration -> model dir.
 
-    python -m jobs.fit DATA_URI MODEL_DIR [options]     (the same options as `anomaly fit`)
+    python -m jobs.fit DATA_URI MODEL_URI [options]     (the same options as `anomaly fit`)
 """
 
 from __future__ import annotations
@@ -10,23 +10,30 @@ import time
 
 import numpy as np
 
-from anomaly_core.artifact import save_model
+from anomaly_core import storage
+from anomaly_core.artifact import MANIFEST, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import FeatureExtractor, fit_bank, split_holdout
 from anomaly_core.weights import load_weights
-from jobs.runtime import default_actors, ensure_ray, ray_map, read_decoded
+from anomaly_core.storage import StorageOptions
+from jobs.runtime import default_actors, ensure_ray, list_inputs, ray_map, read_decoded
 
 log = logging.getLogger(__name__)
 
 
-def run_fit(data_uri: str | list[str], model_dir: str, *, config: ModelConfig, batch_size: int = 16,
+def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
             actors: int | None = None, device: str = "auto", address: str | None = None,
-            overwrite: bool = False) -> dict:
-    """Fit a model on the good images under `data_uri`; returns the manifest written to `model_dir`."""
+            overwrite: bool = False, options: StorageOptions | None = None) -> dict:
+    """Fit a model on the good images named by `data_uri` (folder, s3:// prefix or manifest file);
+    returns the manifest written to `model_uri` (folder or s3:// prefix)."""
     t0 = time.time()
+    storage.check_bucket(model_uri, options)
+    if storage.exists(storage.join(model_uri, MANIFEST), options) and not overwrite:
+        raise FileExistsError(f"a model exists at {model_uri}; pass --overwrite or choose another path")
+    uris = list_inputs(data_uri, options)
     ensure_ray(address)
     n_actors, threads, gpus = default_actors(actors)
-    ds = read_decoded(data_uri, image_size=config.image_size, batch_size=batch_size)
+    ds = read_decoded(uris, image_size=config.image_size, batch_size=batch_size, options=options)
     ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
         "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
         batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
@@ -50,10 +57,10 @@ def run_fit(data_uri: str | list[str], model_dir: str, *, config: ModelConfig, b
                  fit_seconds=round(time.time() - t0, 2),
                  holdout_images=sorted(p for p, h in zip(paths, held) if h))
     _, weights = load_weights(config.weights, backbone=config.backbone)      # the identity the actors load
-    manifest = save_model(model_dir, config=config, bank=bank, calibration=cal, weights=weights, stats=stats,
-                          overwrite=overwrite)
+    manifest = save_model(model_uri, config=config, bank=bank, calibration=cal, weights=weights, stats=stats,
+                          overwrite=overwrite, options=options)
     log.info("fit: %d images (%d unreadable) -> bank %d, threshold %.4f, %.1fs -> %s",
-             len(paths), len(bad), bank.size, cal.threshold, stats["fit_seconds"], model_dir)
+             len(paths), len(bad), bank.size, cal.threshold, stats["fit_seconds"], model_uri)
     return manifest
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 
+import pyarrow as pa
 import ray
 
+from anomaly_core import storage
 from anomaly_core.images import IMAGE_EXTENSIONS
-from anomaly_core.pipeline import decode_batch
+from anomaly_core.pipeline import read_batch
+from anomaly_core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,40 @@ def ray_map(fn, items):
     return ray.get([remote.remote(item) for item in items])
 
 
-def read_decoded(uri: str | list[str], *, image_size: int, batch_size: int) -> "ray.data.Dataset":
-    """Ray Data dataset of decoded images (see anomaly_core.pipeline.decode_batch) under `uri`."""
-    ds = ray.data.read_binary_files(uri, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS),
-                                    ignore_missing_paths=False)
-    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
-                          batch_format="numpy")
+MANIFEST_SUFFIXES = (".txt", ".lst")
+
+
+def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> list[str]:
+    """Sorted, de-duplicated image URIs named by `uri`: a folder or s3:// prefix (listed recursively,
+    image extensions only), or a manifest file (.txt/.lst: one URI per line, `#` comments; relative
+    entries are relative to the manifest's folder) for archives whose listing is itself expensive.
+    Only names travel to the driver, never image bytes."""
+    out: set[str] = set()
+    for u in [uri] if isinstance(uri, str) else uri:
+        storage.check_bucket(u, options)
+        if u.lower().endswith(MANIFEST_SUFFIXES):
+            base = u.rsplit("/", 1)[0] if "/" in u else "."
+            for line in storage.read_bytes(u, options).decode().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.add(line if storage.is_s3(line) or line.startswith("/") else storage.join(base, line))
+            continue
+        found = storage.list_files(u, options, suffixes=tuple("." + e for e in IMAGE_EXTENSIONS))
+        if not found and not storage.exists(u, options):
+            raise FileNotFoundError(f"{u} not found: give a folder, an s3://bucket/prefix or a manifest "
+                                    f"file ({', '.join(MANIFEST_SUFFIXES)}) listing image URIs")
+        out.update(found)
+    return sorted(out)
+
+
+BLOCK_ROWS = 64     # URIs per read task: enough to amortise a task, small enough to spread over workers
+
+
+def read_decoded(uris: list[str], *, image_size: int, batch_size: int, options: StorageOptions | None = None
+                 ) -> "ray.data.Dataset":
+    """Ray Data dataset of decoded images (anomaly_core.pipeline.read_batch) for `uris`. Objects are
+    fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor."""
+    blocks = [pa.table({"path": uris[s:s + BLOCK_ROWS]}) for s in range(0, len(uris), BLOCK_ROWS)]
+    ds = ray.data.from_arrow(blocks)
+    return ds.map_batches(read_batch, fn_kwargs={"image_size": image_size, "options": options},
+                          batch_size=batch_size, batch_format="numpy")

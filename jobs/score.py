@@ -1,68 +1,99 @@
 """Score job: an image archive -> scores, verdicts and heatmaps (Ray actor pool) -> Parquet.
 
-    python -m jobs.score DATA_URI MODEL_DIR OUT_DIR [options]     (the same options as `anomaly score`)
+    python -m jobs.score DATA_URI MODEL_URI OUT_URI [options]     (the same options as `anomaly score`)
+    python -m jobs.score --config audit.yaml [--run-date YYYY-MM-DD]
 
-Output: Hive-partitioned Parquet under OUT_DIR/run_date=YYYY-MM-DD/, one row per image (README lists
-the columns). Read it with DuckDB: SELECT * FROM read_parquet('OUT_DIR/**/*.parquet', hive_partitioning=1).
+A run is one audit: (archive, model, audit date). Its id is derived from those three, so re-running the
+same audit resumes it: images already committed by an earlier, killed attempt are not scored again, and
+a finished audit is left as it is unless `replace=True`. Output layout: jobs/output.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import time
-import uuid
 
+from anomaly_core import storage
 from anomaly_core.artifact import read_manifest
 from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import Scorer
-from anomaly_core.schema import PARTITION_COLUMN, output_schema
-from jobs.analyst import connect
-from jobs.runtime import default_actors, ensure_ray, read_decoded
+from anomaly_core.storage import StorageOptions
+from jobs import output
+from jobs.runtime import default_actors, ensure_ray, list_inputs, read_decoded
 
 log = logging.getLogger(__name__)
 
 
-def run_score(data_uri: str | list[str], model_dir: str, out_dir: str, *, batch_size: int = 16,
+def audit_run_id(data_uri: str | list[str], model_id: str, run_date: str) -> str:
+    """Deterministic id of an audit: the same archive, model and date give the same id (and so resume)."""
+    key = json.dumps([data_uri, model_id, run_date], sort_keys=True).encode()
+    return f"{run_date}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def check_date(run_date: str) -> str:
+    try:
+        return dt.date.fromisoformat(run_date).isoformat()
+    except ValueError:
+        raise ValueError(f"run_date={run_date!r} must be a date as YYYY-MM-DD, e.g. 2026-11-22") from None
+
+
+def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_size: int = 16,
               actors: int | None = None, device: str = "auto", address: str | None = None,
-              run_id: str | None = None, run_date: str | None = None) -> dict:
-    """Score every image under `data_uri` with the model in `model_dir`; returns the run summary.
+              run_id: str | None = None, run_date: str | None = None, replace: bool = False,
+              rows_per_file: int = 1024, options: StorageOptions | None = None) -> dict:
+    """Score every image named by `data_uri` with the model at `model_uri`; returns the run summary,
+    which is also written to OUT/_runs/<run_id>.json.
 
     run_date: the audit date (YYYY-MM-DD) the rows are partitioned under; default: today (UTC).
+    replace: delete a finished (or partial) run with the same id and score it again from nothing.
+    rows_per_file: rows per committed Parquet file, the unit of work a killed run can lose.
     """
     t0 = time.time()
-    if run_date is not None:
-        try:
-            dt.date.fromisoformat(run_date)
-        except ValueError:
-            raise ValueError(f"run_date={run_date!r} must be a date as YYYY-MM-DD, e.g. 2026-11-22") from None
-    manifest = read_manifest(model_dir)              # fail fast, before Ray starts, on a bad model path
-    config = ModelConfig.from_dict(manifest["config"])
-    ensure_ray(address)
     now = dt.datetime.now(dt.timezone.utc)
-    run_id = run_id or f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    n_actors, threads, gpus = default_actors(actors)
-    ds = read_decoded(data_uri, image_size=config.image_size, batch_size=batch_size)
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs={
-        "model_path": str(model_dir), "device": "cuda" if gpus else device, "num_threads": threads,
-        "run_id": run_id, "run_time": now.isoformat(timespec="seconds"), "run_date": run_date or ""},
-        batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
-    ds.write_parquet(out_dir, partition_cols=[PARTITION_COLUMN], schema=output_schema(include_partition=True))
+    run_date = check_date(run_date or now.date().isoformat())
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file={rows_per_file} must be >= 1")
+    for uri in (model_uri, out_uri):
+        storage.check_bucket(uri, options)           # fail fast on a missing bucket or bad credentials
+    manifest = read_manifest(model_uri, options)     # ... and on a bad model path, before Ray starts
+    config = ModelConfig.from_dict(manifest["config"])
+    run_id = run_id or audit_run_id(data_uri, manifest["model_id"], run_date)
+    if replace:
+        output.delete_run(out_uri, run_id, run_date, options)
+    elif (done := output.read_summary(out_uri, run_id, options)) is not None:
+        log.info("score: run %s is complete already (%d images); nothing to do (replace=True re-runs it)",
+                 run_id, done["images"])
+        return done
+    uris = list_inputs(data_uri, options)
+    committed = output.committed_uris(out_uri, run_id, run_date, options)
+    todo = [u for u in uris if u not in committed]
+    log.info("score: run %s: %d images, %d committed by an earlier attempt, %d to score",
+             run_id, len(uris), len(uris) - len(todo), len(todo))
+    if todo:
+        ensure_ray(address)
+        n_actors, threads, gpus = default_actors(actors)
+        ds = read_decoded(todo, image_size=config.image_size, batch_size=batch_size, options=options)
+        ds = ds.map_batches(Scorer, fn_constructor_kwargs={
+            "model_path": model_uri, "device": "cuda" if gpus else device, "num_threads": threads,
+            "run_id": run_id, "run_time": now.isoformat(timespec="seconds"), "run_date": run_date,
+            "options": options},
+            batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
+        ds.write_datasink(output.StagedParquetSink(out_uri, run_id, rows_per_file=rows_per_file,
+                                                   options=options))
+    output.publish(out_uri, run_id, run_date, options)
     seconds = time.time() - t0
-    summary = summarise(out_dir, run_id=run_id)
-    summary.update(run_id=run_id, model_id=manifest["model_id"], seconds=round(seconds, 2),
-                   images_per_second=round(summary["images"] / seconds, 2) if seconds else None,
-                   output=str(out_dir))
+    summary = output.count_run(out_uri, run_id, run_date, options)
+    summary.update(run_id=run_id, run_date=run_date, model_id=manifest["model_id"], output=out_uri,
+                   data=data_uri, scored_now=len(todo), resumed_from=len(uris) - len(todo),
+                   seconds=round(seconds, 2),
+                   images_per_second=round(len(todo) / seconds, 2) if todo and seconds else None,
+                   finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    output.write_summary(out_uri, run_id, summary, options)
     log.info("score: %s", summary)
     return summary
-
-
-def summarise(out_dir: str, *, run_id: str) -> dict:
-    """Counts of one run, read back from the Parquet it wrote."""
-    row = connect(out_dir).execute(
-        "SELECT count(*), count(*) FILTER (verdict = 'anomalous'), count(*) FILTER (status = 'error') "
-        "FROM scores WHERE run_id = ?", [run_id]).fetchone()
-    return {"images": row[0], "anomalous": row[1], "errors": row[2]}
 
 
 if __name__ == "__main__":

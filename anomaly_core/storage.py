@@ -1,0 +1,188 @@
+"""Where bytes live: local paths and s3:// URIs behind one pyarrow FileSystem.
+
+We use pyarrow's own S3FileSystem (the AWS C++ SDK) rather than s3fs. Ray Data and pyarrow.dataset use
+it natively, it reads without holding the GIL, and it comes with the AWS SDK's standard credential chain
+($AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY/$AWS_SESSION_TOKEN, $AWS_PROFILE and ~/.aws files, instance
+metadata) and its standard retry strategy (exponential backoff on throttling, 5xx and dropped connections).
+Credentials are never passed through this module: they stay in the environment or the profile, so they
+cannot end up in a manifest, a log line or a Parquet file.
+
+URIs: "s3://bucket/key/..." or a local path (absolute or relative, optionally "file://").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A permanent storage error (no such bucket, access denied): retrying cannot help, the job stops."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageOptions:
+    """How to reach object storage. Every field has an environment fallback, so jobs on a cluster can be
+    configured by the runtime environment alone."""
+
+    endpoint_url: str | None = None   # S3-compatible server (MinIO, Ceph, moto), e.g. http://127.0.0.1:9000;
+                                      # None: $AWS_ENDPOINT_URL_S3, then $AWS_ENDPOINT_URL, else AWS itself
+    region: str | None = None         # None: $AWS_REGION, then $AWS_DEFAULT_REGION, else us-east-1
+    anonymous: bool = False           # public buckets: unsigned requests, no credential lookup
+    max_attempts: int = 5             # tries per request on transient errors (AWS standard retry strategy)
+
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts={self.max_attempts} must be >= 1 (1 = no retry)")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url={self.endpoint_url!r} must start with http:// or https://, "
+                             f"e.g. http://127.0.0.1:9000")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """URI of `parts` under `uri` ("/"-separated for both local paths and S3)."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(options: StorageOptions) -> pafs.S3FileSystem:
+    endpoint = (options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    scheme = None
+    if endpoint:
+        scheme, _, endpoint = endpoint.partition("://")
+    return pafs.S3FileSystem(
+        region=region, endpoint_override=endpoint, scheme=scheme, anonymous=options.anonymous,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
+        connect_timeout=10, request_timeout=60)
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow FileSystem, path inside it) for `uri`. The S3 filesystem is cached per options."""
+    if is_s3(uri):
+        return _s3(options or StorageOptions()), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"{uri!r}: unsupported scheme; use s3://bucket/prefix or a local path")
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """Inverse of filesystem(): the URI of `path` inside `fs`."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def explain(err: OSError, uri: str) -> OSError:
+    """A permanent S3 error as a StorageError naming the bucket and key and what to check; other errors
+    (network, throttling once retries are spent) come back unchanged with the URI added."""
+    text = str(err)
+    bucket = uri[len("s3://"):].split("/", 1)[0] if is_s3(uri) else ""
+    if "NO_SUCH_BUCKET" in text:
+        return StorageError(f"{uri}: bucket {bucket!r} does not exist; create it or fix the URI")
+    if any(code in text for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                                     "HTTP status 403")):
+        return StorageError(f"{uri}: access denied to bucket {bucket!r}; check the credentials "
+                            f"($AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY or $AWS_PROFILE) and the bucket policy")
+    if isinstance(err, FileNotFoundError):
+        return FileNotFoundError(f"{uri} not found")
+    return type(err)(f"{uri}: {text}") if type(err) is OSError else err
+
+
+def check_bucket(uri: str, options: StorageOptions | None = None) -> None:
+    """Fail fast, before any work, when the bucket of an s3:// URI is missing or not accessible."""
+    if not is_s3(uri):
+        return
+    fs, path = filesystem(uri, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.get_file_info(pafs.FileSelector(bucket, recursive=False, allow_not_found=False))
+    except OSError as e:
+        raise explain(e, f"s3://{bucket}") from None
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise explain(e, uri) from None
+
+
+def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Sorted URIs of the files under `uri` (recursively) whose lower-cased name ends with one of
+    `suffixes` (all files when empty); [] when `uri` does not exist. Names starting with "." or "_"
+    (temporary and bookkeeping files) are left out, as pyarrow.dataset does."""
+    fs, path = filesystem(uri, options)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise explain(e, uri) from None
+    rel = len(path) + 1
+    return sorted(to_uri(fs, i.path) for i in infos
+                  if i.type == pafs.FileType.File and (not suffixes or i.path.lower().endswith(suffixes))
+                  and not any(part[:1] in "._" for part in i.path[rel:].split("/")))
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as e:
+        raise explain(e, uri) from None
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write `data` so that readers see the whole object or nothing: an S3 object appears only when its
+    upload completes; a local file is written beside its target and renamed into place."""
+    fs, path = filesystem(uri, options)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            parent, name = os.path.split(path)
+            fs.create_dir(parent, recursive=True)
+            tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)                                           # rename(2): atomic
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as e:
+        raise explain(e, uri) from None
+
+
+def move(src: str, dst: str, options: StorageOptions | None = None) -> None:
+    """Rename on local disk; server-side copy then delete on S3 (each object appears whole)."""
+    fs, src_path = filesystem(src, options)
+    _, dst_path = filesystem(dst, options)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(os.path.dirname(dst_path), recursive=True)
+        fs.move(src_path, dst_path)
+    except OSError as e:
+        raise explain(e, src) from None
+
+
+def delete(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or everything under a prefix; nothing when it does not exist."""
+    fs, path = filesystem(uri, options)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            fs.delete_file(path)
+        elif info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    except OSError as e:
+        raise explain(e, uri) from None

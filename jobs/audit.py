@@ -1,0 +1,86 @@
+"""An audit described by a YAML file: what `anomaly score --config` and `python -m jobs.score --config` run.
+
+    model: s3://models/metal-plate            # written by `anomaly fit`
+    archive: s3://archive/line-3/{date}/      # folder, s3:// prefix or manifest file; {date} = audit date
+    output: s3://audits/metal-plate           # Parquet rows, partitioned by run_date
+    date: null                                # audit date YYYY-MM-DD; null: today (UTC)
+    resources: {batch_size: 16, actors: null, device: auto, rows_per_file: 1024}
+    storage: {endpoint_url: null, region: null, anonymous: false}
+    ray: {address: null}                      # null: $RAY_ADDRESS, else Ray in-process
+
+cluster/audit.yaml is a complete example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import yaml
+
+from anomaly_core.storage import StorageOptions
+
+SECTIONS = {"resources": ("batch_size", "actors", "device", "rows_per_file"), "ray": ("address",)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Audit:
+    model: str                         # model URI
+    archive: str | list[str]           # image URIs to audit; "{date}" is replaced by the audit date
+    output: str                        # output URI
+    date: str | None = None            # audit date; None: today (UTC) at run time
+    batch_size: int = 16               # images per batch on an actor
+    actors: int | None = None          # scoring actors; None: one per GPU, else one per 4 CPUs
+    device: str = "auto"               # auto, cpu or cuda
+    rows_per_file: int = 1024          # rows per committed Parquet file (what a killed run can lose)
+    address: str | None = None         # Ray address; None: $RAY_ADDRESS, else in-process
+    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def archive_for(self, date: str) -> str | list[str]:
+        """The archive URI(s) of one audit date."""
+        if isinstance(self.archive, str):
+            return self.archive.replace("{date}", date)
+        return [a.replace("{date}", date) for a in self.archive]
+
+
+def _known(where: str, got: dict, valid) -> None:
+    unknown = sorted(set(got) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+
+
+def load_audit(path: str | Path) -> Audit:
+    """Parse and check an audit file; every mistake names the file, the key and the valid choices."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"audit file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys (model, archive, output, ...), got {type(raw).__name__}")
+    top = ("model", "archive", "output", "date", "storage", *SECTIONS)
+    _known(str(path), raw, top)
+    missing = [k for k in ("model", "archive", "output") if not raw.get(k)]
+    if missing:
+        raise ValueError(f"{path}: missing required key(s) {missing}")
+    values = {k: raw[k] for k in ("model", "archive", "output", "date") if k in raw}
+    if values.get("date") is not None:
+        values["date"] = str(values["date"])              # YAML reads 2026-11-22 as a date
+        try:
+            dt.date.fromisoformat(values["date"])
+        except ValueError:
+            raise ValueError(f"{path}: date={values['date']!r} must be YYYY-MM-DD or null") from None
+    for section, keys in SECTIONS.items():
+        sub = raw.get(section) or {}
+        _known(f"{path} [{section}]", sub, keys)
+        values.update(sub)
+    st = raw.get("storage") or {}
+    _known(f"{path} [storage]", st, [f.name for f in dataclasses.fields(StorageOptions)])
+    try:
+        values["storage"] = StorageOptions(**st)
+        return Audit(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,139 @@
+"""The scored output of audit runs: Parquet committed file by file, published per run, resumable.
+
+Layout under OUT (a local folder or an s3:// prefix):
+
+    run_date=YYYY-MM-DD/<run_id>-<part>.parquet   published rows: what analysts read
+    _staging/<run_id>/<part>.parquet              rows of a run still in progress
+    _runs/<run_id>.json                           the run summary, written last: the run is complete
+
+Every file appears whole or not at all (storage.write_bytes), so a killed run leaves only complete
+files; re-running it scores just the images none of them hold. Readers (pyarrow.dataset, DuckDB through
+`analyst.connect`) skip names starting with "_" or ".", so a run's rows become visible only when it
+publishes them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from anomaly_core import storage
+from anomaly_core.schema import PARTITION_COLUMN, output_schema
+from anomaly_core.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+def staging_uri(out: str, run_id: str) -> str:
+    return storage.join(out, "_staging", run_id)
+
+
+def summary_uri(out: str, run_id: str) -> str:
+    return storage.join(out, "_runs", f"{run_id}.json")
+
+
+def partition_uri(out: str, run_date: str) -> str:
+    return storage.join(out, f"{PARTITION_COLUMN}={run_date}")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """One Parquet file (zstd) with the output schema and its version in the key-value metadata."""
+    table = table.drop_columns([c for c in (PARTITION_COLUMN,) if c in table.column_names])
+    table = table.select(output_schema().names).cast(output_schema())
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class StagedParquetSink(Datasink):
+    """Ray Data sink writing each bundle of at least `rows_per_file` rows as one staged Parquet file."""
+
+    def __init__(self, out: str, run_id: str, *, rows_per_file: int, options: StorageOptions | None = None):
+        self.staging, self.rows_per_file, self.options = staging_uri(out, run_id), rows_per_file, options
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> int:
+        table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b for b in blocks])
+        if table.num_rows:
+            storage.write_bytes(storage.join(self.staging, f"{uuid.uuid4().hex}.parquet"),
+                                parquet_bytes(table), self.options)
+        return table.num_rows
+
+
+def run_files(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> list[str]:
+    """Every committed file of the run: staged and published."""
+    published = [u for u in storage.list_files(partition_uri(out, run_date), options, suffixes=(".parquet",))
+                 if u.rsplit("/", 1)[-1].startswith(f"{run_id}-")]
+    return storage.list_files(staging_uri(out, run_id), options, suffixes=(".parquet",)) + published
+
+
+def read_columns(files: list[str], columns: list[str], options: StorageOptions | None = None) -> pa.Table:
+    if not files:
+        return pa.table({c: pa.array([], output_schema().field(c).type) for c in columns})
+    fs, _ = storage.filesystem(files[0], options)
+    paths = [storage.filesystem(f, options)[1] for f in files]
+    return pads.dataset(paths, filesystem=fs, format="parquet", schema=output_schema()).to_table(columns=columns)
+
+
+def committed_uris(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> set[str]:
+    """Image URIs already scored by the run (in any of its committed files)."""
+    return set(read_columns(run_files(out, run_id, run_date, options), ["uri"], options)["uri"].to_pylist())
+
+
+def publish(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> int:
+    """Move the run's staged files into its partition; returns how many moved. Safe to repeat."""
+    staged = storage.list_files(staging_uri(out, run_id), options, suffixes=(".parquet",))
+    for f in staged:
+        storage.move(f, storage.join(partition_uri(out, run_date), f"{run_id}-{f.rsplit('/', 1)[-1]}"), options)
+    return len(staged)
+
+
+def delete_run(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> None:
+    """Remove every file of the run (staged, published, summary): `--replace` starts from nothing."""
+    for f in run_files(out, run_id, run_date, options):
+        storage.delete(f, options)
+    storage.delete(staging_uri(out, run_id), options)
+    storage.delete(summary_uri(out, run_id), options)
+
+
+def count_run(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> dict:
+    """Counts of the run's committed rows; `duplicates` counts images scored more than once (always 0
+    unless files were copied in by hand)."""
+    t = read_columns(run_files(out, run_id, run_date, options), ["uri", "status", "verdict"], options)
+    return {"images": t.num_rows,
+            "anomalous": int(pc.sum(pc.equal(t["verdict"], "anomalous")).as_py() or 0),
+            "errors": int(pc.sum(pc.equal(t["status"], "error")).as_py() or 0),
+            "duplicates": t.num_rows - len(pc.unique(t["uri"]))}
+
+
+def read_summary(out: str, run_id: str, options: StorageOptions | None = None) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(summary_uri(out, run_id), options))
+    except FileNotFoundError:
+        return None
+
+
+def write_summary(out: str, run_id: str, summary: dict, options: StorageOptions | None = None) -> None:
+    storage.write_bytes(summary_uri(out, run_id), json.dumps(summary, indent=2, sort_keys=True).encode(), options)
+
+
+def scores_dataset(out: str, options: StorageOptions | None = None) -> pads.Dataset:
+    """pyarrow dataset of all published rows, run_date read back from the folder names."""
+    fs, path = storage.filesystem(out, options)
+    schema = output_schema(include_partition=True)
+    files = storage.list_files(out, options, suffixes=(".parquet",))
+    return pads.dataset([storage.filesystem(f, options)[1] for f in files], filesystem=fs, format="parquet",
+                        schema=schema, partitioning=pads.partitioning(
+                            pa.schema([schema.field(PARTITION_COLUMN)]), flavor="hive"),
+                        partition_base_dir=path)
