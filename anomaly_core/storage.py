@@ -129,6 +129,8 @@ def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tup
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as e:
         raise explain(e, uri) from None
+    if not infos:
+        check_bucket(uri, options)                   # an empty listing may hide a missing bucket
     rel = len(path) + 1
     return sorted(to_uri(fs, i.path) for i in infos
                   if i.type == pafs.FileType.File and (not suffixes or i.path.lower().endswith(suffixes))

@@ -54,7 +54,8 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 class StagedParquetSink(Datasink):
-    """Ray Data sink writing each bundle of at least `rows_per_file` rows as one staged Parquet file."""
+    """Ray Data sink: each write task gets at least `rows_per_file` rows (Ray bundles small blocks) and
+    commits them as staged Parquet files of `rows_per_file` rows, one after the other."""
 
     def __init__(self, out: str, run_id: str, *, rows_per_file: int, options: StorageOptions | None = None):
         self.staging, self.rows_per_file, self.options = staging_uri(out, run_id), rows_per_file, options
@@ -65,9 +66,9 @@ class StagedParquetSink(Datasink):
 
     def write(self, blocks, ctx) -> int:
         table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b for b in blocks])
-        if table.num_rows:
+        for s in range(0, table.num_rows, self.rows_per_file):
             storage.write_bytes(storage.join(self.staging, f"{uuid.uuid4().hex}.parquet"),
-                                parquet_bytes(table), self.options)
+                                parquet_bytes(table.slice(s, self.rows_per_file)), self.options)
         return table.num_rows
 
 

@@ -92,5 +92,7 @@ def read_decoded(uris: list[str], *, image_size: int, batch_size: int, options: 
     fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor."""
     blocks = [pa.table({"path": uris[s:s + BLOCK_ROWS]}) for s in range(0, len(uris), BLOCK_ROWS)]
     ds = ray.data.from_arrow(blocks)
+    # half a CPU per read task: its resources then differ from the model actors', so Ray Data does not
+    # fuse reading into the actor (the actor would wait on I/O and decoding between forwards)
     return ds.map_batches(read_batch, fn_kwargs={"image_size": image_size, "options": options},
-                          batch_size=batch_size, batch_format="numpy")
+                          batch_size=batch_size, batch_format="numpy", num_cpus=0.5)

@@ -1,12 +1,22 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Set before Ray starts, so its workers inherit them: credentials the test S3 server accepts (and that
+# tests look for in every file the jobs write), no EC2 metadata lookups, a model cache of our own.
+TEST_SECRET = "test-secret-7f3a9c-never-written-anywhere"
+os.environ.update(AWS_ACCESS_KEY_ID="test-key-id", AWS_SECRET_ACCESS_KEY=TEST_SECRET,
+                  AWS_EC2_METADATA_DISABLED="true")
+os.environ.setdefault("ANOMALY_CACHE", tempfile.mkdtemp(prefix="anomaly-cache-"))
+for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(var, None)
 
 
 @pytest.fixture
@@ -72,3 +82,31 @@ def nightly_output(fitted_model_dir, texture_dataset, tmp_path_factory):
     runs = [run_score(str(archive), str(fitted_model_dir[0]), str(out), batch_size=8, run_date=d)
             for d in ("2026-11-21", "2026-11-22")]
     return out, runs
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the session, with a relay in front that tests may cut."""
+    from tests.s3server import MotoServer, Relay
+    server = MotoServer()
+    relay = Relay(server.port)
+    relay.direct_url = server.url                    # bypasses the relay, for checks during an outage
+    yield relay
+    relay.cut()
+    server.stop()
+
+
+def make_bucket(endpoint_url: str, name: str) -> None:
+    import pyarrow.fs as pafs
+    pafs.S3FileSystem(endpoint_override=endpoint_url.split("://")[1], scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(name)
+
+
+def upload(local: Path, uri: str, options) -> list[str]:
+    """Copy every file under `local` to `uri`; returns the object URIs."""
+    from anomaly_core import storage
+    out = []
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        out.append(storage.join(uri, f.relative_to(local).as_posix()))
+        storage.write_bytes(out[-1], f.read_bytes(), options)
+    return out

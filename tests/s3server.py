@@ -1,0 +1,120 @@
+"""A real S3-compatible server for the tests: `moto_server` (moto[server]) as a child process on
+127.0.0.1, plus a TCP relay in front of it that can be cut and restored to take the endpoint down
+mid-run. (Stopping moto itself would lose its buckets, which live in its memory; the relay makes the
+server unreachable exactly as a crashed or partitioned server is, while the data survives.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto_server on a free port; `env` adds variables (e.g. INITIAL_NO_AUTH_ACTION_COUNT=0 makes it
+    check credentials, so every key is wrong)."""
+
+    def __init__(self, *, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     env={**os.environ, **(env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {self.url} (exit {self.proc.poll()})")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Relay:
+    """TCP relay 127.0.0.1:port -> target port. cut() closes the listener and every open connection
+    (clients get 'connection refused'); restore() listens again on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._trip: tuple[re.Pattern, int] | None = None
+        self.restore()
+
+    def cut_at(self, pattern: bytes, *, after: int) -> None:
+        """Cut when a request matching the regex `pattern` arrives after `after` such requests went
+        through (e.g. the 3rd completed upload to a staging prefix): a failure at a known point of a run."""
+        self._trip = (re.compile(pattern), after)
+
+    def restore(self) -> None:
+        if getattr(self, "_listener", None) is not None and self._listener.fileno() != -1:
+            return                                           # listening already
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:                                  # cut(): the listener is closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _tripped(self, data: bytes) -> bool:
+        with self._lock:
+            if self._trip is None or not self._trip[0].search(data):
+                return False
+            pattern, left = self._trip
+            self._trip = (pattern, left - 1) if left else None
+            return not left
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if from_client and self._tripped(data):
+                    self.cut()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -1,0 +1,110 @@
+"""Fit and score end to end through a real S3 server (moto_server on 127.0.0.1): archive, model and
+Parquet all in buckets, read back with DuckDB; failures of the store mid-run; no credential leaks."""
+
+import logging
+
+import pytest
+
+from anomaly_core import storage
+from anomaly_core.config import ModelConfig
+from anomaly_core.storage import StorageError, StorageOptions
+from jobs import output
+from jobs.analyst import connect
+from jobs.fit import run_fit
+from jobs.score import run_score
+from tests.conftest import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, texture_dataset, ray_local):
+    """Options reaching the server through the relay, with buckets archive/models/audits; the texture
+    dataset uploaded to s3://archive/brick/."""
+    for b in ("archive", "models", "audits"):
+        make_bucket(s3_server.url, b)
+    opts = StorageOptions(endpoint_url=s3_server.url, max_attempts=2)
+    upload(texture_dataset, "s3://archive/brick", opts)
+    return opts
+
+
+@pytest.fixture(scope="module")
+def s3_model(s3):
+    manifest = run_fit("s3://archive/brick/train/good", "s3://models/brick", config=ModelConfig(**TEST_CONFIG_KW),
+                       batch_size=8, options=s3)
+    return "s3://models/brick", manifest
+
+
+def scores_by_name(out, options=None) -> dict:
+    rows = connect(out, options).execute("SELECT uri, score FROM scores").fetchall()
+    return {u.split("/test/", 1)[1]: s for u, s in rows}
+
+
+def test_fit_writes_the_model_to_s3_with_the_manifest_last(s3_model, s3):
+    uri, manifest = s3_model
+    names = [u.rsplit("/", 1)[1] for u in storage.list_files(uri, s3)]
+    assert names == ["bank-00000.faiss", "manifest.json"] and manifest["stats"]["n_images"] == 10
+
+
+def test_scores_from_s3_equal_scores_from_a_local_folder(s3_model, s3, texture_dataset, tmp_path):
+    s3_summary = run_score("s3://archive/brick/test", s3_model[0], "s3://audits/brick", batch_size=4,
+                           run_date="2026-11-22", options=s3)
+    local_summary = run_score(str(texture_dataset / "test"), s3_model[0], str(tmp_path / "out"), batch_size=4,
+                              run_date="2026-11-22", options=s3)
+    assert s3_summary["images"] == local_summary["images"] == 10 and s3_summary["errors"] == 0
+    from_s3, from_disk = scores_by_name("s3://audits/brick", s3), scores_by_name(str(tmp_path / "out"))
+    assert len(from_s3) == 10 and from_s3 == from_disk
+
+
+def test_duckdb_reads_the_s3_output_by_night(s3_model, s3):
+    run_score("s3://archive/brick/test", s3_model[0], "s3://audits/nights", batch_size=4,
+              run_date="2026-11-21", options=s3)
+    con = connect("s3://audits/nights", s3)
+    assert con.execute("SELECT CAST(run_date AS VARCHAR), count(*) FROM scores GROUP BY ALL").fetchall() == [
+        ("2026-11-21", 10)]
+
+
+def test_a_manifest_file_of_uris_is_an_archive_and_missing_objects_become_error_rows(s3_model, s3):
+    listed = storage.list_files("s3://archive/brick/test", s3)[:3] + ["s3://archive/brick/test/gone.png"]
+    storage.write_bytes("s3://archive/lists/tonight.txt", ("# tonight\n" + "\n".join(listed)).encode(), s3)
+    summary = run_score("s3://archive/lists/tonight.txt", s3_model[0], "s3://audits/listed", batch_size=4,
+                        run_date="2026-11-22", options=s3)
+    assert (summary["images"], summary["errors"]) == (4, 1)
+    err = connect("s3://audits/listed", s3).execute("SELECT uri, error FROM scores WHERE status = 'error'").fetchall()
+    assert err == [("s3://archive/brick/test/gone.png", "s3://archive/brick/test/gone.png not found")]
+
+
+def test_a_missing_bucket_stops_the_job_before_any_work(s3_model, s3):
+    with pytest.raises(StorageError, match="bucket 'no-such-archive' does not exist"):
+        run_score("s3://no-such-archive/x/", s3_model[0], "s3://audits/x", options=s3)
+    with pytest.raises(StorageError, match="bucket 'no-such-output' does not exist"):
+        run_score("s3://archive/brick/test", s3_model[0], "s3://no-such-output/x", options=s3)
+
+
+def test_server_outage_mid_run_then_rerun_finishes_without_duplicates(s3_model, s3, s3_server):
+    out = "s3://audits/outage"
+    # the 3rd staged file's CompleteMultipartUpload finds the server gone
+    s3_server.cut_at(rb"^POST /audits/outage/_staging/\S*uploadId=", after=2)
+    try:
+        with pytest.raises(Exception):
+            run_score("s3://archive/brick/test", s3_model[0], out, batch_size=2, rows_per_file=2,
+                      run_date="2026-11-23", options=s3)
+    finally:
+        s3_server.restore()
+    direct = StorageOptions(endpoint_url=s3_server.direct_url)
+    staged = storage.list_files(storage.join(out, "_staging"), direct)
+    assert 1 <= len(staged) < 5                     # part of the run was committed, not all of it
+    summary = run_score("s3://archive/brick/test", s3_model[0], out, batch_size=2, rows_per_file=2,
+                        run_date="2026-11-23", options=s3)
+    assert summary["resumed_from"] == 2 * len(staged) and summary["scored_now"] == 10 - 2 * len(staged)
+    assert (summary["images"], summary["duplicates"]) == (10, 0)
+    uris = [u for (u,) in connect(out, s3).execute("SELECT uri FROM scores ORDER BY uri").fetchall()]
+    assert uris == storage.list_files("s3://archive/brick/test", s3)
+
+
+def test_no_credential_is_written_to_models_outputs_or_logs(s3_model, s3, caplog):
+    caplog.set_level(logging.DEBUG)
+    run_score("s3://archive/brick/test", s3_model[0], "s3://audits/brick", run_date="2026-11-22", options=s3)
+    for bucket in ("models", "audits"):
+        for uri in storage.list_files(f"s3://{bucket}", s3) + storage.list_files(f"s3://{bucket}/_runs", s3):
+            data = storage.read_bytes(uri, s3)
+            assert TEST_SECRET.encode() not in data and b"test-key-id" not in data, uri
+    assert TEST_SECRET not in caplog.text

@@ -1,0 +1,90 @@
+"""anomaly_core.storage against local disk and a real S3 server (moto_server on 127.0.0.1)."""
+
+import os
+
+import pytest
+
+from anomaly_core import storage
+from anomaly_core.storage import StorageError, StorageOptions
+from tests.conftest import make_bucket
+from tests.s3server import MotoServer
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    make_bucket(s3_server.url, "storage-tests")
+    return StorageOptions(endpoint_url=s3_server.url, max_attempts=2)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path, s3):
+    if request.param == "local":
+        return str(tmp_path / "root"), None
+    return f"s3://storage-tests/{request.node.name.replace('[', '-').rstrip(']')}", s3
+
+
+def test_bytes_round_trip(root):
+    uri, opts = root
+    storage.write_bytes(storage.join(uri, "a/b.bin"), b"\x00\x01payload", opts)
+    assert storage.read_bytes(storage.join(uri, "a/b.bin"), opts) == b"\x00\x01payload"
+    assert storage.exists(storage.join(uri, "a/b.bin"), opts)
+    assert not storage.exists(storage.join(uri, "a/nothing"), opts)
+
+
+def test_listing_is_recursive_sorted_filtered_and_skips_hidden_names(root):
+    uri, opts = root
+    for name in ("z/2.png", "a/1.PNG", "a/notes.txt", "_staging/3.png", "a/.tmp-4.png"):
+        storage.write_bytes(storage.join(uri, name), b"x", opts)
+    found = storage.list_files(uri, opts, suffixes=(".png",))
+    assert found == [storage.join(uri, "a/1.PNG"), storage.join(uri, "z/2.png")]
+    assert storage.list_files(storage.join(uri, "missing"), opts) == []
+
+
+def test_reading_a_missing_object_is_file_not_found_naming_it(root):
+    uri, opts = root
+    with pytest.raises(FileNotFoundError, match="nothing.png"):
+        storage.read_bytes(storage.join(uri, "nothing.png"), opts)
+
+
+def test_move_and_delete(root):
+    uri, opts = root
+    storage.write_bytes(storage.join(uri, "m/src.bin"), b"1", opts)
+    storage.move(storage.join(uri, "m/src.bin"), storage.join(uri, "n/dst.bin"), opts)
+    assert storage.list_files(uri, opts) == [storage.join(uri, "n/dst.bin")]
+    storage.delete(uri, opts)
+    assert storage.list_files(uri, opts) == []
+
+
+def test_local_write_leaves_no_temporary_file(tmp_path):
+    storage.write_bytes(str(tmp_path / "f.bin"), b"abc")
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_missing_bucket_is_a_permanent_error_naming_the_bucket(s3):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_bucket("s3://no-such-bucket/archive/", s3)
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        storage.list_files("s3://no-such-bucket/archive/", s3)
+
+
+def test_wrong_credentials_are_a_permanent_error_naming_the_bucket():
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})    # checks keys; ours are unknown to it
+    try:
+        with pytest.raises(StorageError, match="access denied to bucket 'audits'"):
+            storage.check_bucket("s3://audits/x", StorageOptions(endpoint_url=server.url, max_attempts=1))
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_server_is_retried_then_reported_with_the_uri():
+    dead = StorageOptions(endpoint_url="http://127.0.0.1:9", max_attempts=2)
+    with pytest.raises(OSError, match="s3://bucket/key.png") as e:
+        storage.read_bytes("s3://bucket/key.png", dead)
+    assert not isinstance(e.value, StorageError)                     # transient: a re-run may succeed
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="must start with http"):
+        StorageOptions(endpoint_url="127.0.0.1:9000")
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        storage.filesystem("gs://bucket/x")
