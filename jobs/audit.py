@@ -3,7 +3,7 @@
     model: s3://models/metal-plate            # written by `anomaly fit`
     archive: s3://archive/line-3/{date}/      # folder, s3:// prefix or manifest file; {date} = audit date
     output: s3://audits/metal-plate           # Parquet rows, partitioned by run_date
-    date: null                                # audit date YYYY-MM-DD; null: today (UTC)
+    date: yesterday                           # audit date: YYYY-MM-DD, today or yesterday (UTC); null: today
     resources: {batch_size: 16, actors: null, device: auto, rows_per_file: 1024}
     storage: {endpoint_url: null, region: null, anonymous: false}
     ray: {address: null}                      # null: $RAY_ADDRESS, else Ray in-process
@@ -21,6 +21,19 @@ import yaml
 
 from anomaly_core.storage import StorageOptions
 
+def resolve_date(value: str | None, *, today: dt.date | None = None) -> str:
+    """An audit date as YYYY-MM-DD from YYYY-MM-DD, "today" or "yesterday" (UTC); None means today.
+    A nightly job started after midnight audits "yesterday"."""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    relative = {"today": today, "yesterday": today - dt.timedelta(days=1)}
+    if value is None or str(value) in relative:
+        return relative[str(value or "today")].isoformat()
+    try:
+        return dt.date.fromisoformat(str(value)).isoformat()
+    except ValueError:
+        raise ValueError(f"date {value!r} must be YYYY-MM-DD (e.g. 2026-11-22), today or yesterday") from None
+
+
 SECTIONS = {"resources": ("batch_size", "actors", "device", "rows_per_file"), "ray": ("address",)}
 
 
@@ -29,7 +42,7 @@ class Audit:
     model: str                         # model URI
     archive: str | list[str]           # image URIs to audit; "{date}" is replaced by the audit date
     output: str                        # output URI
-    date: str | None = None            # audit date; None: today (UTC) at run time
+    date: str | None = None            # audit date: YYYY-MM-DD, "today" or "yesterday" (UTC, at run time); None: today
     batch_size: int = 16               # images per batch on an actor
     actors: int | None = None          # scoring actors; None: one per GPU, else one per 4 CPUs
     device: str = "auto"               # auto, cpu or cuda
@@ -70,9 +83,9 @@ def load_audit(path: str | Path) -> Audit:
     if values.get("date") is not None:
         values["date"] = str(values["date"])              # YAML reads 2026-11-22 as a date
         try:
-            dt.date.fromisoformat(values["date"])
-        except ValueError:
-            raise ValueError(f"{path}: date={values['date']!r} must be YYYY-MM-DD or null") from None
+            resolve_date(values["date"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     for section, keys in SECTIONS.items():
         sub = raw.get(section) or {}
         _known(f"{path} [{section}]", sub, keys)

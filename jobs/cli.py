@@ -7,7 +7,6 @@ that cluster. `python -m jobs.fit|score|evaluate` run the same commands.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
 import json
 import logging
@@ -162,7 +161,8 @@ def fit(data, model, verbose, overwrite, **kw):
 @_storage_options
 @click.option("--run-id", default=None, help="Run identifier (default: derived from archive, model and date, "
                                             "so a re-run resumes).")
-@click.option("--run-date", default=None, help="Audit date YYYY-MM-DD, the output partition (default: today, UTC).")
+@click.option("--run-date", default=None, help="Audit date (the output partition): YYYY-MM-DD, today or yesterday "
+                                              "(UTC). Default: the config's date, else today.")
 @click.option("--replace", is_flag=True, help="Delete a finished run with the same id and score it again.")
 @click.option("--rows-per-file", type=int, default=1024, show_default=True,
               help="Rows per committed Parquet file (the work a killed run can lose).")
@@ -176,7 +176,7 @@ def score(ctx, data, model, out, config_file, verbose, **kw):
     if config_file:
         if data or model or out:
             raise click.UsageError("give either --config or DATA MODEL OUT, not both")
-        from jobs.audit import load_audit
+        from jobs.audit import load_audit, resolve_date
         audit = load_audit(config_file)
         typed = {k for k in kw if ctx.get_parameter_source(k) in (click.core.ParameterSource.COMMANDLINE,
                                                                   click.core.ParameterSource.ENVIRONMENT)}
@@ -190,7 +190,7 @@ def score(ctx, data, model, out, config_file, verbose, **kw):
         for key in ("batch_size", "actors", "device", "address", "rows_per_file"):
             if key not in typed:
                 kw[key] = getattr(audit, key)
-        kw["run_date"] = kw["run_date"] or audit.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+        kw["run_date"] = resolve_date(kw["run_date"] or audit.date)
         data, model, out = audit.archive_for(kw["run_date"]), audit.model, audit.output
     else:
         if not (data and model and out):

@@ -26,7 +26,8 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting Ray in-process (no --address / RAY_ADDRESS)")
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # "local": always a new instance, never a cluster some earlier `ray start` left on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.isatty(2)          # plain logs under `ray job submit` or CI
 
@@ -83,14 +84,12 @@ def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> 
     return sorted(out)
 
 
-BLOCK_ROWS = 64     # URIs per read task: enough to amortise a task, small enough to spread over workers
-
-
-def read_decoded(uris: list[str], *, image_size: int, batch_size: int, options: StorageOptions | None = None
-                 ) -> "ray.data.Dataset":
+def read_decoded(uris: list[str], *, image_size: int, batch_size: int, options: StorageOptions | None = None,
+                 block_rows: int = 64) -> "ray.data.Dataset":
     """Ray Data dataset of decoded images (anomaly_core.pipeline.read_batch) for `uris`. Objects are
-    fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor."""
-    blocks = [pa.table({"path": uris[s:s + BLOCK_ROWS]}) for s in range(0, len(uris), BLOCK_ROWS)]
+    fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor.
+    block_rows: URIs per block (one read task); 64 amortises a task and still spreads over workers."""
+    blocks = [pa.table({"path": uris[s:s + block_rows]}) for s in range(0, len(uris), block_rows)]
     ds = ray.data.from_arrow(blocks)
     # half a CPU per read task: its resources then differ from the model actors', so Ray Data does not
     # fuse reading into the actor (the actor would wait on I/O and decoding between forwards)

@@ -22,6 +22,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import Scorer
 from anomaly_core.storage import StorageOptions
 from jobs import output
+from jobs.audit import resolve_date
 from jobs.runtime import default_actors, ensure_ray, list_inputs, read_decoded
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,6 @@ def audit_run_id(data_uri: str | list[str], model_id: str, run_date: str) -> str
     return f"{run_date}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
-def check_date(run_date: str) -> str:
-    try:
-        return dt.date.fromisoformat(run_date).isoformat()
-    except ValueError:
-        raise ValueError(f"run_date={run_date!r} must be a date as YYYY-MM-DD, e.g. 2026-11-22") from None
-
-
 def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_size: int = 16,
               actors: int | None = None, device: str = "auto", address: str | None = None,
               run_id: str | None = None, run_date: str | None = None, replace: bool = False,
@@ -47,13 +41,14 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     """Score every image named by `data_uri` with the model at `model_uri`; returns the run summary,
     which is also written to OUT/_runs/<run_id>.json.
 
-    run_date: the audit date (YYYY-MM-DD) the rows are partitioned under; default: today (UTC).
+    run_date: the audit date the rows are partitioned under: YYYY-MM-DD, "today" or "yesterday" (UTC);
+    default: today.
     replace: delete a finished (or partial) run with the same id and score it again from nothing.
     rows_per_file: rows per committed Parquet file, the unit of work a killed run can lose.
     """
     t0 = time.time()
     now = dt.datetime.now(dt.timezone.utc)
-    run_date = check_date(run_date or now.date().isoformat())
+    run_date = resolve_date(run_date, today=now.date())
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file={rows_per_file} must be >= 1")
     for uri in (model_uri, out_uri):
@@ -75,7 +70,9 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     if todo:
         ensure_ray(address)
         n_actors, threads, gpus = default_actors(actors)
-        ds = read_decoded(todo, image_size=config.image_size, batch_size=batch_size, options=options)
+        # a block is also the least a write task commits, so it is never larger than a file
+        ds = read_decoded(todo, image_size=config.image_size, batch_size=batch_size, options=options,
+                          block_rows=min(64, rows_per_file))
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={
             "model_path": model_uri, "device": "cuda" if gpus else device, "num_threads": threads,
             "run_id": run_id, "run_time": now.isoformat(timespec="seconds"), "run_date": run_date,

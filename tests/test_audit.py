@@ -1,0 +1,54 @@
+"""Audit files (jobs/audit.py): what they accept, what they refuse and how they say so."""
+
+import datetime as dt
+
+import pytest
+
+from jobs.audit import load_audit, resolve_date
+
+
+def write(tmp_path, text):
+    f = tmp_path / "audit.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_a_full_file_sets_every_field(tmp_path):
+    a = load_audit(write(tmp_path, """
+model: /models/m
+archive: s3://archive/{date}/line-3/
+output: s3://audits/x
+date: 2026-11-21
+resources: {batch_size: 4, actors: 2, device: cpu, rows_per_file: 8}
+storage: {endpoint_url: "http://127.0.0.1:9000", region: eu-west-1, anonymous: true}
+ray: {address: "127.0.0.1:6379"}
+"""))
+    assert (a.batch_size, a.actors, a.device, a.rows_per_file, a.address) == (4, 2, "cpu", 8, "127.0.0.1:6379")
+    assert (a.storage.endpoint_url, a.storage.region, a.storage.anonymous) == ("http://127.0.0.1:9000", "eu-west-1", True)
+    assert a.date == "2026-11-21" and a.archive_for(a.date) == "s3://archive/2026-11-21/line-3/"
+
+
+def test_defaults_fill_what_the_file_leaves_out(tmp_path):
+    a = load_audit(write(tmp_path, "model: m\narchive: a\noutput: o\n"))
+    assert (a.date, a.batch_size, a.actors, a.rows_per_file, a.storage.endpoint_url) == (None, 16, None, 1024, None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: m\narchive: a\noutput: o\nresorces: {}\n", r"unknown key\(s\) \['resorces'\]; valid keys"),
+    ("model: m\narchive: a\noutput: o\nresources: {batchsize: 4}\n", r"\[resources\]: unknown key\(s\) \['batchsize'\]"),
+    ("model: m\noutput: o\n", r"missing required key\(s\) \['archive'\]"),
+    ("model: m\narchive: a\noutput: o\ndate: last week\n", "must be YYYY-MM-DD"),
+    ("model: m\narchive: a\noutput: o\nstorage: {endpoint_url: 'localhost:9000'}\n", "must start with http"),
+    ("- a list\n", "expected a mapping"),
+])
+def test_mistakes_name_the_file_and_the_fix(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message) as e:
+        load_audit(write(tmp_path, text))
+    assert "audit.yaml" in str(e.value)
+
+
+def test_relative_dates_resolve_against_utc_today():
+    today = dt.date(2026, 3, 1)
+    assert resolve_date("yesterday", today=today) == "2026-02-28"
+    assert resolve_date(None, today=today) == resolve_date("today", today=today) == "2026-03-01"
+    assert resolve_date("2026-11-22") == "2026-11-22"
