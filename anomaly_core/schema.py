@@ -29,8 +29,8 @@ COLUMNS = [
     ("peak_y", pa.int32(), "px", "row of the strongest point, original image pixels (-1 on error)"),
     ("model_id", pa.string(), "", "content hash of the model that scored the image"),
     ("model_created_at", pa.string(), "ISO 8601 UTC", "when that model was fitted"),
-    ("run_id", pa.string(), "", "the scoring run"),
-    ("run_time", pa.string(), "ISO 8601 UTC", "when the run started"),
+    ("run_id", pa.string(), "", "the audit run (derived from archive, model and date; a resumed run keeps it)"),
+    ("run_time", pa.string(), "ISO 8601 UTC", "when the attempt that scored this row started"),
     ("run_date", pa.string(), "YYYY-MM-DD", "audit date; the Hive partition key (a folder, not a column in the file)"),
 ]
 
