@@ -56,12 +56,21 @@ def _versions() -> dict:
     return out
 
 
+def check_target(uri: str, *, overwrite: bool, options: StorageOptions | None = None) -> None:
+    """Refuse to write a model over an existing one (unless overwrite) or over anything that is not a model."""
+    if storage.exists(storage.join(uri, MANIFEST), options):
+        if not overwrite:
+            raise FileExistsError(f"a model exists at {uri}; pass overwrite=True (--overwrite) or choose another path")
+    elif storage.list_files(uri, options, skip_hidden=False):
+        raise FileExistsError(f"{uri} holds files but no model ({MANIFEST}); refusing to replace it: "
+                              f"choose an empty or new location for the model")
+
+
 def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration,
                weights: dict, stats: dict, overwrite: bool = False, options: StorageOptions | None = None) -> dict:
     """Write the model folder at `uri`; returns the manifest. `stats` holds counts and timings."""
     uri = str(uri)
-    if storage.exists(storage.join(uri, MANIFEST), options) and not overwrite:
-        raise FileExistsError(f"a model exists at {uri}; pass overwrite=True (--overwrite) or choose another path")
+    check_target(uri, overwrite=overwrite, options=options)
     with tempfile.TemporaryDirectory(prefix="anomaly-model-") as staging:
         tmp = Path(staging) / "model"
         tmp.mkdir()

@@ -12,8 +12,10 @@ URIs: "s3://bucket/key/..." or a local path (absolute or relative, optionally "f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import posixpath
 import uuid
 from dataclasses import dataclass
 
@@ -26,8 +28,8 @@ class StorageError(OSError):
 
 @dataclass(frozen=True, kw_only=True)
 class StorageOptions:
-    """How to reach object storage. Every field has an environment fallback, so jobs on a cluster can be
-    configured by the runtime environment alone."""
+    """How to reach object storage. endpoint_url and region fall back to the standard environment
+    variables; `resolved()` fixes them on the driver, so workers with another environment agree."""
 
     endpoint_url: str | None = None   # S3-compatible server (MinIO, Ceph, moto), e.g. http://127.0.0.1:9000;
                                       # None: $AWS_ENDPOINT_URL_S3, then $AWS_ENDPOINT_URL, else AWS itself
@@ -41,6 +43,14 @@ class StorageOptions:
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint_url={self.endpoint_url!r} must start with http:// or https://, "
                              f"e.g. http://127.0.0.1:9000")
+
+    def resolved(self) -> "StorageOptions":
+        """These options with the environment fallbacks filled in (they hold no secret)."""
+        return dataclasses.replace(
+            self,
+            endpoint_url=(self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                          or os.environ.get("AWS_ENDPOINT_URL")),
+            region=self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
 
 
 def is_s3(uri: str) -> bool:
@@ -56,12 +66,19 @@ def local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def normalise(uri: str) -> str:
+    """One spelling per location: s3://bucket/key without "." / ".." / "//" or a trailing "/"; local paths
+    absolute, without "file://". Do it on the driver: workers may run in another working directory."""
+    if is_s3(uri):
+        return "s3://" + posixpath.normpath(uri[len("s3://"):]).lstrip("/")
+    filesystem(uri)                                  # rejects unsupported schemes
+    return os.path.abspath(local_path(uri))
+
+
 @functools.lru_cache(maxsize=8)
 def _s3(options: StorageOptions) -> pafs.S3FileSystem:
-    endpoint = (options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL"))
-    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    scheme = None
+    options = options.resolved()
+    endpoint, region, scheme = options.endpoint_url, options.region, None
     if endpoint:
         scheme, _, endpoint = endpoint.partition("://")
     return pafs.S3FileSystem(
@@ -120,10 +137,12 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
         raise explain(e, uri) from None
 
 
-def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = ()) -> list[str]:
+def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = (),
+               skip_hidden: bool = True) -> list[str]:
     """Sorted URIs of the files under `uri` (recursively) whose lower-cased name ends with one of
-    `suffixes` (all files when empty); [] when `uri` does not exist. Names starting with "." or "_"
-    (temporary and bookkeeping files) are left out, as pyarrow.dataset does."""
+    `suffixes` (all files when empty); [] when `uri` does not exist. skip_hidden: leave out names under
+    `uri` starting with "." or "_" (temporary and bookkeeping files of our outputs, as pyarrow.dataset
+    does); archives are listed with skip_hidden=False, since cameras name files _MG_1234.JPG."""
     fs, path = filesystem(uri, options)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -134,7 +153,7 @@ def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tup
     rel = len(path) + 1
     return sorted(to_uri(fs, i.path) for i in infos
                   if i.type == pafs.FileType.File and (not suffixes or i.path.lower().endswith(suffixes))
-                  and not any(part[:1] in "._" for part in i.path[rel:].split("/")))
+                  and not (skip_hidden and any(part.startswith((".", "_")) for part in i.path[rel:].split("/"))))
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:

@@ -1,5 +1,6 @@
--- DuckDB queries analysts run on a scored output. `scores` is a view over the Parquet files:
---   CREATE VIEW scores AS SELECT * FROM read_parquet('OUT_DIR/**/*.parquet', hive_partitioning = true);
+-- DuckDB queries analysts run on a scored output. `scores` is a view over the Parquet files of the
+-- complete runs (jobs.analyst.connect); on a local output, by hand:
+--   CREATE VIEW scores AS SELECT * FROM read_parquet('OUT/run_date=*/*.parquet', hive_partitioning = true);
 -- Parameters are written as $name (DuckDB prepared-statement syntax). tests/test_queries.py runs each one.
 
 -- name: tonight_anomalies

@@ -86,6 +86,10 @@ def load_audit(path: str | Path) -> Audit:
             resolve_date(values["date"])
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+    for section in ("storage", *SECTIONS):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ValueError(f"{path} [{section}]: expected a mapping such as {{key: value}}, "
+                             f"got {raw[section]!r}")
     for section, keys in SECTIONS.items():
         sub = raw.get(section) or {}
         _known(f"{path} [{section}]", sub, keys)

@@ -78,9 +78,11 @@ def _run_options(f):
 def _storage_options(f):
     opts = [
         click.option("--endpoint-url", default=None,
-                     help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL, else AWS)."),
+                     help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL_S3, "
+                          "$AWS_ENDPOINT_URL, else AWS)."),
         click.option("--region", default=None, help="S3 region (default: $AWS_REGION, else us-east-1)."),
-        click.option("--anonymous", is_flag=True, help="Unsigned S3 requests (public buckets)."),
+        click.option("--anonymous/--no-anonymous", default=False,
+                     help="Unsigned S3 requests (public buckets)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -181,12 +183,9 @@ def score(ctx, data, model, out, config_file, verbose, **kw):
         typed = {k for k in kw if ctx.get_parameter_source(k) in (click.core.ParameterSource.COMMANDLINE,
                                                                   click.core.ParameterSource.ENVIRONMENT)}
         storage_keys = ("endpoint_url", "region", "anonymous")
-        if typed & set(storage_keys):
-            options = _storage(kw)
-        else:
-            options = audit.storage
-            for k in storage_keys:
-                kw.pop(k)
+        options = dataclasses.replace(audit.storage, **{k: kw[k] for k in storage_keys if k in typed})
+        for k in storage_keys:
+            kw.pop(k)
         for key in ("batch_size", "actors", "device", "address", "rows_per_file"):
             if key not in typed:
                 kw[key] = getattr(audit, key)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from anomaly_core import storage
-from anomaly_core.artifact import MANIFEST, save_model
+from anomaly_core.artifact import check_target, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.pipeline import FeatureExtractor, fit_bank, split_holdout
 from anomaly_core.weights import load_weights
@@ -27,9 +27,10 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     """Fit a model on the good images named by `data_uri` (folder, s3:// prefix or manifest file);
     returns the manifest written to `model_uri` (folder or s3:// prefix)."""
     t0 = time.time()
+    options = (options or StorageOptions()).resolved()       # workers use the driver's endpoint and region
+    model_uri = storage.normalise(model_uri)
     storage.check_bucket(model_uri, options)
-    if storage.exists(storage.join(model_uri, MANIFEST), options) and not overwrite:
-        raise FileExistsError(f"a model exists at {model_uri}; pass --overwrite or choose another path")
+    check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
     uris = list_inputs(data_uri, options)
     ensure_ray(address)
     n_actors, threads, gpus = default_actors(actors)

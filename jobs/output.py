@@ -6,18 +6,21 @@ Layout under OUT (a local folder or an s3:// prefix):
     _staging/<run_id>/<part>.parquet              rows of a run still in progress
     _runs/<run_id>.json                           the run summary, written last: the run is complete
 
-Every file appears whole or not at all (storage.write_bytes), so a killed run leaves only complete
-files; re-running it scores just the images none of them hold. Readers (pyarrow.dataset, DuckDB through
-`analyst.connect`) skip names starting with "_" or ".", so a run's rows become visible only when it
-publishes them.
+Every file appears whole or not at all (storage.write_bytes) and is named by the images it holds, so a
+killed run leaves only complete files, a write task Ray retries rewrites its own files instead of adding
+copies, and re-running the run scores just the images no file holds. `analyst.connect` and
+`scores_dataset` read only runs whose summary exists (the commit marker), so a run being published or
+replaced is never seen half-done; a bare `read_parquet('OUT/run_date=*/*.parquet')` may see a run while
+its files are being moved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
-import uuid
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +33,22 @@ from anomaly_core.schema import PARTITION_COLUMN, output_schema
 from anomaly_core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PART = r"-[0-9a-f]{32}\.parquet"                 # <run_id>-<hash of the file's image URIs>.parquet
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run_id={run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, starting "
+                         f"with a letter or digit), e.g. 2026-11-22-line3")
+    return run_id
+
+
+def part_name(uris: list[str]) -> str:
+    """32 hex digits naming a file by the images it holds: the same rows always get the same name."""
+    return hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:32]
 
 
 def staging_uri(out: str, run_id: str) -> str:
@@ -65,17 +84,22 @@ class StagedParquetSink(Datasink):
         return self.rows_per_file
 
     def write(self, blocks, ctx) -> int:
-        table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b for b in blocks])
+        schema = output_schema(include_partition=True)
+        # cast before concatenating: a block of only unreadable images has all-null heatmaps (type null)
+        table = pa.concat_tables([(b if isinstance(b, pa.Table) else pa.Table.from_pandas(b))
+                                  .select(schema.names).cast(schema) for b in blocks])
         for s in range(0, table.num_rows, self.rows_per_file):
-            storage.write_bytes(storage.join(self.staging, f"{uuid.uuid4().hex}.parquet"),
-                                parquet_bytes(table.slice(s, self.rows_per_file)), self.options)
+            part = table.slice(s, self.rows_per_file)
+            storage.write_bytes(storage.join(self.staging, f"{part_name(part['uri'].to_pylist())}.parquet"),
+                                parquet_bytes(part), self.options)
         return table.num_rows
 
 
 def run_files(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> list[str]:
     """Every committed file of the run: staged and published."""
+    mine = re.compile(re.escape(run_id) + PART)
     published = [u for u in storage.list_files(partition_uri(out, run_date), options, suffixes=(".parquet",))
-                 if u.rsplit("/", 1)[-1].startswith(f"{run_id}-")]
+                 if mine.fullmatch(u.rsplit("/", 1)[-1])]
     return storage.list_files(staging_uri(out, run_id), options, suffixes=(".parquet",)) + published
 
 
@@ -93,24 +117,27 @@ def committed_uris(out: str, run_id: str, run_date: str, options: StorageOptions
 
 
 def publish(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> int:
-    """Move the run's staged files into its partition; returns how many moved. Safe to repeat."""
+    """Move the run's staged files into its partition, then drop the staging folder (with any temporary
+    file a killed writer left); returns how many moved. Safe to repeat after a crash half-way."""
     staged = storage.list_files(staging_uri(out, run_id), options, suffixes=(".parquet",))
     for f in staged:
         storage.move(f, storage.join(partition_uri(out, run_date), f"{run_id}-{f.rsplit('/', 1)[-1]}"), options)
+    storage.delete(staging_uri(out, run_id), options)
     return len(staged)
 
 
 def delete_run(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> None:
-    """Remove every file of the run (staged, published, summary): `--replace` starts from nothing."""
+    """Remove every file of the run (staged, published, summary): `--replace` starts from nothing. The
+    summary goes first, so an interrupted delete never leaves a run marked complete."""
+    storage.delete(summary_uri(out, run_id), options)
     for f in run_files(out, run_id, run_date, options):
         storage.delete(f, options)
     storage.delete(staging_uri(out, run_id), options)
-    storage.delete(summary_uri(out, run_id), options)
 
 
 def count_run(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> dict:
-    """Counts of the run's committed rows; `duplicates` counts images scored more than once (always 0
-    unless files were copied in by hand)."""
+    """Counts of the run's committed rows; `duplicates` counts rows whose image is in another row too
+    (the score job refuses to complete a run that has any)."""
     t = read_columns(run_files(out, run_id, run_date, options), ["uri", "status", "verdict"], options)
     return {"images": t.num_rows,
             "anomalous": int(pc.sum(pc.equal(t["verdict"], "anomalous")).as_py() or 0),
@@ -130,10 +157,15 @@ def write_summary(out: str, run_id: str, summary: dict, options: StorageOptions 
 
 
 def scores_dataset(out: str, options: StorageOptions | None = None) -> pads.Dataset:
-    """pyarrow dataset of all published rows, run_date read back from the folder names."""
+    """pyarrow dataset of the rows of every complete run (one with a summary), run_date read back from
+    the folder names."""
     fs, path = storage.filesystem(out, options)
     schema = output_schema(include_partition=True)
-    files = storage.list_files(out, options, suffixes=(".parquet",))
+    complete = {u.rsplit("/", 1)[-1][:-len(".json")]
+                for u in storage.list_files(storage.join(out, "_runs"), options, suffixes=(".json",))}
+    part = re.compile(PART + "$")
+    files = [f for f in storage.list_files(out, options, suffixes=(".parquet",))
+             if part.sub("", f.rsplit("/", 1)[-1]) in complete]
     return pads.dataset([storage.filesystem(f, options)[1] for f in files], filesystem=fs, format="parquet",
                         schema=schema, partitioning=pads.partitioning(
                             pa.schema([schema.field(PARTITION_COLUMN)]), flavor="hive"),

@@ -29,6 +29,7 @@ def ensure_ray(address: str | None = None) -> None:
         # "local": always a new instance, never a cluster some earlier `ray start` left on this machine
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
+    ctx.raise_original_map_exception = True          # a StorageError from a task reaches the CLI as itself
     ctx.enable_progress_bars = os.isatty(2)          # plain logs under `ray job submit` or CI
 
 
@@ -62,25 +63,33 @@ MANIFEST_SUFFIXES = (".txt", ".lst")
 
 
 def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> list[str]:
-    """Sorted, de-duplicated image URIs named by `uri`: a folder or s3:// prefix (listed recursively,
-    image extensions only), or a manifest file (.txt/.lst: one URI per line, `#` comments; relative
-    entries are relative to the manifest's folder) for archives whose listing is itself expensive.
-    Only names travel to the driver, never image bytes."""
+    """Sorted, de-duplicated, normalised image URIs named by `uri`: a folder or s3:// prefix (listed
+    recursively, image extensions only), or a manifest file (.txt/.lst: one URI per line, `#` comments;
+    relative entries are relative to the manifest's folder) for archives whose listing is itself
+    expensive. Only names travel to the driver, never image bytes. Raises on an empty archive: a
+    nightly job started before the upload finished must fail, not record an empty audit."""
     out: set[str] = set()
     for u in [uri] if isinstance(uri, str) else uri:
+        u = storage.normalise(u)
         storage.check_bucket(u, options)
         if u.lower().endswith(MANIFEST_SUFFIXES):
-            base = u.rsplit("/", 1)[0] if "/" in u else "."
-            for line in storage.read_bytes(u, options).decode().splitlines():
+            base = u.rsplit("/", 1)[0]
+            for line in storage.read_bytes(u, options).decode("utf-8-sig").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    out.add(line if storage.is_s3(line) or line.startswith("/") else storage.join(base, line))
+                    absolute = "://" in line or line.startswith("/")
+                    out.add(storage.normalise(line if absolute else storage.join(base, line)))
+            for bucket in {x.split("/", 3)[2] for x in out if storage.is_s3(x)}:
+                storage.check_bucket(f"s3://{bucket}", options)     # a wrong bucket is no per-image error
             continue
-        found = storage.list_files(u, options, suffixes=tuple("." + e for e in IMAGE_EXTENSIONS))
+        found = storage.list_files(u, options, suffixes=tuple("." + e for e in IMAGE_EXTENSIONS),
+                                   skip_hidden=False)
         if not found and not storage.exists(u, options):
             raise FileNotFoundError(f"{u} not found: give a folder, an s3://bucket/prefix or a manifest "
                                     f"file ({', '.join(MANIFEST_SUFFIXES)}) listing image URIs")
         out.update(found)
+    if not out:
+        raise FileNotFoundError(f"no images in {uri!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return sorted(out)
 
 

@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def audit_run_id(data_uri: str | list[str], model_id: str, run_date: str) -> str:
-    """Deterministic id of an audit: the same archive, model and date give the same id (and so resume)."""
-    key = json.dumps([data_uri, model_id, run_date], sort_keys=True).encode()
+    """Deterministic id of an audit: the same archive, model and date give the same id (and so resume),
+    however the archive URIs are spelled or ordered."""
+    uris = sorted(storage.normalise(u) for u in ([data_uri] if isinstance(data_uri, str) else data_uri))
+    key = json.dumps([uris, model_id, run_date]).encode()
     return f"{run_date}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -51,18 +53,20 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     run_date = resolve_date(run_date, today=now.date())
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file={rows_per_file} must be >= 1")
+    options = (options or StorageOptions()).resolved()       # workers use the driver's endpoint and region
+    model_uri, out_uri = storage.normalise(model_uri), storage.normalise(out_uri)
     for uri in (model_uri, out_uri):
         storage.check_bucket(uri, options)           # fail fast on a missing bucket or bad credentials
     manifest = read_manifest(model_uri, options)     # ... and on a bad model path, before Ray starts
     config = ModelConfig.from_dict(manifest["config"])
-    run_id = run_id or audit_run_id(data_uri, manifest["model_id"], run_date)
-    if replace:
-        output.delete_run(out_uri, run_id, run_date, options)
-    elif (done := output.read_summary(out_uri, run_id, options)) is not None:
+    run_id = output.check_run_id(run_id or audit_run_id(data_uri, manifest["model_id"], run_date))
+    if not replace and (done := output.read_summary(out_uri, run_id, options)) is not None:
         log.info("score: run %s is complete already (%d images); nothing to do (replace=True re-runs it)",
                  run_id, done["images"])
         return done
-    uris = list_inputs(data_uri, options)
+    uris = list_inputs(data_uri, options)            # before --replace deletes anything
+    if replace:
+        output.delete_run(out_uri, run_id, run_date, options)
     committed = output.committed_uris(out_uri, run_id, run_date, options)
     todo = [u for u in uris if u not in committed]
     log.info("score: run %s: %d images, %d committed by an earlier attempt, %d to score",
@@ -70,7 +74,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     if todo:
         ensure_ray(address)
         n_actors, threads, gpus = default_actors(actors)
-        # a block is also the least a write task commits, so it is never larger than a file
+        # blocks no larger than a file, so that small --rows-per-file values commit as they go
         ds = read_decoded(todo, image_size=config.image_size, batch_size=batch_size, options=options,
                           block_rows=min(64, rows_per_file))
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={
@@ -83,6 +87,11 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     output.publish(out_uri, run_id, run_date, options)
     seconds = time.time() - t0
     summary = output.count_run(out_uri, run_id, run_date, options)
+    missing = set(uris) - output.committed_uris(out_uri, run_id, run_date, options)
+    if missing or summary["duplicates"]:              # never mark an incomplete or doubled run complete
+        raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} images without a row (e.g. "
+                           f"{sorted(missing)[:3]}) and {summary['duplicates']} duplicated rows; not marked "
+                           f"complete. Re-run to finish it, or re-run with replace (--replace) to start over")
     summary.update(run_id=run_id, run_date=run_date, model_id=manifest["model_id"], output=out_uri,
                    data=data_uri, scored_now=len(todo), resumed_from=len(uris) - len(todo),
                    seconds=round(seconds, 2),
