@@ -71,9 +71,12 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
     """Write the model folder at `uri`; returns the manifest. `stats` holds counts and timings."""
     uri = str(uri)
     check_target(uri, overwrite=overwrite, options=options)
-    with tempfile.TemporaryDirectory(prefix="anomaly-model-") as staging:
-        tmp = Path(staging) / "model"
-        tmp.mkdir()
+    # local: build in a sibling folder (same file system, so the final rename is atomic); S3: anywhere
+    dst = None if storage.is_s3(uri) else Path(storage.local_path(uri))
+    if dst is not None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=dst.parent if dst is not None else None))
+    try:
         shards = bank.save(tmp)
         files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in shards}
@@ -94,29 +97,19 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
             "files": files,
         }
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        if storage.is_s3(uri):
+        if dst is None:
             storage.delete(uri, options)                 # an overwritten model disappears whole first
             for name in shards:
                 storage.write_bytes(storage.join(uri, name), (tmp / name).read_bytes(), options)
             storage.write_bytes(storage.join(uri, MANIFEST), body, options)          # the commit
         else:
             (tmp / MANIFEST).write_bytes(body)
-            _replace_dir(tmp, Path(storage.local_path(uri)))
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)           # gone already after the rename
     return manifest
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder `src` to `dst` with a rename, replacing any folder there."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)    # same file system as dst, so the rename is atomic
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_manifest(uri: str, options: StorageOptions | None = None) -> dict:

@@ -111,9 +111,15 @@ def read_columns(files: list[str], columns: list[str], options: StorageOptions |
     return pads.dataset(paths, filesystem=fs, format="parquet", schema=output_schema()).to_table(columns=columns)
 
 
+def read_run(out: str, run_id: str, run_date: str, columns: list[str],
+             options: StorageOptions | None = None) -> pa.Table:
+    """`columns` of every committed row of the run."""
+    return read_columns(run_files(out, run_id, run_date, options), columns, options)
+
+
 def committed_uris(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> set[str]:
     """Image URIs already scored by the run (in any of its committed files)."""
-    return set(read_columns(run_files(out, run_id, run_date, options), ["uri"], options)["uri"].to_pylist())
+    return set(read_run(out, run_id, run_date, ["uri"], options)["uri"].to_pylist())
 
 
 def publish(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> int:
@@ -135,10 +141,12 @@ def delete_run(out: str, run_id: str, run_date: str, options: StorageOptions | N
     storage.delete(staging_uri(out, run_id), options)
 
 
-def count_run(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> dict:
-    """Counts of the run's committed rows; `duplicates` counts rows whose image is in another row too
-    (the score job refuses to complete a run that has any)."""
-    t = read_columns(run_files(out, run_id, run_date, options), ["uri", "status", "verdict"], options)
+COUNT_COLUMNS = ["uri", "status", "verdict"]
+
+
+def count_rows(t: pa.Table) -> dict:
+    """Counts of a run's rows (COUNT_COLUMNS); `duplicates` counts rows whose image is in another row
+    too (the score job refuses to complete a run that has any)."""
     return {"images": t.num_rows,
             "anomalous": int(pc.sum(pc.equal(t["verdict"], "anomalous")).as_py() or 0),
             "errors": int(pc.sum(pc.equal(t["status"], "error")).as_py() or 0),

@@ -86,8 +86,9 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
                                                    options=options))
     output.publish(out_uri, run_id, run_date, options)
     seconds = time.time() - t0
-    summary = output.count_run(out_uri, run_id, run_date, options)
-    missing = set(uris) - output.committed_uris(out_uri, run_id, run_date, options)
+    rows = output.read_run(out_uri, run_id, run_date, output.COUNT_COLUMNS, options)
+    summary = output.count_rows(rows)
+    missing = set(uris) - set(rows["uri"].to_pylist())
     if missing or summary["duplicates"]:              # never mark an incomplete or doubled run complete
         raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} images without a row (e.g. "
                            f"{sorted(missing)[:3]}) and {summary['duplicates']} duplicated rows; not marked "

@@ -39,7 +39,8 @@ def test_files_are_named_by_their_images_so_a_retried_write_replaces_itself(tmp_
     for _ in range(2):                                      # Ray re-running a write task after a crash
         sink.write([rows([f"/a/{i}.png" for i in range(5)])], None)
     assert len(storage.list_files(output.staging_uri(str(tmp_path), "r1"))) == 3
-    assert output.count_run(str(tmp_path), "r1", "2026-11-22")["duplicates"] == 0
+    committed = output.read_run(str(tmp_path), "r1", "2026-11-22", output.COUNT_COLUMNS)
+    assert output.count_rows(committed)["duplicates"] == 0
 
 
 def test_readers_see_a_run_only_once_its_summary_exists(tmp_path):
