@@ -109,6 +109,11 @@ class ModelConfig:
         """Patches per side of the input image."""
         return self.image_size // PATCH_SIZE
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of a patch feature: token width x number of blocks concatenated."""
+        return BACKBONES[self.backbone].dim * len(self.blocks)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -4,14 +4,21 @@ two-round composable (Malkomes et al., NeurIPS 2015; Ceccarello et al., PVLDB 20
 The composable scheme splits the points into partitions, runs greedy in each to an oversampled share of
 the target, then greedy again on the union of the survivors. Its cost is linear in N (each partition is
 small enough to stay in cache) instead of N x k, and the partitions run in parallel through an injected
-`map_fn` (the fit job passes one that runs Ray tasks; nothing here imports Ray).
+`map_fn` (the fit job passes one that runs Ray tasks over blocks of the object store; nothing here
+imports Ray). Only survivors, refinement candidates and the bank ever reach the caller's process, so a
+training set larger than any one machine's memory can be fitted.
+
+Guarantee: with k centres kept per partition the composition is a 4-approximation (Malkomes et al.).
+Keeping only an oversampled *share* of k per partition, as here, is what makes the cost linear, and
+gives no constant factor; the refinement pass closes most of the gap (README: measured radii).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
@@ -21,8 +28,9 @@ from anomaly_core.index import MemoryBank
 
 @dataclass(frozen=True)
 class Coreset:
-    indices: np.ndarray     # [k] int64 rows of the input, in selection order
-    cover_radius: float     # max over inputs of the cosine distance to the nearest selected row
+    features: np.ndarray    # [k, D] float32 selected rows (original space, L2-normalised)
+    cover_radius: float     # max over all rows of the cosine distance to the nearest selected row
+    n_points: int           # rows the selection covers
 
 
 def coreset_size(n: int, *, ratio: float, size: int | None) -> int:
@@ -89,60 +97,127 @@ def nearest_sq_dist(points: np.ndarray, centres: np.ndarray, *, batch: int = 1 <
     return out
 
 
-def _greedy_task(args: tuple[np.ndarray, int, int]) -> np.ndarray:
-    points, k, start = args
-    return greedy_kcenter(points, k, start=start)
+# ---- the composable coreset over partitions -------------------------------------------------------
+# A partition is anything `points_of` turns into [n_p, D] float32 rows: a slice of an array in memory,
+# or a Ray block of patch features that only the worker holding it ever reads. Each step below is a
+# pure function of one partition plus arrays shared by all; `map_fn(step, parts, *shared)` runs them
+# (in this process, or as Ray tasks with the shared arrays in the object store).
+
+MapFn = Callable[..., Sequence]
 
 
-def composable_greedy(points: np.ndarray, k: int, *, partition_size: int, oversample: float, seed: int,
-                      refine: float = 0.0, map_fn: Callable[[Callable, Iterable], Iterable] = map) -> np.ndarray:
-    """Two-round greedy k-center. points: [N, d] float32. Returns [k] int64 indices into points.
+def local_map(fn: Callable, parts: Iterable, *shared) -> list:
+    """map_fn that runs every step here, in order."""
+    return [fn(part, *shared) for part in parts]
 
-    Round 1: contiguous partitions of `partition_size` rows each keep ceil(oversample * k * n_p / N)
-    centres (all of them if fewer). Round 2: greedy on the union. A 4-approximation of the optimal cover
-    radius, approaching 2 as the oversampling grows; with one partition it is plain greedy.
-    refine: the last `refine` fraction of the k centres is chosen by greedy over *all* points, starting
-    from their exact distances to the two-round centres: it picks exactly the points the composition
-    covers worst, which is where its radius exceeds plain greedy's.
-    """
+
+def _project(points: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
+    """[n, D] -> [n, d] float32 C-contiguous (d = D when there is no projection)."""
+    x = points if projection is None else points @ projection
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _survivors(part, projection: np.ndarray | None, rate: float, *, points_of: Callable
+               ) -> tuple[np.ndarray, int]:
+    """Round 1 on one partition: greedy to ceil(rate * n_p) centres (all when fewer), from its first row.
+    Returns (survivors [k_p, D] float32 in the original space, n_p)."""
+    points = points_of(part)                                                  # [n_p, D]
     n = points.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be in [1, {n}]")
-    if partition_size < 1 or oversample < 1:
-        raise ValueError(f"partition_size={partition_size} must be >= 1 and oversample={oversample} >= 1")
-    rng = np.random.default_rng(seed)
-    if n <= partition_size:
-        return greedy_kcenter(points, k, start=int(rng.integers(n)))
-    bounds = [(s, min(s + partition_size, n)) for s in range(0, n, partition_size)]
-    jobs = []
-    for s, e in bounds:
-        k_p = min(e - s, math.ceil(oversample * k * (e - s) / n))
-        jobs.append((points[s:e], k_p, int(rng.integers(e - s))))
-    survivors = np.concatenate([s + np.asarray(idx) for (s, _), idx in zip(bounds, map_fn(_greedy_task, jobs))])
-    k_extra = min(int(refine * k), k - 1)
-    k_two = k - k_extra
-    chosen = survivors if survivors.size <= k_two else survivors[
-        greedy_kcenter(points[survivors], k_two, start=int(rng.integers(survivors.size)))]
-    if k_extra == 0 or chosen.size == k:
-        return chosen
-    k_extra = k - chosen.size
-    extra = greedy_kcenter(points, k_extra, min_sq_dist=nearest_sq_dist(points, points[chosen]))
-    return np.concatenate([chosen, extra])
+    if n == 0:
+        return points, 0
+    k_p = min(n, math.ceil(rate * n))
+    return points[greedy_kcenter(_project(points, projection), k_p, start=0)], n
 
 
-def select_coreset(features: np.ndarray, *, k: int, projection_dim: int, seed: int, partition_size: int,
-                   oversample: float, refine: float,
-                   map_fn: Callable[[Callable, Iterable], Iterable] = map) -> Coreset:
-    """Approximate greedy coreset of L2-normalised features [N, D] float32.
+def _candidates(part, projection: np.ndarray | None, centres: np.ndarray, rate: float, *,
+                points_of: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """Refinement candidates of one partition: greedy continued from its exact squared distances to
+    `centres` ([k, d] projected), ceil(rate * n_p) picks. Returns (rows [c, D], their squared distance
+    to `centres` [c])."""
+    points = points_of(part)
+    if points.shape[0] == 0:
+        return points, np.zeros(0, dtype=np.float32)
+    proj = _project(points, projection)                                        # [n_p, d]
+    min_sq = nearest_sq_dist(proj, centres)                                    # [n_p]
+    picks = greedy_kcenter(proj, min(proj.shape[0], math.ceil(rate * proj.shape[0])), min_sq_dist=min_sq)
+    return points[picks], min_sq[picks]
 
-    Selection runs on one random projection to `projection_dim` shared by every partition (skipped when
-    that is not smaller than D); the cover radius is then measured exactly in the original space with
-    cosine distance against the selected rows.
+
+def _farthest(part, bank: np.ndarray, *, points_of: Callable) -> float:
+    """Largest cosine distance from a row of the partition to its nearest bank row (rows L2-normalised)."""
+    points = points_of(part)
+    if points.shape[0] == 0:
+        return 0.0
+    return float(MemoryBank.build(bank).nearest(points).max())
+
+
+def _identity(part: np.ndarray) -> np.ndarray:
+    return part
+
+
+def composable_coreset(parts: Sequence, *, k: int | None = None, ratio: float = 0.1, n_estimate: int,
+                       dim: int, projection_dim: int, oversample: float, refine: float, seed: int,
+                       points_of: Callable = _identity, map_fn: MapFn = local_map) -> Coreset:
+    """Greedy k-center coreset of the rows of all `parts` without ever holding them in one place.
+
+    parts: partitions that `points_of` turns into [n_p, dim] float32 L2-normalised rows.
+    k: bank size, or None for ceil(ratio * N). n_estimate: expected N (e.g. images x patches), which sets
+    round 1's share before N is known; the exact N is counted on the way.
+    Selection runs in one Gaussian projection to `projection_dim` shared by every partition.
+
+    Round 1 (one map over the partitions): greedy in each to oversample x its share of the k centres.
+    Round 2 (here): greedy on the union of the survivors to (1 - refine) x k. A single partition is
+    plain greedy to k. Refinement (a second map): each partition continues greedy from its exact
+    distances to the round-2 centres and proposes oversample x its share of the remaining refine x k;
+    greedy over those proposals picks them. It spends the last centres on the points the composition
+    covers worst, which is where its radius exceeds plain greedy's. A last map measures the exact
+    cover radius (cosine) against all rows.
     """
+    if not parts:
+        raise ValueError("no partitions: the coreset needs at least one training patch")
+    if oversample < 1 or not 0 <= refine < 1:
+        raise ValueError(f"oversample={oversample} must be >= 1 and refine={refine} in [0, 1)")
+    rng = np.random.default_rng(seed)
+    projection = random_projection(dim, projection_dim, seed=seed) if projection_dim < dim else None
+    one = len(parts) == 1
+    k_est = coreset_size(max(n_estimate, 1), ratio=ratio, size=k)
+    rate = min(1.0, k_est / max(n_estimate, 1) * (1.0 if one else oversample))
+    first = map_fn(partial(_survivors, points_of=points_of), parts, projection, rate)
+    n = sum(c for _, c in first)
+    if n == 0:
+        raise ValueError("no training patches in any partition: every training image is unreadable or held out")
+    survivors = np.concatenate([s for s, _ in first])                          # [S, D]
+    del first
+    k = coreset_size(n, ratio=ratio, size=k)
+    k_extra = 0 if one else min(int(refine * k), k - 1)
+    proj = _project(survivors, projection)                                     # [S, d]
+    if survivors.shape[0] > k - k_extra:
+        keep = greedy_kcenter(proj, k - k_extra, start=int(rng.integers(survivors.shape[0])))
+        survivors, proj = survivors[keep], proj[keep]
+    bank = survivors
+    if k_extra and survivors.shape[0] < n:
+        proposals = map_fn(partial(_candidates, points_of=points_of), parts, projection, proj,
+                           oversample * k_extra / n)
+        cand = np.concatenate([c for c, _ in proposals])                       # [C, D]
+        cand_sq = np.concatenate([d for _, d in proposals])                    # [C]
+        del proposals
+        extra = greedy_kcenter(_project(cand, projection), min(k_extra, cand.shape[0]), min_sq_dist=cand_sq)
+        bank = np.concatenate([survivors, cand[extra]])
+    radius = max(map_fn(partial(_farthest, points_of=points_of), parts, bank))
+    return Coreset(features=bank, cover_radius=radius, n_points=n)
+
+
+def select_coreset(features: np.ndarray, *, k: int | None = None, ratio: float = 0.1, projection_dim: int,
+                   seed: int, partition_size: int, oversample: float, refine: float,
+                   map_fn: MapFn = local_map) -> Coreset:
+    """composable_coreset of in-memory features [N, D] float32 L2-normalised, cut into contiguous
+    partitions of `partition_size` rows (views, no copy)."""
     f = np.ascontiguousarray(features, dtype=np.float32)
-    n, dim = f.shape
-    proj = f @ random_projection(dim, projection_dim, seed=seed) if projection_dim < dim else f
-    idx = composable_greedy(np.ascontiguousarray(proj), k, partition_size=partition_size,
-                            oversample=oversample, seed=seed, refine=refine, map_fn=map_fn)
-    radius = float(MemoryBank.build(f[idx]).nearest(f).max())
-    return Coreset(indices=idx, cover_radius=radius)
+    if f.ndim != 2 or f.shape[0] == 0:
+        raise ValueError(f"features must be a non-empty [N, D] array, got {f.shape}")
+    if partition_size < 1:
+        raise ValueError(f"partition_size={partition_size} must be >= 1")
+    parts = [f[s:s + partition_size] for s in range(0, f.shape[0], partition_size)]
+    return composable_coreset(parts, k=k, ratio=ratio, n_estimate=f.shape[0], dim=f.shape[1],
+                              projection_dim=projection_dim, oversample=oversample, refine=refine,
+                              seed=seed, map_fn=map_fn)

@@ -92,6 +92,14 @@ class MemoryBank:
         # nothing returns -inf similarity, i.e. the largest distance
         return np.clip(1.0 - best, 0.0, 2.0)
 
+    def serialize(self) -> list[np.ndarray]:
+        """The shards as [bytes] uint8 arrays (to ship to workers; deserialize inverts)."""
+        return [faiss.serialize_index(s) for s in self.shards]
+
+    @classmethod
+    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = 8, ef_search: int = 64) -> "MemoryBank":
+        return cls([faiss.deserialize_index(b) for b in blobs], nprobe=nprobe, ef_search=ef_search)
+
     def save(self, directory: str | Path) -> list[str]:
         """Write one file per shard into `directory`; returns their names in order."""
         names = []

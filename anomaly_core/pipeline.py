@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
@@ -16,7 +18,7 @@ from anomaly_core import storage
 from anomaly_core.artifact import Model, load_model
 from anomaly_core.backbone import Backbone
 from anomaly_core.config import ModelConfig
-from anomaly_core.coreset import coreset_size, select_coreset
+from anomaly_core.coreset import MapFn, composable_coreset, local_map
 from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import anomaly_maps, encode_heatmap, image_scores, peak_location
@@ -105,28 +107,91 @@ def split_holdout(paths: list[str], *, fraction: float, seed: int) -> np.ndarray
     return held
 
 
-def fit_bank(train: np.ndarray, holdout: np.ndarray, *, config: ModelConfig, map_fn=map
-             ) -> tuple[MemoryBank, Calibration, dict]:
-    """train: [N, P, D], holdout: [M, P, D] float32 L2-normalised patch features.
-    Returns the coreset bank, the calibration from the held-out images, and fit statistics.
-    map_fn runs the coreset partitions (builtin map: in this process)."""
-    flat = train.reshape(-1, train.shape[-1])                                # [N*P, D]
-    k = coreset_size(flat.shape[0], ratio=config.coreset_ratio, size=config.coreset_size)
-    log.info("coreset: %d of %d patches (projection %d)", k, flat.shape[0], config.projection_dim)
+def images_per_block(config: ModelConfig) -> int:
+    """Images per feature block (one coreset partition): about `coreset_partition` patches."""
+    return max(1, config.coreset_partition // config.grid_size ** 2)
+
+
+def mark_holdout(batch: dict[str, np.ndarray], *, held: frozenset[str]) -> dict[str, np.ndarray]:
+    """FeatureExtractor output -> a feature block: {"path", "error", "features" [B, P, D], "held" [B] bool}."""
+    return {"path": batch["path"], "error": batch["error"], "features": batch["features"],
+            "held": np.array([str(p) in held for p in batch["path"]], dtype=bool)}
+
+
+def feature_blocks(features: np.ndarray, held: np.ndarray, *, images_per_block: int) -> list[dict[str, np.ndarray]]:
+    """In-memory features [N, P, D] and hold-out flags [N] -> the blocks fit_bank takes (what the fit job
+    builds in Ray's object store)."""
+    n = features.shape[0]
+    return [{"path": np.array([str(i) for i in range(s, min(s + images_per_block, n))], dtype=object),
+             "error": np.full(min(images_per_block, n - s), "", dtype=object),
+             "features": features[s:s + images_per_block], "held": held[s:s + images_per_block]}
+            for s in range(0, n, images_per_block)]
+
+
+def train_patches(block: dict[str, np.ndarray]) -> np.ndarray:
+    """[n, D] patch rows of the block's readable, not held-out images (the coreset's input)."""
+    f = block["features"][(block["error"] == "") & ~block["held"]]              # [b, P, D]
+    return f.reshape(-1, f.shape[-1])
+
+
+def calibration_rows(block: dict[str, np.ndarray], bank: MemoryBank, *, config: ModelConfig
+                     ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(image scores [m] float32 of the block's held-out images against `bank`, the block's unreadable
+    images as (path, error))."""
+    ok = block["error"] == ""
+    held = block["features"][ok & block["held"]]                                # [m, P, D]
+    scores = (score_features(held, bank, config=config, with_maps=False)[0] if held.shape[0]
+              else np.zeros(0, dtype=np.float32))
+    return scores, [(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok])]
+
+
+def _calibration_step(block, bank_bytes: list[np.ndarray], *, config: ModelConfig, block_of: Callable):
+    bank = MemoryBank.deserialize(bank_bytes, nprobe=config.nprobe, ef_search=config.ef_search)
+    return calibration_rows(block_of(block), bank, config=config)
+
+
+def fit_bank(blocks: Sequence, *, config: ModelConfig, n_estimate: int, map_fn: MapFn = local_map,
+             block_of: Callable | None = None) -> tuple[MemoryBank, Calibration, dict]:
+    """Memory bank and calibration from feature blocks (see mark_holdout), which stay where they are:
+    every pass over them goes through `map_fn` (builtin: here; the fit job: Ray tasks on the object store).
+
+    block_of: turns an element of `blocks` into the block dict (the fit job's are Arrow blocks).
+    n_estimate: expected training patches (sets the coreset's round-1 share; see composable_coreset).
+    Returns the bank, the threshold calibrated on the held-out images, and fit statistics.
+    """
+    block_of = block_of or _as_is
     t0 = time.perf_counter()
-    core = select_coreset(flat, k=k, projection_dim=config.projection_dim, seed=config.seed,
-                          partition_size=config.coreset_partition, oversample=config.coreset_oversample,
-                          refine=config.coreset_refine,
-                          map_fn=map_fn)
+    core = composable_coreset(
+        blocks, k=config.coreset_size, ratio=config.coreset_ratio, n_estimate=n_estimate,
+        dim=config.feature_dim, projection_dim=config.projection_dim, oversample=config.coreset_oversample,
+        refine=config.coreset_refine, seed=config.seed, points_of=_compose(train_patches, block_of),
+        map_fn=map_fn)
     t_core = time.perf_counter() - t0
-    bank = MemoryBank.build(flat[core.indices], kind=config.index, shard_size=config.shard_size,
+    log.info("coreset: %d of %d patches, cover radius %.4f, %.1fs",
+             core.features.shape[0], core.n_points, core.cover_radius, t_core)
+    bank = MemoryBank.build(core.features, kind=config.index, shard_size=config.shard_size,
                             seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
-    held_scores, _ = score_features(holdout, bank, config=config, with_maps=False)
+    rows = map_fn(partial(_calibration_step, config=config, block_of=block_of), blocks, bank.serialize())
+    held_scores = np.concatenate([s for s, _ in rows])
+    unreadable = [bad for _, b in rows for bad in b]
     cal = calibrate(held_scores, sigmas=config.threshold_sigmas)
-    stats = {"n_train_images": int(train.shape[0]), "n_holdout_images": int(holdout.shape[0]),
-             "n_train_patches": int(flat.shape[0]), "bank_size": bank.size,
+    stats = {"n_train_images": core.n_points // config.grid_size ** 2, "n_holdout_images": int(held_scores.size),
+             "n_train_patches": core.n_points, "bank_size": bank.size, "unreadable": unreadable,
              "cover_radius": core.cover_radius, "coreset_seconds": round(t_core, 2)}
     return bank, cal, stats
+
+
+def _as_is(block):
+    return block
+
+
+def _compose(f: Callable, g: Callable) -> Callable:
+    """x -> f(g(x)), picklable (Ray ships it to the tasks)."""
+    return partial(_apply_both, f, g)
+
+
+def _apply_both(f: Callable, g: Callable, x):
+    return f(g(x))
 
 
 def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig, with_maps: bool = True

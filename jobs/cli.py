@@ -138,6 +138,9 @@ def main() -> None:
 @_run_options
 @_storage_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing model.")
+@click.option("--memory-budget-mb", type=click.IntRange(min=80), default=None,
+              help="Object-store memory for patch features when Ray starts in-process (the rest spills to "
+                   "disk; the driver holds only coreset survivors). Default: Ray's, 30% of RAM.")
 @_fail_cleanly
 def fit(data, model, verbose, overwrite, **kw):
     """Learn normal appearance from the good images in DATA (folder, s3:// prefix or .txt manifest of
@@ -149,7 +152,7 @@ def fit(data, model, verbose, overwrite, **kw):
     manifest = run_fit(data, model, config=config, overwrite=overwrite, options=options, **kw)
     click.echo(json.dumps({"model": model, "model_id": manifest["model_id"],
                            "threshold": manifest["calibration"]["threshold"],
-                           **{k: v for k, v in manifest["stats"].items() if k != "holdout_images"}}))
+                           **{k: v for k, v in manifest["stats"].items() if k not in ("holdout_images", "unreadable")}}))
 
 
 @main.command()

@@ -1,4 +1,8 @@
-"""Fit job: good images -> patch features (Ray actor pool) -> coreset bank + calibration -> model dir.
+"""Fit job: good images -> patch features (Ray actor pool) -> feature blocks in Ray's object store ->
+composable coreset bank + calibration (Ray tasks over the blocks) -> model dir.
+
+The driver never holds the training features: only the names, the coreset survivors and the bank.
+Blocks beyond the object store's capacity (`memory_budget_mb` when Ray starts here) spill to local disk.
 
     python -m jobs.fit DATA_URI MODEL_URI [options]     (the same options as `anomaly fit`)
 """
@@ -9,59 +13,85 @@ import logging
 import time
 
 import numpy as np
+import ray
 
 from anomaly_core import storage
 from anomaly_core.artifact import check_target, save_model
 from anomaly_core.config import ModelConfig
-from anomaly_core.pipeline import FeatureExtractor, fit_bank, split_holdout
-from anomaly_core.weights import load_weights
+from anomaly_core.pipeline import FeatureExtractor, fit_bank, images_per_block, mark_holdout, split_holdout
 from anomaly_core.storage import StorageOptions
+from anomaly_core.weights import load_weights
 from jobs.runtime import default_actors, ensure_ray, list_inputs, ray_map, read_decoded
 
 log = logging.getLogger(__name__)
 
 
+def numpy_block(block) -> dict[str, np.ndarray]:
+    """An Arrow block of the feature dataset -> its numpy columns (features [B, P, D] float32)."""
+    from ray.data.block import BlockAccessor
+    return BlockAccessor.for_block(block).to_batch_format("numpy")
+
+
+def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | None) -> None:
+    """Fail before any work when the coreset survivors alone (what the driver must hold) exceed the budget."""
+    if memory_budget_mb is None:
+        return
+    k = config.coreset_size or int(np.ceil(config.coreset_ratio * n_patches))
+    need = config.coreset_oversample * k * (config.feature_dim + config.projection_dim) * 4 / 2 ** 20
+    if need > memory_budget_mb / 2:
+        raise ValueError(f"the coreset of {k} patches needs about {need:.0f} MB of survivors on the driver, more "
+                         f"than half of memory_budget_mb={memory_budget_mb}; lower --coreset-ratio "
+                         f"(PatchCore: 0.01 is enough at this scale) or raise --memory-budget-mb")
+
+
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
             actors: int | None = None, device: str = "auto", address: str | None = None,
-            overwrite: bool = False, options: StorageOptions | None = None) -> dict:
+            overwrite: bool = False, options: StorageOptions | None = None,
+            memory_budget_mb: int | None = None) -> dict:
     """Fit a model on the good images named by `data_uri` (folder, s3:// prefix or manifest file);
-    returns the manifest written to `model_uri` (folder or s3:// prefix)."""
+    returns the manifest written to `model_uri` (folder or s3:// prefix).
+
+    memory_budget_mb: object-store memory for the feature blocks when Ray starts in this process (the
+    rest spills to disk); also bounds what the driver may hold. None: Ray's default (30% of RAM).
+    """
     t0 = time.time()
     options = (options or StorageOptions()).resolved()       # workers use the driver's endpoint and region
     model_uri = storage.normalise(model_uri)
     storage.check_bucket(model_uri, options)
     check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
     uris = list_inputs(data_uri, options)
-    ensure_ray(address)
+    held = split_holdout(uris, fraction=config.holdout_fraction, seed=config.seed)
+    n_estimate = int((~held).sum()) * config.grid_size ** 2
+    check_budget(config, n_estimate, memory_budget_mb)
+    ensure_ray(address, object_store_mb=memory_budget_mb)
     n_actors, threads, gpus = default_actors(actors)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run
     ds = read_decoded(uris, image_size=config.image_size, batch_size=batch_size, options=options)
     ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
         "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
         batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
-    paths, feats, bad = [], [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for p, e, f in zip(batch["path"], batch["error"], batch["features"]):
-            if e:
-                bad.append((p, e))
-            else:
-                paths.append(str(p))
-                feats.append(f)
-    for p, e in bad:
-        log.warning("skipped unreadable training image %s: %s", p, e)
-    if not paths:
-        raise ValueError(f"no readable images under {data_uri!r} (extensions: png, jpg, bmp, tif, webp)")
-    features = np.stack(feats)                                                   # [N, P, D]
+    # one block per coreset partition; blocks stay in the object store (spilled to disk beyond it)
+    ds = ds.map_batches(mark_holdout, fn_kwargs={"held": frozenset(u for u, h in zip(uris, held) if h)},
+                        batch_size=images_per_block(config), batch_format="numpy", num_cpus=0.5)
+    blocks = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
     t_feat = time.time() - t0
-    held = split_holdout(paths, fraction=config.holdout_fraction, seed=config.seed)
-    bank, cal, stats = fit_bank(features[~held], features[held], config=config, map_fn=ray_map)
-    stats.update(n_images=len(paths), n_unreadable=len(bad), feature_seconds=round(t_feat, 2),
+    log.info("fit: features of %d images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
+    bank, cal, stats = fit_bank(blocks, config=config, n_estimate=n_estimate, map_fn=ray_map,
+                                block_of=numpy_block)
+    del blocks
+    for path, error in stats["unreadable"]:
+        log.warning("skipped unreadable training image %s: %s", path, error)
+    bad = {p for p, _ in stats["unreadable"]}
+    stats.update(n_images=len(uris) - len(bad), n_unreadable=len(bad), feature_seconds=round(t_feat, 2),
                  fit_seconds=round(time.time() - t0, 2),
-                 holdout_images=sorted(p for p, h in zip(paths, held) if h))
+                 holdout_images=[u for u, h in zip(uris, held) if h and u not in bad])
+    stats["unreadable"] = sorted(bad)
     _, weights = load_weights(config.weights, backbone=config.backbone)      # the identity the actors load
     manifest = save_model(model_uri, config=config, bank=bank, calibration=cal, weights=weights, stats=stats,
                           overwrite=overwrite, options=options)
     log.info("fit: %d images (%d unreadable) -> bank %d, threshold %.4f, %.1fs -> %s",
-             len(paths), len(bad), bank.size, cal.threshold, stats["fit_seconds"], model_uri)
+             stats["n_images"], len(bad), bank.size, cal.threshold, stats["fit_seconds"], model_uri)
     return manifest
 
 

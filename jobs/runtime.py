@@ -16,8 +16,10 @@ from anomaly_core.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS); without one, start Ray in this process."""
+def ensure_ray(address: str | None = None, *, object_store_mb: int | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS); without one, start Ray in this process, with an
+    object store of `object_store_mb` (None: Ray's default, 30% of RAM; objects beyond it spill to disk).
+    A cluster's object store is its own configuration: `object_store_mb` applies only to a local start."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -26,8 +28,10 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting Ray in-process (no --address / RAY_ADDRESS)")
+        store = None if object_store_mb is None else object_store_mb * 2 ** 20
         # "local": always a new instance, never a cluster some earlier `ray start` left on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 object_store_memory=store)
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True          # a StorageError from a task reaches the CLI as itself
     ctx.enable_progress_bars = os.isatty(2)          # plain logs under `ray job submit` or CI
@@ -52,11 +56,18 @@ def default_actors(requested: int | None) -> tuple[int, int, float]:
     return n, max(1, cpus // n), 0.0
 
 
-def ray_map(fn, items):
-    """map() whose calls run as Ray tasks (one CPU each), results in input order. Numpy arguments travel
-    through the object store; this is the `map_fn` the coreset partitions run with."""
-    remote = ray.remote(num_cpus=1)(fn)
-    return ray.get([remote.remote(item) for item in items])
+def ray_map(fn, parts, *shared) -> list:
+    """[fn(part, *shared) for part in parts] as Ray tasks (one CPU each), results in order: the `map_fn`
+    of the coreset and calibration passes. `parts` may be ObjectRefs (blocks in the object store), which
+    each task reads where it runs; `shared` is put in the object store once for all tasks."""
+    remote = ray.remote(num_cpus=1)(_call)
+    fn_ref = ray.put(fn)
+    shared_refs = [ray.put(s) for s in shared]
+    return ray.get([remote.remote(fn_ref, part, *shared_refs) for part in parts])
+
+
+def _call(fn, part, *shared):
+    return fn(part, *shared)
 
 
 MANIFEST_SUFFIXES = (".txt", ".lst")

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from anomaly_core.coreset import composable_greedy, coreset_size, greedy_kcenter, random_projection, select_coreset
+from anomaly_core.coreset import (composable_coreset, coreset_size, greedy_kcenter, random_projection,
+                                  select_coreset)
 from tests.conftest import unit_rows
 
 
@@ -28,9 +29,9 @@ def test_greedy_picks_every_cluster_before_repeating(rng):
 def test_cover_radius_is_exact_in_original_space(rng):
     f = unit_rows(rng, 500, 64)
     core = select_coreset(f, k=50, projection_dim=16, seed=0, partition_size=200, oversample=2, refine=0.1)
-    brute = (1 - (f @ f[core.indices].T).max(1)).max()
+    brute = (1 - (f @ core.features.T).max(1)).max()
     assert core.cover_radius == pytest.approx(brute, abs=1e-5)
-    assert len(set(core.indices.tolist())) == 50
+    assert np.unique(core.features, axis=0).shape[0] == 50 and core.n_points == 500
 
 
 def test_full_coreset_has_zero_radius(rng):
@@ -53,44 +54,51 @@ def test_coreset_size(n, ratio, size, want):
 
 
 def test_one_partition_is_plain_greedy(rng):
-    x = rng.standard_normal((500, 8)).astype(np.float32)
-    start = int(np.random.default_rng(3).integers(500))
-    np.testing.assert_array_equal(composable_greedy(x, 40, partition_size=500, oversample=2, seed=3),
-                                  greedy_kcenter(x, 40, start=start))
+    f = unit_rows(rng, 500, 8)
+    core = select_coreset(f, k=40, projection_dim=8, seed=3, partition_size=500, oversample=2, refine=0.1)
+    np.testing.assert_array_equal(core.features, f[greedy_kcenter(f, 40, start=0)])
 
 
 def clustered(rng, n=4000, d=16):
     centres = rng.standard_normal((60, d)) * 5
-    return (centres[rng.integers(0, 60, n)] + rng.standard_normal((n, d))).astype(np.float32)
+    x = centres[rng.integers(0, 60, n)] + rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def radius(x, idx):
-    return float(np.sqrt(((x[:, None, :] - x[None, idx, :]) ** 2).sum(-1).min(1).max()))
+def radius(x, centres):
+    return float(np.sqrt(((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1).min(1).max()))
 
 
-@pytest.mark.parametrize("refine", [0.0, 0.1])
-def test_composable_selection_has_k_distinct_points_and_a_close_radius(rng, refine):
+def test_composable_selection_has_k_distinct_points_and_a_close_radius(rng):
     x = clustered(rng)
-    got = composable_greedy(x, 200, partition_size=512, oversample=2, seed=0, refine=refine)
-    assert got.size == 200 and np.unique(got).size == 200
-    plain = radius(x, greedy_kcenter(x, 200, start=0))
-    limit = 4.0 if refine == 0 else 1.10                              # 4-approx bound; refined: within 10%
-    assert radius(x, got) <= limit * plain
+    got = select_coreset(x, k=200, projection_dim=16, seed=0, partition_size=512, oversample=2,
+                         refine=0.2).features
+    assert got.shape == (200, 16) and np.unique(got, axis=0).shape[0] == 200
+    assert radius(x, got) <= 1.10 * radius(x, x[greedy_kcenter(x, 200, start=0)])
 
 
-def test_partitions_can_run_through_any_map(rng):
+def test_refinement_covers_what_the_composition_misses(rng):
+    x = clustered(rng)
+    kw = dict(k=200, projection_dim=16, seed=0, partition_size=512, oversample=2)
+    assert radius(x, select_coreset(x, refine=0.1, **kw).features) < radius(x, select_coreset(x, refine=0.0, **kw).features)
+
+
+def test_partitions_can_be_any_handle_and_run_through_any_map(rng):
+    """What the fit job does with Ray blocks: partitions are opaque handles that only the map's workers
+    turn into rows; three passes (round 1, refinement, radius); same result as the in-memory slices."""
     x = clustered(rng, n=2000)
+    store = {f"block-{i}": x[s:s + 300] for i, s in enumerate(range(0, 2000, 300))}
     calls = []
 
-    def recording_map(fn, items):
-        items = list(items)
-        calls.append(len(items))
-        return [fn(i) for i in items]
+    def recording_map(fn, parts, *shared):
+        calls.append(len(parts))
+        return [fn(p, *shared) for p in parts]
 
-    a = composable_greedy(x, 50, partition_size=300, oversample=2, seed=1, refine=0.1)
-    b = composable_greedy(x, 50, partition_size=300, oversample=2, seed=1, refine=0.1, map_fn=recording_map)
-    np.testing.assert_array_equal(a, b)
-    assert calls == [7]
+    a = select_coreset(x, k=50, projection_dim=8, seed=1, partition_size=300, oversample=2, refine=0.1)
+    b = composable_coreset(list(store), k=50, n_estimate=2000, dim=16, projection_dim=8, oversample=2,
+                           refine=0.1, seed=1, points_of=store.__getitem__, map_fn=recording_map)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert a.cover_radius == b.cover_radius and calls == [7, 7, 7]
 
 
 def test_extending_from_distances_continues_the_selection(rng):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.pipeline import FeatureExtractor, Scorer, decode_batch, fit_bank, split_holdout
+from anomaly_core.pipeline import FeatureExtractor, Scorer, decode_batch, feature_blocks, fit_bank, split_holdout
 
 
 def png(arr):
@@ -52,7 +52,8 @@ def fitted_model(tmp_path_factory):
     ex = FeatureExtractor(config=cfg, device="cpu")
     feats = ex({"path": np.arange(8), "error": np.array([""] * 8, dtype=object), "pixels": parts})["features"]
     held = split_holdout([str(i) for i in range(8)], fraction=0.25, seed=0)
-    bank, cal, stats = fit_bank(feats[~held], feats[held], config=cfg)
+    bank, cal, stats = fit_bank(feature_blocks(feats, held, images_per_block=3), config=cfg,
+                                n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
     path = tmp_path_factory.mktemp("model") / "m"
     save_model(path, config=cfg, bank=bank, calibration=cal, weights=ex.backbone.identity, stats=stats)
     return path, tex
