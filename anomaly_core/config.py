@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from anomaly_core.backbone import BACKBONES, PATCH_SIZE
 from anomaly_core.index import INDEX_KINDS
+from anomaly_core.patches import POSITION_DIM
 from anomaly_core.scoring import REDUCTIONS
 
 
@@ -28,6 +29,13 @@ class ModelConfig:
     # Intermediate blocks carry the local detail anomaly detection needs (PatchCore takes the middle
     # of its CNN for the same reason); the offline weights' last blocks are saliency-tuned (DESIGN §4).
     blocks: tuple[int, ...] = (7,)
+    # Side of the patch neighbourhood averaged into each descriptor (PatchCore's local aggregation uses 3;
+    # 1 = the token alone). Set by the ablation in the README.
+    neighbourhood: int = 1
+    # Weight of the position term in the patch distance, d = (d_feature + w * d_position) / (1 + w)
+    # (anomaly_core.patches.add_position): > 0 catches parts that are whole but moved or missing, for
+    # fixtured parts; 0 (off) for parts that are not fixtured or for textures, where position means nothing.
+    position_weight: float = 0.0
     # Fraction of training patches kept in the memory bank by greedy k-center (PatchCore: 1-25%).
     coreset_ratio: float = 0.1
     # Absolute bank size; overrides coreset_ratio when set.
@@ -76,6 +84,11 @@ class ModelConfig:
                              f"for {self.backbone}")
         if len(set(self.blocks)) != len(self.blocks):
             raise ValueError(f"blocks={self.blocks} repeats a block")
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood={self.neighbourhood} must be an odd number of patches >= 1 "
+                             f"(1 = off, 3 = PatchCore)")
+        if self.position_weight < 0:
+            raise ValueError(f"position_weight={self.position_weight} must be >= 0 (0 = off)")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio={self.coreset_ratio} must be in (0, 1]; 1 keeps every patch")
         if self.coreset_size is not None and self.coreset_size < 1:
@@ -111,8 +124,8 @@ class ModelConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Width of a patch feature: token width x number of blocks concatenated."""
-        return BACKBONES[self.backbone].dim * len(self.blocks)
+        """Width of a patch descriptor: token width x blocks concatenated, + the position code if used."""
+        return BACKBONES[self.backbone].dim * len(self.blocks) + (POSITION_DIM if self.position_weight else 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

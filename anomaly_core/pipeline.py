@@ -21,6 +21,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, local_map
 from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
 from anomaly_core.index import MemoryBank
+from anomaly_core.patches import add_position, aggregate_neighbours
 from anomaly_core.scoring import anomaly_maps, encode_heatmap, image_scores, peak_location
 from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import Calibration, calibrate, normalise
@@ -81,14 +82,23 @@ class FeatureExtractor:
     and all-zero features, so the fit job can report them and leave them out of the bank."""
 
     def __init__(self, *, config: ModelConfig, device: str = "auto", num_threads: int | None = None):
+        self.config = config
         self.backbone = Backbone(name=config.backbone, weights=config.weights, image_size=config.image_size,
                                  blocks=config.blocks, device=device, num_threads=num_threads)
 
+    def describe(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] uint8 -> [B, G*G, feature_dim] float32 unit rows: backbone tokens, neighbourhood
+        aggregation and position code as the config says (the same at fit and at score time)."""
+        cfg = self.config
+        f = self.backbone.patch_features(pixels)                                  # [B, G*G, D]
+        f = aggregate_neighbours(f, grid=cfg.grid_size, size=cfg.neighbourhood)
+        return add_position(f, grid=cfg.grid_size, weight=cfg.position_weight)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
-        feats = np.zeros((len(ok),) + self.backbone.feature_shape, dtype=np.float32)   # [B, P, D]
+        feats = np.zeros((len(ok), self.config.grid_size ** 2, self.config.feature_dim), dtype=np.float32)
         if ok.any():
-            feats[ok] = self.backbone.patch_features(batch["pixels"][ok])
+            feats[ok] = self.describe(batch["pixels"][ok])                        # [b, P, D]
         return {"path": batch["path"], "error": batch["error"], "features": feats}
 
 
@@ -247,7 +257,7 @@ class Scorer:
         px = np.full(n, -1, dtype=np.int32)
         py = np.full(n, -1, dtype=np.int32)
         if ok.any():
-            feats = self.extractor.backbone.patch_features(batch["pixels"][ok])   # [b, P, D]
+            feats = self.extractor.describe(batch["pixels"][ok])                # [b, P, D]
             s, maps = score_features(feats, self.model.bank, config=cfg)
             for j, i in enumerate(np.flatnonzero(ok)):
                 score[i] = s[j]

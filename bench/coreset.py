@@ -3,9 +3,14 @@
     python bench/coreset.py --features /tmp/feats_mpdd.npz --sizes 100000,500000,1000000,2000000
 
 Points are real DINOv2 patch features (bench/features.py), repeated with small Gaussian noise (sigma 0.01
-per dimension before renormalising) to reach each size, then projected to 128-d as both methods do.
-For each size, one run prints: the baseline's time, ours with 1 and 2 workers (Ray tasks), and both cover
-radii measured exactly (Euclidean, in the projected space both methods select in).
+per dimension before renormalising) to reach each size; every method selects in the same 128-d Gaussian
+projection. For each size, one run prints:
+- the baseline: PatchCore's reference loop (torch, one distance column per centre);
+- ours, same algorithm: our greedy kernel started from the baseline's own state (its mean distance to 10
+  random points), which must select exactly the same points (checked), so the radius is equal;
+- ours, composable (anomaly_core.coreset.composable_coreset) with 1 worker (in-process) and 2 workers
+  (Ray tasks), with 16,384-row partitions;
+and the cover radii, exact, Euclidean in the projected space all methods select in.
 """
 
 from __future__ import annotations
@@ -17,23 +22,28 @@ import faiss
 import numpy as np
 import torch
 
-from anomaly_core.coreset import composable_greedy, greedy_kcenter, random_projection
+from anomaly_core.coreset import greedy_kcenter, random_projection, select_coreset
+
+
+def _dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N, d], [m, d] -> [N, m] Euclidean distances, as the reference computes them."""
+    a2 = a.pow(2).sum(1, keepdim=True)
+    b2 = b.pow(2).sum(1, keepdim=True)
+    return (a2 - 2 * a @ b.T + b2.T).clamp(min=0).sqrt()
+
+
+def patchcore_anchor(features: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """[N, 1]: the reference's starting state, the mean distance of each point to 10 random points."""
+    starts = torch.randint(0, features.shape[0], (10,), generator=torch.Generator().manual_seed(seed))
+    return _dists(features, features[starts]).mean(dim=-1, keepdim=True)
 
 
 def patchcore_greedy(features: torch.Tensor, k: int, *, seed: int) -> np.ndarray:
     """ApproximateGreedyCoresetSampler._compute_greedy_coreset_indices of patchcore-inspection
     (amazon-science/patchcore-inspection, sampler.py), on already-projected features: 10 random starting
     points, then one full distance column per selected point, min-reduced."""
-    gen = torch.Generator().manual_seed(seed)
-    n = features.shape[0]
-    starts = torch.randint(0, n, (10,), generator=gen)
-
-    def dists(a, b):                                       # [N, d], [m, d] -> [N, m] Euclidean
-        a2 = a.pow(2).sum(1, keepdim=True)
-        b2 = b.pow(2).sum(1, keepdim=True)
-        return (a2 - 2 * a @ b.T + b2.T).clamp(min=0).sqrt()
-
-    anchor = dists(features, features[starts]).mean(dim=-1, keepdim=True)       # [N, 1]
+    dists = _dists
+    anchor = patchcore_anchor(features, seed=seed)                               # [N, 1]
     chosen = []
     for _ in range(k):
         i = int(torch.argmax(anchor))
@@ -63,49 +73,46 @@ def main() -> None:
     ap.add_argument("--oversample", type=float, default=2.0)
     ap.add_argument("--refine", type=float, default=0.1)
     a = ap.parse_args()
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)
-    remote = None
-
-    def ray_map(fn, items):
-        nonlocal remote
-        remote = remote or ray.remote(num_cpus=1)(fn)
-        return ray.get([remote.remote(item) for item in items])
+    from jobs.runtime import ensure_ray, ray_map
+    ensure_ray(None)
 
     f = np.load(a.features)
     real = np.concatenate([f["train"].reshape(-1, f["train"].shape[-1]), f["test"].reshape(-1, f["test"].shape[-1])])
-    proj = random_projection(real.shape[1], 128, seed=0)
+    proj = random_projection(real.shape[1], 128, seed=0)                         # the one composable_coreset uses
     rng = np.random.default_rng(0)
     print(f"real vectors: {real.shape[0]}, k {a.k}, partition {a.partition}, oversample {a.oversample}, "
           f"refine {a.refine}")
-    print("| N | k | baseline s | ours, one partition s | ours composable, 1 worker s | 2 workers s | "
-          "speed-up (one partition / 1w / 2w) | radius baseline | one partition | composable |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| N | k | baseline s | ours, same algorithm s | ours composable, 1 worker s | 2 workers s | "
+          "speed-up (same / 1w / 2w) | radius baseline (= same algorithm) | composable |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in (int(x) for x in a.sizes.split(",")):
         idx = rng.integers(0, real.shape[0], n)
         x = real[idx] + 0.01 * rng.standard_normal((n, real.shape[1]), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)                             # [N, 384] unit rows
         p = np.ascontiguousarray(x @ proj)                                        # [N, 128]
-        del x
         k = a.k
-        t = time.perf_counter()
-        plain = greedy_kcenter(p, k, start=0)
-        t_plain = time.perf_counter() - t
         t = time.perf_counter()
         base = patchcore_greedy(torch.from_numpy(p), k, seed=0)
         t_base = time.perf_counter() - t
         t = time.perf_counter()
-        ours = composable_greedy(p, k, partition_size=a.partition, oversample=a.oversample, seed=0, refine=a.refine)
+        anchor = patchcore_anchor(torch.from_numpy(p), seed=0).numpy()[:, 0]
+        same = greedy_kcenter(p, k, min_sq_dist=anchor ** 2)
+        t_same = time.perf_counter() - t
+        agree = np.mean(same == base)
+        kw = dict(k=k, projection_dim=128, seed=0, partition_size=a.partition, oversample=a.oversample,
+                  refine=a.refine)
+        t = time.perf_counter()
+        ours = select_coreset(x, **kw)
         t_one = time.perf_counter() - t
         t = time.perf_counter()
-        ours2 = composable_greedy(p, k, partition_size=a.partition, oversample=a.oversample, seed=0,
-                                  refine=a.refine, map_fn=ray_map)
+        ours2 = select_coreset(x, map_fn=ray_map, **kw)
         t_two = time.perf_counter() - t
-        assert np.array_equal(ours, ours2)
-        r_base, r_plain, r_ours = (cover_radius(p, p[i]) for i in (base, plain, ours))
-        print(f"| {n:,} | {k:,} | {t_base:.1f} | {t_plain:.1f} | {t_one:.1f} | {t_two:.1f} | "
-              f"{t_base / t_plain:.1f}x / {t_base / t_one:.1f}x / {t_base / t_two:.1f}x | "
-              f"{r_base:.4f} | {r_plain:.4f} | {r_ours:.4f} |", flush=True)
+        assert np.array_equal(ours.features, ours2.features)
+        r_base, r_ours = cover_radius(p, p[base]), cover_radius(p, ours.features @ proj)
+        print(f"| {n:,} | {k:,} | {t_base:.1f} | {t_same:.1f} | {t_one:.1f} | {t_two:.1f} | "
+              f"{t_base / t_same:.1f}x / {t_base / t_one:.1f}x / {t_base / t_two:.1f}x | "
+              f"{r_base:.4f}{'' if agree == 1 else f' (same algorithm: {agree:.0%} identical)'} | "
+              f"{r_ours:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A fit whose patch features exceed its memory budget: peak memory measured while it runs.
 
-    python bench/fit_memory.py [--images 1200] [--image-size 224] [--budget-mb 128]
+    python bench/fit_memory.py [--images 1200] [--image-size 224] [--budget-mb 256]
 
 Writes N generated good parts (crops of real texture photographs) to disk, then runs `run_fit` in a fresh
 process with Ray started in it under `memory_budget_mb` (the object store). A sampler thread reads /proc
@@ -79,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1200)
     ap.add_argument("--image-size", type=int, default=224, help="model input side, px")
-    ap.add_argument("--budget-mb", type=int, default=128, help="memory_budget_mb of the fit")
+    ap.add_argument("--budget-mb", type=int, default=256, help="memory_budget_mb of the fit")
     a = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))

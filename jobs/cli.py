@@ -32,6 +32,12 @@ def _model_options(f):
                      help="Square input side in pixels, a multiple of 14."),
         click.option("--blocks", default=",".join(map(str, DEFAULTS.blocks)), show_default=True,
                      help="Comma-separated 0-based transformer blocks whose patch tokens are the features."),
+        click.option("--neighbourhood", type=int, default=DEFAULTS.neighbourhood, show_default=True,
+                     help="Odd side of the patch neighbourhood averaged into each descriptor (1 = off, "
+                          "3 = PatchCore)."),
+        click.option("--position-weight", type=float, default=DEFAULTS.position_weight, show_default=True,
+                     help="Weight of the position term in the patch distance (0 = off); for fixtured parts, "
+                          "catches parts that are moved or missing."),
         click.option("--coreset-ratio", type=float, default=DEFAULTS.coreset_ratio, show_default=True,
                      help="Fraction of training patches kept in the memory bank."),
         click.option("--coreset-size", type=int, default=None,
