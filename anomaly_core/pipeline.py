@@ -77,6 +77,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
     return out
 
 
+def patch_descriptors(tokens: np.ndarray, *, config: ModelConfig) -> np.ndarray:
+    """Backbone tokens [B, G*G, D] unit rows -> descriptors [B, G*G, feature_dim] unit rows: neighbourhood
+    aggregation, then the position code, as the config says (the same at fit and at score time)."""
+    f = aggregate_neighbours(tokens, grid=config.grid_size, size=config.neighbourhood)
+    return add_position(f, grid=config.grid_size, weight=config.position_weight)
+
+
 class FeatureExtractor:
     """Decoded batch -> {"path", "error", "features" [B, P, D] float32}; unreadable rows keep their error
     and all-zero features, so the fit job can report them and leave them out of the bank."""
@@ -87,12 +94,8 @@ class FeatureExtractor:
                                  blocks=config.blocks, device=device, num_threads=num_threads)
 
     def describe(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8 -> [B, G*G, feature_dim] float32 unit rows: backbone tokens, neighbourhood
-        aggregation and position code as the config says (the same at fit and at score time)."""
-        cfg = self.config
-        f = self.backbone.patch_features(pixels)                                  # [B, G*G, D]
-        f = aggregate_neighbours(f, grid=cfg.grid_size, size=cfg.neighbourhood)
-        return add_position(f, grid=cfg.grid_size, weight=cfg.position_weight)
+        """[B, S, S, 3] uint8 -> [B, G*G, feature_dim] float32 unit rows (patch_descriptors of the tokens)."""
+        return patch_descriptors(self.backbone.patch_features(pixels), config=self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
