@@ -33,7 +33,7 @@ def main() -> None:
     k = coreset_size(train.shape[0], ratio=cfg.coreset_ratio, size=None)
     core = select_coreset(train, k=k, projection_dim=cfg.projection_dim, seed=0, partition_size=cfg.coreset_partition,
                           oversample=cfg.coreset_oversample, refine=cfg.coreset_refine)
-    bank_feats = train[core.indices]
+    bank_feats = core.features
     queries = test.reshape(-1, test.shape[-1])
     print(f"bank {k} of {train.shape[0]} patches; {queries.shape[0]} query patches; {len(labels)} test images")
     print("| index | build s | query patches/s | speed vs flat | image AUROC | AUROC vs flat |")

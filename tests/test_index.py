@@ -53,3 +53,11 @@ def test_unknown_kind_lists_choices(rng):
 def test_wrong_query_width_is_an_error(rng):
     with pytest.raises(ValueError, match=r"\[N, 16\]"):
         MemoryBank.build(unit_rows(rng, 5, 16)).nearest(unit_rows(rng, 5, 8))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_serialized_bank_searches_the_same(kind, rng):
+    """What the fit job ships to its calibration tasks."""
+    bank = MemoryBank.build(unit_rows(rng, 300, 16), kind=kind, shard_size=128)
+    q = unit_rows(rng, 50, 16)
+    np.testing.assert_array_equal(MemoryBank.deserialize(bank.serialize()).nearest(q), bank.nearest(q))

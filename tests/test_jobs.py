@@ -89,3 +89,11 @@ def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
         assert key in m
     assert m["n_train"] == 10 and m["n_test"] == 10 and m["image_auroc"] >= 0.9
     assert duckdb.execute(f"SELECT count(*) FROM '{tmp_path}/per_image.parquet'").fetchone()[0] == 10
+
+
+def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():
+    from jobs.fit import check_budget
+    from anomaly_core.config import ModelConfig
+    with pytest.raises(ValueError, match="lower --coreset-ratio"):
+        check_budget(ModelConfig(), 10 ** 8, 4096)                     # 10^7 survivors x 512 floats
+    check_budget(ModelConfig(coreset_ratio=0.001), 10 ** 7, 4096)      # 10^4 x 2: fits
