@@ -151,13 +151,14 @@ def _farthest(part, bank: np.ndarray, *, points_of: Callable) -> float:
     return float(MemoryBank.build(bank).nearest(points).max())
 
 
-def _identity(part: np.ndarray) -> np.ndarray:
+def identity(part):
+    """points_of / block_of for partitions that already are their rows (picklable, unlike a lambda)."""
     return part
 
 
 def composable_coreset(parts: Sequence, *, k: int | None = None, ratio: float = 0.1, n_estimate: int,
                        dim: int, projection_dim: int, oversample: float, refine: float, seed: int,
-                       points_of: Callable = _identity, map_fn: MapFn = local_map) -> Coreset:
+                       points_of: Callable = identity, map_fn: MapFn = local_map) -> Coreset:
     """Greedy k-center coreset of the rows of all `parts` without ever holding them in one place.
 
     parts: partitions that `points_of` turns into [n_p, dim] float32 L2-normalised rows.

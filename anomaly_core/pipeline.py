@@ -18,7 +18,7 @@ from anomaly_core import storage
 from anomaly_core.artifact import Model, load_model
 from anomaly_core.backbone import Backbone
 from anomaly_core.config import ModelConfig
-from anomaly_core.coreset import MapFn, composable_coreset, local_map
+from anomaly_core.coreset import MapFn, composable_coreset, identity, local_map
 from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
 from anomaly_core.index import MemoryBank
 from anomaly_core.patches import add_position, aggregate_neighbours
@@ -164,7 +164,7 @@ def _calibration_step(block, bank_bytes: list[np.ndarray], *, config: ModelConfi
 
 
 def fit_bank(blocks: Sequence, *, config: ModelConfig, n_estimate: int, map_fn: MapFn = local_map,
-             block_of: Callable | None = None) -> tuple[MemoryBank, Calibration, dict]:
+             block_of: Callable = identity) -> tuple[MemoryBank, Calibration, dict]:
     """Memory bank and calibration from feature blocks (see mark_holdout), which stay where they are:
     every pass over them goes through `map_fn` (builtin: here; the fit job: Ray tasks on the object store).
 
@@ -172,7 +172,6 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, n_estimate: int, map_fn: 
     n_estimate: expected training patches (sets the coreset's round-1 share; see composable_coreset).
     Returns the bank, the threshold calibrated on the held-out images, and fit statistics.
     """
-    block_of = block_of or _as_is
     t0 = time.perf_counter()
     core = composable_coreset(
         blocks, k=config.coreset_size, ratio=config.coreset_ratio, n_estimate=n_estimate,
@@ -192,10 +191,6 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, n_estimate: int, map_fn: 
              "n_train_patches": core.n_points, "bank_size": bank.size, "unreadable": unreadable,
              "cover_radius": core.cover_radius, "coreset_seconds": round(t_core, 2)}
     return bank, cal, stats
-
-
-def _as_is(block):
-    return block
 
 
 def _compose(f: Callable, g: Callable) -> Callable:

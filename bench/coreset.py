@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import faiss
 import numpy as np
 import torch
 
-from anomaly_core.coreset import greedy_kcenter, random_projection, select_coreset
+from anomaly_core.coreset import greedy_kcenter, nearest_sq_dist, random_projection, select_coreset
 
 
 def _dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,25 +41,19 @@ def patchcore_greedy(features: torch.Tensor, k: int, *, seed: int) -> np.ndarray
     """ApproximateGreedyCoresetSampler._compute_greedy_coreset_indices of patchcore-inspection
     (amazon-science/patchcore-inspection, sampler.py), on already-projected features: 10 random starting
     points, then one full distance column per selected point, min-reduced."""
-    dists = _dists
     anchor = patchcore_anchor(features, seed=seed)                               # [N, 1]
     chosen = []
     for _ in range(k):
         i = int(torch.argmax(anchor))
         chosen.append(i)
-        col = dists(features, features[i:i + 1])                                 # [N, 1]
+        col = _dists(features, features[i:i + 1])                                 # [N, 1]
         anchor = torch.min(torch.cat([anchor, col], dim=-1), dim=1).values.reshape(-1, 1)
     return np.array(chosen)
 
 
 def cover_radius(points: np.ndarray, centres: np.ndarray) -> float:
-    index = faiss.IndexFlatL2(points.shape[1])
-    index.add(np.ascontiguousarray(centres))
-    worst = 0.0
-    for s in range(0, points.shape[0], 1 << 17):
-        d, _ = index.search(points[s:s + (1 << 17)], 1)
-        worst = max(worst, float(d.max()))
-    return worst ** 0.5
+    """Exact Euclidean cover radius of `centres` over `points` ([N, d], [k, d] float32)."""
+    return float(np.sqrt(nearest_sq_dist(points, centres).max()))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import ray
 from anomaly_core import storage
 from anomaly_core.artifact import check_target, save_model
 from anomaly_core.config import ModelConfig
+from anomaly_core.coreset import coreset_size
 from anomaly_core.pipeline import FeatureExtractor, fit_bank, images_per_block, mark_holdout, split_holdout
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
@@ -36,7 +37,7 @@ def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | No
     """Fail before any work when the coreset survivors alone (what the driver must hold) exceed the budget."""
     if memory_budget_mb is None:
         return
-    k = config.coreset_size or int(np.ceil(config.coreset_ratio * n_patches))
+    k = coreset_size(n_patches, ratio=config.coreset_ratio, size=config.coreset_size)
     need = config.coreset_oversample * k * (config.feature_dim + config.projection_dim) * 4 / 2 ** 20
     if need > memory_budget_mb / 2:
         raise ValueError(f"the coreset of {k} patches needs about {need:.0f} MB of survivors on the driver, more "
