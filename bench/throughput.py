@@ -47,7 +47,7 @@ def main() -> None:
 
     batch = decode_batch({"path": np.array([str(f) for f in files], dtype=object),
                           "bytes": np.array([f.read_bytes() for f in files], dtype=object)},
-                         image_size=cfg.image_size)
+                         input_size=cfg.input_size)
     scorer = Scorer(model_path=str(work / "model"), device="cpu")
     bb = scorer.extractor.backbone
     bs = a.batch_size
@@ -61,7 +61,7 @@ def main() -> None:
            "bytes": np.array([f.read_bytes() for f in files], dtype=object)}
     t = time.perf_counter()
     for i in range(0, len(files), bs):
-        scorer(decode_batch({k: v[i:i + bs] for k, v in raw.items()}, image_size=cfg.image_size))
+        scorer(decode_batch({k: v[i:i + bs] for k, v in raw.items()}, input_size=cfg.input_size))
     step_ips = len(files) / (time.perf_counter() - t)
 
     summary = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)

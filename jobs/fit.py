@@ -19,7 +19,8 @@ from anomaly_core import storage
 from anomaly_core.artifact import check_target, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import coreset_size
-from anomaly_core.pipeline import FeatureExtractor, fit_bank, images_per_block, mark_holdout, split_holdout
+from anomaly_core.pipeline import (FeatureExtractor, augment_batch, fit_bank, images_per_block, mark_holdout,
+                                   split_holdout)
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
 from jobs.runtime import default_actors, ensure_ray, list_inputs, ray_map, read_decoded
@@ -62,18 +63,22 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
     uris = list_inputs(data_uri, options)
     held = split_holdout(uris, fraction=config.holdout_fraction, seed=config.seed)
-    n_estimate = int((~held).sum()) * config.grid_size ** 2
+    n_estimate = int((~held).sum()) * config.n_augment * config.grid_size ** 2
     check_budget(config, n_estimate, memory_budget_mb)
     ensure_ray(address, object_store_mb=memory_budget_mb)
     n_actors, threads, gpus = default_actors(actors)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run
-    ds = read_decoded(uris, image_size=config.image_size, batch_size=batch_size, options=options)
+    held_uris = frozenset(u for u, h in zip(uris, held) if h)
+    ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
+    if config.n_augment > 1:
+        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held_uris},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
         "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
         batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
     # one block per coreset partition; blocks stay in the object store (spilled to disk beyond it)
-    ds = ds.map_batches(mark_holdout, fn_kwargs={"held": frozenset(u for u, h in zip(uris, held) if h)},
+    ds = ds.map_batches(mark_holdout, fn_kwargs={"held": held_uris},
                         batch_size=images_per_block(config), batch_format="numpy", num_cpus=0.5)
     blocks = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
     t_feat = time.time() - t0

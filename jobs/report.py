@@ -173,7 +173,7 @@ def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "
     scorer = Scorer(model_path=model_dir, device=device)
     data = Path(image_path).read_bytes()
     batch = decode_batch({"path": np.array([image_path], dtype=object), "bytes": np.array([data], dtype=object)},
-                         image_size=scorer.model.config.image_size)
+                         input_size=scorer.model.config.input_size)
     row = {k: v[0] for k, v in scorer(batch).items()}
     if row["status"] != "ok":
         raise ValueError(f"{image_path}: {row['error']}")

@@ -104,7 +104,7 @@ def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> 
     return sorted(out)
 
 
-def read_decoded(uris: list[str], *, image_size: int, batch_size: int, options: StorageOptions | None = None,
+def read_decoded(uris: list[str], *, input_size: int, batch_size: int, options: StorageOptions | None = None,
                  block_rows: int = 64) -> "ray.data.Dataset":
     """Ray Data dataset of decoded images (anomaly_core.pipeline.read_batch) for `uris`. Objects are
     fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor.
@@ -113,5 +113,5 @@ def read_decoded(uris: list[str], *, image_size: int, batch_size: int, options: 
     ds = ray.data.from_arrow(blocks)
     # half a CPU per read task: its resources then differ from the model actors', so Ray Data does not
     # fuse reading into the actor (the actor would wait on I/O and decoding between forwards)
-    return ds.map_batches(read_batch, fn_kwargs={"image_size": image_size, "options": options},
+    return ds.map_batches(read_batch, fn_kwargs={"input_size": input_size, "options": options},
                           batch_size=batch_size, batch_format="numpy", num_cpus=0.5)

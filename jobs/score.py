@@ -75,7 +75,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
         ensure_ray(address)
         n_actors, threads, gpus = default_actors(actors)
         # blocks no larger than a file, so that small --rows-per-file values commit as they go
-        ds = read_decoded(todo, image_size=config.image_size, batch_size=batch_size, options=options,
+        ds = read_decoded(todo, input_size=config.input_size, batch_size=batch_size, options=options,
                           block_rows=min(64, rows_per_file))
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={
             "model_path": model_uri, "device": "cuda" if gpus else device, "num_threads": threads,

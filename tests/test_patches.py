@@ -77,9 +77,11 @@ def score_ratio(weight: float, train: np.ndarray, test: np.ndarray) -> float:
     cfg = ModelConfig(image_size=SIZE, coreset_ratio=0.5, position_weight=weight)
     ex = FeatureExtractor(config=cfg, device="cpu")
     held = split_holdout([str(i) for i in range(len(train))], fraction=0.25, seed=0)
-    bank, cal, _ = fit_bank(feature_blocks(ex.describe(train), held, images_per_block=4), config=cfg,
+    f_train, fg_train = ex.describe(train)
+    bank, cal, _ = fit_bank(feature_blocks(f_train, held, images_per_block=4, foreground=fg_train), config=cfg,
                             n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
-    score, _ = score_features(ex.describe(test[None]), bank, config=cfg, with_maps=False)
+    f_test, fg_test = ex.describe(test[None])
+    score, _ = score_features(f_test, bank, config=cfg, foreground=fg_test, with_maps=False)
     return float(score[0] / cal.threshold)
 
 

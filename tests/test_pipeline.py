@@ -20,7 +20,7 @@ def test_decode_batch_keeps_bad_rows_with_an_error(rng):
     good = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
     batch = {"path": np.array(["a.png", "b.png", "c.png"], dtype=object),
              "bytes": np.array([png(good), b"", b"garbage"], dtype=object)}
-    out = decode_batch(batch, image_size=28)
+    out = decode_batch(batch, input_size=28)
     assert out["pixels"].shape == (3, 28, 28, 3) and "bytes" not in out
     assert list(out["error"] == "") == [True, False, False]
     assert (out["width"][0], out["height"][0]) == (40, 30)
@@ -67,7 +67,7 @@ def test_scorer_rows_without_ray(fitted_model):
     defect, _ = add_defect(make_part(tex, rng, size=56), "stain", rng, foreign=_texture("grass"))
     batch = decode_batch({"path": np.array(["n.png", "d.png", "x.png"], dtype=object),
                           "bytes": np.array([png(normal), png(defect), b"\x89PNG"], dtype=object)},
-                         image_size=56)
+                         input_size=56)
     rows = Scorer(model_path=str(path), device="cpu", run_id="r1", run_time="2026-11-22T01:00:00+00:00")(batch)
     assert list(rows["status"]) == ["ok", "ok", "error"]
     assert rows["score"][1] > rows["score"][0] and np.isnan(rows["score"][2])
