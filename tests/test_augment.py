@@ -1,0 +1,73 @@
+"""Few-shot bank augmentation by the symmetries of the square."""
+
+import numpy as np
+import pytest
+
+from anomaly_core.augment import AUGMENTATIONS, augment_images
+from anomaly_core.config import ModelConfig
+
+
+def test_dihedral_gives_eight_distinct_exact_copies_the_first_the_image(rng):
+    img = rng.integers(0, 256, (2, 6, 6, 3), dtype=np.uint8)
+    out = augment_images(img, name="dihedral")
+    assert out.shape == (16, 6, 6, 3)
+    np.testing.assert_array_equal(out[0], img[0])
+    np.testing.assert_array_equal(out[8], img[1])
+    copies = {c.tobytes() for c in out[:8]}
+    assert len(copies) == 8
+    assert all(np.array_equal(np.sort(c, axis=None), np.sort(img[0], axis=None)) for c in out[:8])
+
+
+def test_groups_are_nested_and_none_is_the_identity(rng):
+    img = rng.integers(0, 256, (1, 5, 5, 3), dtype=np.uint8)
+    every = {c.tobytes() for c in augment_images(img, name="dihedral")}
+    for name in ("flips", "rotations"):
+        assert {c.tobytes() for c in augment_images(img, name=name)} <= every
+    assert augment_images(img, name="none") is img
+
+
+def test_unknown_augmentations_list_the_choices():
+    with pytest.raises(ValueError, match="dihedral"):
+        augment_images(np.zeros((1, 2, 2, 3), np.uint8), name="rotate45")
+    with pytest.raises(ValueError, match="flips"):
+        ModelConfig(augment="mirror")
+
+
+def test_augmenting_a_fixtured_part_contradicts_position_and_is_refused():
+    with pytest.raises(ValueError, match="position_weight"):
+        ModelConfig(augment="flips", position_weight=1.0)
+
+
+def test_only_readable_bank_images_are_copied(rng):
+    from anomaly_core.pipeline import augment_batch
+    batch = {"path": np.array(["a", "held", "bad"], dtype=object), "error": np.array(["", "", "empty"], dtype=object),
+             "width": np.array([4, 4, 0]), "pixels": rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)}
+    out = augment_batch(batch, name="rotations", held=frozenset({"held"}))
+    assert list(out["path"]) == ["a"] * 4 + ["held", "bad"]
+    assert list(out["error"]) == [""] * 5 + ["empty"] and out["pixels"].shape == (6, 4, 4, 3)
+    np.testing.assert_array_equal(out["pixels"][1], np.rot90(batch["pixels"][0]))
+
+
+def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
+    """Few-shot: 3 bank images of a part with oriented texture; the part turned by 90 degrees scores as an
+    anomaly against the plain bank and as normal against the bank augmented with rotations."""
+    from anomaly_core.pipeline import FeatureExtractor, feature_blocks, fit_bank, score_features
+    from jobs.demo import _texture
+    tex = _texture("brick")                                                          # horizontal courses
+    crops = np.stack([np.repeat(tex[r:r + 56, r:r + 56, None], 3, 2) for r in (0, 40, 80, 120, 160)])
+    turned = np.rot90(np.repeat(tex[200:256, 200:256, None], 3, 2))[None].copy()
+    held = np.array([False, False, False, True, True])
+    ratio = {}
+    for name in ("none", "rotations"):
+        cfg = ModelConfig(image_size=56, blocks=(5,), augment=name, coreset_ratio=1.0)
+        ex = FeatureExtractor(config=cfg, device="cpu")
+        bank_px = augment_images(crops[~held], name=name)
+        f, fg = ex.describe(np.concatenate([bank_px, crops[held]]))
+        is_held = np.r_[np.zeros(len(bank_px), bool), np.ones(held.sum(), bool)]
+        bank, cal, stats = fit_bank(feature_blocks(f, is_held, images_per_block=8, foreground=fg), config=cfg,
+                                    n_estimate=len(bank_px) * cfg.grid_size ** 2)
+        assert stats["n_train_images"] == 3
+        ft, fgt = ex.describe(turned)
+        ratio[name] = float(score_features(ft, bank, config=cfg, foreground=fgt, with_maps=False)[0][0]
+                            / cal.threshold)
+    assert ratio["rotations"] < 1 < ratio["none"], ratio
