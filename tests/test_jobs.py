@@ -97,3 +97,17 @@ def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():
     with pytest.raises(ValueError, match="lower --coreset-ratio"):
         check_budget(ModelConfig(), 10 ** 8, 4096)                     # 10^7 survivors x 512 floats
     check_budget(ModelConfig(coreset_ratio=0.001), 10 ** 7, 4096)      # 10^4 x 2: fits
+
+
+def test_tiled_augmented_fit_and_score_through_ray(ray_local, texture_dataset, tmp_path):
+    """The fit job augments only bank images and counts each once; heatmaps cover the stitched input."""
+    from anomaly_core.config import ModelConfig
+    from jobs.fit import run_fit
+    cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2, augment="flips")
+    manifest = run_fit(str(texture_dataset / "train" / "good"), str(tmp_path / "m"), config=cfg, batch_size=4)
+    stats = manifest["stats"]
+    assert (stats["n_train_images"], stats["n_holdout_images"]) == (8, 2)
+    assert stats["n_train_patches"] == 8 * 4 * cfg.grid_size ** 2             # 4 flips of each bank image
+    run_score(str(texture_dataset / "test"), str(tmp_path / "m"), str(tmp_path / "out"), batch_size=4)
+    (png, lo, hi), = rows(tmp_path / "out", "SELECT heatmap_png, heatmap_min, heatmap_max FROM {T} LIMIT 1")
+    assert decode_heatmap(png, lo, hi).shape == (cfg.input_size, cfg.input_size) == (84, 84)
