@@ -46,6 +46,9 @@ class ModelConfig:
     # (anomaly_core.patches.add_position): > 0 catches parts that are whole but moved or missing, for
     # fixtured parts; 0 (off) for parts that are not fixtured or for textures, where position means nothing.
     position_weight: float = 0.0
+    # Pose alignment by PCA of edges (anomaly_core.align): each image is turned and shifted to a canonical
+    # pose before its features, for parts that are not fixtured; pairs with position_weight > 0.
+    align: bool = False
     # AnomalyDINO's foreground mask (anomaly_core.foreground): for objects on a plain background, patches
     # off the object are kept out of the bank and score 0. Off for textures and for parts that fill the
     # frame, where there is no background to find (and a split would drop half the image).

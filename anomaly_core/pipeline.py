@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 
 from anomaly_core import storage
+from anomaly_core.align import align_images, unalign_maps
 from anomaly_core.artifact import Model, load_model
 from anomaly_core.augment import AUGMENTATIONS, augment_images
 from anomaly_core.backbone import Backbone
@@ -118,7 +119,8 @@ class FeatureExtractor:
         feats = np.zeros((len(ok), p, self.config.feature_dim), dtype=np.float32)
         fg = np.zeros((len(ok), p), dtype=bool)
         if ok.any():
-            feats[ok], fg[ok] = self.describe(batch["pixels"][ok])                # [b, P, D], [b, P]
+            px = batch["pixels"][ok]                                               # [b, S, S, 3]
+            feats[ok], fg[ok] = self.describe(align_images(px)[0] if self.config.align else px)
         return {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
 
 
@@ -296,8 +298,13 @@ class Scorer:
         px = np.full(n, -1, dtype=np.int32)
         py = np.full(n, -1, dtype=np.int32)
         if ok.any():
-            feats, fg = self.extractor.describe(batch["pixels"][ok])            # [b, P, D], [b, P]
+            px = batch["pixels"][ok]                                           # [b, S, S, 3]
+            if cfg.align:
+                px, poses = align_images(px)
+            feats, fg = self.extractor.describe(px)                            # [b, P, D], [b, P]
             s, maps = score_features(feats, self.model.bank, config=cfg, foreground=fg)
+            if cfg.align:
+                maps = unalign_maps(maps, poses)                               # back to the image's frame
             for j, i in enumerate(np.flatnonzero(ok)):
                 score[i] = s[j]
                 heat[i], hmin[i], hmax[i] = encode_heatmap(maps[j])

@@ -44,6 +44,9 @@ def _model_options(f):
         click.option("--position-weight", type=float, default=DEFAULTS.position_weight, show_default=True,
                      help="Weight of the position term in the patch distance (0 = off); for fixtured parts, "
                           "catches parts that are moved or missing."),
+        click.option("--align/--no-align", default=DEFAULTS.align, show_default=True,
+                     help="Turn each image to a canonical pose (PCA of edges) before features: parts that "
+                          "are not fixtured, with --position-weight."),
         click.option("--foreground-mask/--no-foreground-mask", default=DEFAULTS.foreground_mask,
                      show_default=True, help="AnomalyDINO's PCA foreground mask, for objects on a plain "
                                              "background: background patches never score."),
