@@ -5,7 +5,8 @@ the same reason.
 
 The pose is read from the image's strongest edges (the top 10% of gradient magnitude, weighted by it):
 their centroid is moved to the image centre and their principal axis turned to horizontal. The axis
-leaves a 180-degree ambiguity, settled by making the edges' third moment along it negative. Anomaly maps computed in the aligned frame are warped back to the image's own frame.
+leaves a 180-degree ambiguity, settled by making the edges' third moment along it negative. Anomaly
+maps computed in the aligned frame are warped back to the image's own frame.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ def read_batch(batch: dict[str, np.ndarray], *, input_size: int, options: Storag
 
 def decode_batch(batch: dict[str, np.ndarray], *, input_size: int) -> dict[str, np.ndarray]:
     """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8,
-    S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 (0 if unreadable), content_sha256 [B] str,
-    error [B] str ("" when fine; a row that arrives with an error keeps it). Drops "bytes"."""
+    S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 (0 if
+    unreadable), content_sha256 [B] str, error [B] str ("" when fine; a row that arrives with an error keeps it). Drops "bytes"."""
     n = len(batch["path"])
     pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)

@@ -22,7 +22,7 @@ COLUMNS = [
     ("score_normalised", pa.float32(), "", "0 = mean held-out normal image, 1 = the threshold"),
     ("verdict", pa.string(), "", "`anomalous` (score >= threshold), `normal` or `error`"),
     ("threshold", pa.float32(), "cosine distance", "the model's calibrated threshold"),
-    ("heatmap_png", pa.binary(), "PNG", "8-bit grayscale anomaly map, input_size x input_size (ModelConfig); null on error"),
+    ("heatmap_png", pa.binary(), "PNG", "8-bit grayscale anomaly map, input_size x input_size; null on error"),
     ("heatmap_min", pa.float32(), "cosine distance", "score at PNG value 0"),
     ("heatmap_max", pa.float32(), "cosine distance", "score at PNG value 255"),
     ("peak_x", pa.int32(), "px", "column of the strongest point, original image pixels (-1 on error)"),

@@ -57,6 +57,10 @@ def test_descriptor_options_are_checked():
 SIZE, RADIUS = 112, 16
 
 
+def placement_config(weight: float, **kw) -> ModelConfig:
+    return ModelConfig(image_size=SIZE, coreset_ratio=0.5, position_weight=weight, **kw)
+
+
 def assembly(rng, parts):
     """[S, S, 3] uint8: a plain grey plate (noise sd 4) with discs of real texture (which move with their
     disc) at the given centres, each placed with +-2 px of fixturing play."""
@@ -71,16 +75,21 @@ def assembly(rng, parts):
     return np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, 2)
 
 
-def score_ratio(weight: float, train: np.ndarray, test: np.ndarray) -> float:
-    """Image score of `test` over the calibrated threshold of a model fitted on `train` (>= 1: anomalous)."""
+def score_ratio(cfg: ModelConfig, train: np.ndarray, test: np.ndarray) -> float:
+    """Image score of `test` over the calibrated threshold of a model fitted on `train` (>= 1: anomalous),
+    through FeatureExtractor's batch call (alignment included when the config asks for it)."""
     from anomaly_core.pipeline import FeatureExtractor, feature_blocks, fit_bank, score_features, split_holdout
-    cfg = ModelConfig(image_size=SIZE, coreset_ratio=0.5, position_weight=weight)
     ex = FeatureExtractor(config=cfg, device="cpu")
+
+    def describe(px):
+        out = ex({"path": np.arange(len(px)), "error": np.full(len(px), "", dtype=object), "pixels": px})
+        return out["features"], out["foreground"]
+
     held = split_holdout([str(i) for i in range(len(train))], fraction=0.25, seed=0)
-    f_train, fg_train = ex.describe(train)
+    f_train, fg_train = describe(train)
     bank, cal, _ = fit_bank(feature_blocks(f_train, held, images_per_block=4, foreground=fg_train), config=cfg,
                             n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
-    f_test, fg_test = ex.describe(test[None])
+    f_test, fg_test = describe(test[None])
     score, _ = score_features(f_test, bank, config=cfg, foreground=fg_test, with_maps=False)
     return float(score[0] / cal.threshold)
 
@@ -90,5 +99,23 @@ def test_a_missing_part_escapes_the_global_search_and_is_caught_by_position():
     left, right = (SIZE // 2, SIZE // 4 + 2), (SIZE // 2, 3 * SIZE // 4 - 2)
     train = np.stack([assembly(rng, [("brick", left), ("grass", right)]) for _ in range(16)])
     missing = assembly(rng, [("brick", left)])                     # the grass part is gone: plate shows
-    assert score_ratio(0.0, train, missing) < 1.0                  # plate patches exist elsewhere: missed
-    assert score_ratio(3.0, train, missing) > 1.5                  # but not at that place: caught
+    assert score_ratio(placement_config(0.0), train, missing) < 1.0   # plate patches exist elsewhere: missed
+    assert score_ratio(placement_config(3.0), train, missing) > 1.5   # but not at that place: caught
+
+
+def turned(img: np.ndarray, rng) -> np.ndarray:
+    """The assembly as an unfixtured part: turned by a random angle and shifted by up to 6 px."""
+    from scipy import ndimage
+    out = ndimage.rotate(img, rng.uniform(0, 360), axes=(0, 1), reshape=False, order=1, mode="reflect")
+    return np.roll(out, tuple(rng.integers(-6, 7, 2)), axis=(0, 1))
+
+
+def test_pose_alignment_lets_position_catch_a_missing_part_of_an_unfixtured_assembly():
+    rng = np.random.default_rng(1)
+    left, right = (SIZE // 2, SIZE // 4 + 2), (SIZE // 2, 3 * SIZE // 4 - 2)
+    train = np.stack([turned(assembly(rng, [("brick", left), ("grass", right)]), rng) for _ in range(16)])
+    normal = turned(assembly(rng, [("brick", left), ("grass", right)]), rng)
+    missing = turned(assembly(rng, [("brick", left)]), rng)
+    aligned = placement_config(3.0, align=True)
+    assert score_ratio(aligned, train, missing) > 1.0
+    assert score_ratio(aligned, train, normal) < 1.0
