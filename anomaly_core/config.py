@@ -116,6 +116,9 @@ class ModelConfig:
                              f"[0, {self.tile_grid}) for image_size={self.image_size}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment={self.augment!r} is unknown; choose one of {sorted(AUGMENTATIONS)}")
+        if self.augment != "none" and self.align:
+            raise ValueError(f"augment={self.augment!r} with align=True: alignment turns every copy back to "
+                             f"one pose, so the copies add nothing; set augment='none' or align=False")
         if self.augment != "none" and self.position_weight:
             raise ValueError(f"augment={self.augment!r} moves parts to other places, which "
                              f"position_weight={self.position_weight} penalises; set one of them off")

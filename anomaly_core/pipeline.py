@@ -53,7 +53,8 @@ def read_batch(batch: dict[str, np.ndarray], *, input_size: int, options: Storag
 def decode_batch(batch: dict[str, np.ndarray], *, input_size: int) -> dict[str, np.ndarray]:
     """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8,
     S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 (0 if
-    unreadable), content_sha256 [B] str, error [B] str ("" when fine; a row that arrives with an error keeps it). Drops "bytes"."""
+    unreadable), content_sha256 [B] str, error [B] str ("" when fine; a row that arrives with an error
+    keeps it). Drops "bytes"."""
     n = len(batch["path"])
     pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
@@ -105,7 +106,8 @@ class FeatureExtractor:
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
         """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, D] float32 unit rows, tiles stitched."""
         cfg = self.config
-        tiles = cut_tiles(pixels, tiles=cfg.tiles, tile_size=cfg.image_size, stride=cfg.tile_stride)  # [B*T*T, s, s, 3]
+        tiles = cut_tiles(pixels, tiles=cfg.tiles, tile_size=cfg.image_size,
+                          stride=cfg.tile_stride)                                        # [B*T*T, s, s, 3]
         return stitch_tiles(self.backbone.patch_features(tiles), tiles=cfg.tiles, tile_grid=cfg.tile_grid,
                             overlap=cfg.tile_overlap)                                    # [B, G*G, D]
 

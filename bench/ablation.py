@@ -5,8 +5,8 @@
 Each variant changes one or two options of the plain method (block 7, 224 px, no aggregation). The
 backbone runs once per input geometry (224 px with blocks 5, 7 and 9 together; 392 px as 2x2 tiles;
 392 px whole: the same 28 x 28 patch grid), through the library's own FeatureExtractor.tokens; every
-variant then builds descriptors with `describe_tokens`, fits with `fit_bank` (composable coreset, hold-out calibration) and scores with
-`score_features`, exactly as the jobs do. The few-shot rows fit on 4 good images (the first 4 of the bank
+variant then builds descriptors with `describe_tokens`, fits with `fit_bank` (composable coreset, hold-out
+calibration) and scores with `score_features`, exactly as the jobs do. The few-shot rows fit on 4 good images (the first 4 of the bank
 split) and calibrate on the usual held-out ones. Metrics follow anomaly_core.metrics on float maps at the
 variant's input_size (`anomaly evaluate` reads back 8-bit heatmaps, which moves pixel metrics by < 0.001).
 images/s = test images / (backbone time at the variant's geometry and deepest block, measured on its own,

@@ -71,3 +71,8 @@ def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
         ratio[name] = float(score_features(ft, bank, config=cfg, foreground=fgt, with_maps=False)[0][0]
                             / cal.threshold)
     assert ratio["rotations"] < 1 < ratio["none"], ratio
+
+
+def test_augmenting_aligned_parts_is_refused_as_pointless():
+    with pytest.raises(ValueError, match="align"):
+        ModelConfig(augment="rotations", align=True)
