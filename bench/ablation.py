@@ -35,6 +35,8 @@ from bench.features import list_images  # noqa: E402
 from jobs.evaluate import load_mask  # noqa: E402
 
 FEW_SHOT = 4
+# The plain method of the pipeline issue; every variant starts from it, whatever ModelConfig's defaults are.
+PLAIN = {"image_size": 224, "tiles": 1, "blocks": (7,)}
 # name -> (options that differ from the plain method, bank images: None = the whole bank split)
 VARIANTS: dict[str, tuple[dict, int | None]] = {
     "plain (block 7, 224 px)": ({}, None),
@@ -90,7 +92,7 @@ def run(root: Path) -> list[dict]:
     labels = np.array([p.parent.name != "good" for p in test])
     held = split_holdout([str(p) for p in train], fraction=0.2, seed=0)
     few = np.flatnonzero(~held)[:FEW_SHOT]
-    configs = {name: (ModelConfig(**opts), n) for name, (opts, n) in VARIANTS.items()}
+    configs = {name: (ModelConfig(**(PLAIN | opts)), n) for name, (opts, n) in VARIANTS.items()}
     # one backbone pass per geometry, with every block its variants use
     geoms: dict[tuple, tuple[int, ...]] = {}
     for cfg, _ in configs.values():

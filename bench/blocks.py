@@ -32,7 +32,7 @@ def main() -> None:
     needed = sorted(set(single) | {b for c in combos for b in c})
     dim = 384
     s = a.image_size
-    cfg_all = ModelConfig(image_size=s, blocks=tuple(needed))
+    cfg_all = ModelConfig(image_size=s, tiles=1, blocks=tuple(needed))
 
     def feats(paths):
         f = extract(paths, cfg_all)                                      # [N, P, nb*D] jointly normalised
@@ -52,7 +52,7 @@ def main() -> None:
     for combo in [(b,) for b in single] + combos:
         tr = norm(np.concatenate([norm(train[b]) for b in combo], -1))
         te = norm(np.concatenate([norm(test[b]) for b in combo], -1))
-        cfg = ModelConfig(blocks=combo, image_size=s)
+        cfg = ModelConfig(blocks=combo, image_size=s, tiles=1)
         bank = MemoryBank.build(tr.reshape(-1, tr.shape[-1]))
         sc, maps = score_features(te, bank, config=cfg)
         print(f"blocks={'+'.join(map(str, combo)):6s} image_auroc={auroc(labels, sc):.3f} "

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly_core.backbone import Backbone
 from anomaly_core.config import ModelConfig
 from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
+from anomaly_core.pipeline import FeatureExtractor
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -20,12 +20,12 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarray:
-    """[N, P, D] float32 L2-normalised patch features of the images, with the config's backbone."""
-    bb = Backbone(name=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, blocks=cfg.blocks)
+    """[N, P, D] float32 L2-normalised patch tokens of the images, with the config's backbone and tiles."""
+    ex = FeatureExtractor(config=cfg)
     out = []
     for i in range(0, len(paths), batch):
-        px = np.stack([resize_square(decode_image(p.read_bytes()), cfg.image_size) for p in paths[i:i + batch]])
-        out.append(bb.patch_features(px))
+        px = np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths[i:i + batch]])
+        out.append(ex.tokens(px))
     return np.concatenate(out)
 
 

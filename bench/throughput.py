@@ -49,12 +49,12 @@ def main() -> None:
                           "bytes": np.array([f.read_bytes() for f in files], dtype=object)},
                          input_size=cfg.input_size)
     scorer = Scorer(model_path=str(work / "model"), device="cpu")
-    bb = scorer.extractor.backbone
+    tokens = scorer.extractor.tokens                  # the bare backbone forward, over every tile
     bs = a.batch_size
-    bb.patch_features(batch["pixels"][:bs])                                   # warm-up
+    tokens(batch["pixels"][:bs])                                              # warm-up
     t = time.perf_counter()
     for i in range(0, len(files), bs):
-        bb.patch_features(batch["pixels"][i:i + bs])
+        tokens(batch["pixels"][i:i + bs])
     backbone_ips = len(files) / (time.perf_counter() - t)
 
     raw = {"path": np.array([str(f) for f in files], dtype=object),
@@ -67,7 +67,7 @@ def main() -> None:
     summary = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)
     job_ips = summary["images_per_second"]
 
-    print(f"images={len(files)} image_size={cfg.image_size} blocks={cfg.blocks} batch={bs} "
+    print(f"images={len(files)} image_size={cfg.image_size} tiles={cfg.tiles} blocks={cfg.blocks} batch={bs} "
           f"bank={scorer.model.bank.size}")
     print(f"| bare backbone forward | {backbone_ips:.2f} img/s | 1.00 |")
     print(f"| score step in-process | {step_ips:.2f} img/s | {step_ips / backbone_ips:.2f} |")

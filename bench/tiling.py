@@ -42,10 +42,10 @@ def main() -> None:
     print("| tiles | input px | patch grid | tiles s/img | whole s/img | whole / tiles |")
     print("| --- | --- | --- | --- | --- | --- |")
     for t in a.tiles:
-        tiled = ModelConfig(image_size=224, tiles=t)
+        tiled = ModelConfig(image_size=224, tiles=t, blocks=(7,))
         px = rng.integers(0, 256, (2, tiled.input_size, tiled.input_size, 3), dtype=np.uint8)
         s_tiles = seconds_per_image(tiled, px)
-        s_whole = seconds_per_image(ModelConfig(image_size=tiled.input_size), px)
+        s_whole = seconds_per_image(ModelConfig(image_size=tiled.input_size, tiles=1, blocks=(7,)), px)
         print(f"| {t} | {tiled.input_size} | {tiled.grid_size} | {s_tiles:.3f} | {s_whole:.3f} | "
               f"{s_whole / s_tiles:.2f} |", flush=True)
 

@@ -50,7 +50,7 @@ def texture_dataset(tmp_path_factory) -> Path:
                         size=112, seed=1)
 
 
-TEST_CONFIG_KW = {"image_size": 112, "blocks": (6,)}
+TEST_CONFIG_KW = {"image_size": 112, "tiles": 1, "blocks": (6,)}
 
 
 @pytest.fixture(scope="session")

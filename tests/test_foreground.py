@@ -57,7 +57,7 @@ def test_background_patches_stay_out_of_the_bank_and_score_zero(rng):
     block = feature_blocks(f, np.array([False, False, True]), images_per_block=3, foreground=fg)[0]
     np.testing.assert_array_equal(train_patches(block), f[:2, 4:12].reshape(-1, 8))
     bank = MemoryBank.build(train_patches(block), kind="flat", shard_size=1 << 20, seed=0, nprobe=1, ef_search=16)
-    cfg = ModelConfig(image_size=56, foreground_mask=True, smoothing_sigma=0)
+    cfg = ModelConfig(image_size=56, tiles=1, blocks=(7,), foreground_mask=True, smoothing_sigma=0)
     _, maps = score_features(f[2:], bank, config=cfg, foreground=fg[2:])
     # patch rows 0 and 3 are background: their outer half-patch of pixels is 0 (bilinear clamps there)
     assert (maps[0, :7] == 0).all() and (maps[0, -7:] == 0).all() and maps[0, 14:42].min() > 0

@@ -58,7 +58,7 @@ SIZE, RADIUS = 112, 16
 
 
 def placement_config(weight: float, **kw) -> ModelConfig:
-    return ModelConfig(image_size=SIZE, coreset_ratio=0.5, position_weight=weight, **kw)
+    return ModelConfig(image_size=SIZE, tiles=1, blocks=(7,), coreset_ratio=0.5, position_weight=weight, **kw)
 
 
 def assembly(rng, parts):

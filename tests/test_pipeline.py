@@ -45,7 +45,7 @@ def fitted_model(tmp_path_factory):
     """A model fitted in-process (no Ray) on crops of a real texture."""
     from anomaly_core.artifact import save_model
     from jobs.demo import _texture, make_part
-    cfg = ModelConfig(image_size=56, blocks=(5,), coreset_ratio=0.5)
+    cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), coreset_ratio=0.5)
     rng = np.random.default_rng(0)
     tex = _texture("brick")
     parts = np.stack([np.repeat(make_part(tex, rng, size=56)[..., None], 3, 2) for _ in range(8)])
