@@ -300,10 +300,10 @@ class Scorer:
         px = np.full(n, -1, dtype=np.int32)
         py = np.full(n, -1, dtype=np.int32)
         if ok.any():
-            px = batch["pixels"][ok]                                           # [b, S, S, 3]
+            pixels = batch["pixels"][ok]                                       # [b, S, S, 3]
             if cfg.align:
-                px, poses = align_images(px)
-            feats, fg = self.extractor.describe(px)                            # [b, P, D], [b, P]
+                pixels, poses = align_images(pixels)
+            feats, fg = self.extractor.describe(pixels)                        # [b, P, D], [b, P]
             s, maps = score_features(feats, self.model.bank, config=cfg, foreground=fg)
             if cfg.align:
                 maps = unalign_maps(maps, poses)                               # back to the image's frame

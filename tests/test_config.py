@@ -4,7 +4,7 @@ from anomaly_core.config import ModelConfig
 
 
 def test_defaults_are_valid():
-    assert ModelConfig().grid_size == 16
+    assert (ModelConfig().grid_size, ModelConfig().input_size) == (28, 392)
 
 
 @pytest.mark.parametrize("kw,msg", [

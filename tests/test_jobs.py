@@ -95,7 +95,7 @@ def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():
     from jobs.fit import check_budget
     from anomaly_core.config import ModelConfig
     with pytest.raises(ValueError, match="lower --coreset-ratio"):
-        check_budget(ModelConfig(), 10 ** 8, 4096)                     # 10^7 survivors x 512 floats
+        check_budget(ModelConfig(), 10 ** 8, 4096)                     # 2 x 10^7 survivors x 896 floats
     check_budget(ModelConfig(coreset_ratio=0.001), 10 ** 7, 4096)      # 10^4 x 2: fits
 
 
