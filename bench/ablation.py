@@ -31,7 +31,7 @@ from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.images import decode_image, resize_square  # noqa: E402
 from anomaly_core.pipeline import (FeatureExtractor, describe_tokens, feature_blocks, fit_bank,  # noqa: E402
                                    images_per_block, score_features, split_holdout)
-from bench.features import list_images  # noqa: E402
+from bench.features import list_images, tokens_seconds  # noqa: E402
 from jobs.evaluate import load_mask  # noqa: E402
 
 FEW_SHOT = 4
@@ -74,18 +74,6 @@ def all_tokens(ex: FeatureExtractor, px: np.ndarray, *, batch: int = 16) -> np.n
     return np.concatenate([ex.tokens(px[i:i + batch]) for i in range(0, len(px), batch)])
 
 
-def forward_seconds(cfg: ModelConfig, px: np.ndarray) -> float:
-    """Seconds per image of FeatureExtractor.tokens for cfg alone (median of 3 batches of 8)."""
-    ex = FeatureExtractor(config=cfg, device="cpu")
-    ex.tokens(px[:2])                                                                      # warm-up
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        ex.tokens(px[:8])
-        times.append((time.perf_counter() - t) / 8)
-    return float(np.median(times))
-
-
 def run(root: Path) -> list[dict]:
     train = list_images(root / "train" / "good")
     test = list_images(root / "test")
@@ -109,8 +97,8 @@ def run(root: Path) -> list[dict]:
         masks[cfg.input_size] = np.stack([load_mask(root, p, size=cfg.input_size) for p in test])  # [M, S, S]
         for c, _ in configs.values():
             if geometry(c) == geom and (geom, max(c.blocks)) not in speed:
-                speed[geom, max(c.blocks)] = forward_seconds(dataclasses.replace(cfg, blocks=(max(c.blocks),)),
-                                                             px_test)
+                speed[geom, max(c.blocks)] = tokens_seconds(dataclasses.replace(cfg, blocks=(max(c.blocks),)),
+                                                            px_test[:8])
     rows = []
     for name, (cfg, n_few) in configs.items():
         t = tok[geometry(cfg)]

@@ -1,4 +1,5 @@
-"""Real DINOv2 patch features of the shared data sets, cached as .npy for the coreset and index benchmarks.
+"""Real DINOv2 patch features of the shared data sets (cached as .npz for the coreset and index benchmarks),
+and the timing of FeatureExtractor.tokens that the ablation and tiling benchmarks share.
 
     python bench/features.py ../shared/data/mpdd_metal_plate --out /tmp/feats_mpdd.npz
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,19 @@ def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarr
         px = np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths[i:i + batch]])
         out.append(ex.tokens(px))
     return np.concatenate(out)
+
+
+def tokens_seconds(cfg: ModelConfig, px: np.ndarray) -> float:
+    """Seconds per image of FeatureExtractor.tokens (backbone over every tile, stitched) for `cfg` on the
+    batch `px` [B, S, S, 3], S = cfg.input_size: median of 3 runs after a warm-up on one image."""
+    ex = FeatureExtractor(config=cfg, device="cpu")
+    ex.tokens(px[:1])                                                       # warm-up
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        ex.tokens(px)
+        times.append((time.perf_counter() - t) / len(px))
+    return float(np.median(times))
 
 
 def main() -> None:

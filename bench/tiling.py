@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core.config import ModelConfig  # noqa: E402
-from anomaly_core.pipeline import FeatureExtractor  # noqa: E402
-
-
-def seconds_per_image(cfg: ModelConfig, px: np.ndarray) -> float:
-    ex = FeatureExtractor(config=cfg, device="cpu")
-    ex.tokens(px[:1])                                                       # warm-up
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        ex.tokens(px)
-        times.append((time.perf_counter() - t) / len(px))
-    return float(np.median(times))
+from bench.features import tokens_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +32,8 @@ def main() -> None:
     for t in a.tiles:
         tiled = ModelConfig(image_size=224, tiles=t, blocks=(7,))
         px = rng.integers(0, 256, (2, tiled.input_size, tiled.input_size, 3), dtype=np.uint8)
-        s_tiles = seconds_per_image(tiled, px)
-        s_whole = seconds_per_image(ModelConfig(image_size=tiled.input_size, tiles=1, blocks=(7,)), px)
+        s_tiles = tokens_seconds(tiled, px)
+        s_whole = tokens_seconds(ModelConfig(image_size=tiled.input_size, tiles=1, blocks=(7,)), px)
         print(f"| {t} | {tiled.input_size} | {tiled.grid_size} | {s_tiles:.3f} | {s_whole:.3f} | "
               f"{s_whole / s_tiles:.2f} |", flush=True)
 
