@@ -43,8 +43,13 @@ def anomaly_maps(patch_distances: np.ndarray, *, out_size: int, sigma: float) ->
     for i, grid in enumerate(d):
         # PIL's bilinear resize samples pixel centres (align_corners=False), like torch's interpolate.
         up = np.asarray(Image.fromarray(grid, mode="F").resize((out_size, out_size), Image.BILINEAR))
-        out[i] = ndimage.gaussian_filter(up, sigma=sigma, mode="nearest") if sigma > 0 else up
+        out[i] = smooth_map(up, sigma=sigma)
     return out
+
+
+def smooth_map(amap: np.ndarray, *, sigma: float) -> np.ndarray:
+    """[S, S] float32 map -> the same map smoothed by a Gaussian of `sigma` pixels (0: unchanged)."""
+    return ndimage.gaussian_filter(amap, sigma=sigma, mode="nearest") if sigma > 0 else amap
 
 
 def peak_location(amap: np.ndarray, *, width: int, height: int) -> tuple[int, int]:

@@ -9,8 +9,9 @@ variant then builds descriptors with `describe_tokens`, fits with `fit_bank` (co
 calibration) and scores with `score_features`, exactly as the jobs do. The few-shot rows fit on 4 good images (the first 4 of the bank
 split) and calibrate on the usual held-out ones. Metrics follow anomaly_core.metrics on float maps at the
 variant's input_size (`anomaly evaluate` reads back 8-bit heatmaps, which moves pixel metrics by < 0.001).
+Variants that differ only in smoothing share one fit and one search.
 images/s = test images / (backbone time at the variant's geometry and deepest block, measured on its own,
-+ descriptor, search and map time).
++ descriptor, search and map time). `--only NAME ...` runs a subset.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.images import decode_image, resize_square  # noqa: E402
 from anomaly_core.pipeline import (FeatureExtractor, describe_tokens, feature_blocks, fit_bank,  # noqa: E402
                                    images_per_block, score_features, split_holdout)
+from anomaly_core.scoring import smooth_map  # noqa: E402
 from bench.features import list_images, tokens_seconds  # noqa: E402
 from jobs.evaluate import load_mask  # noqa: E402
 
 FEW_SHOT = 4
 # The plain method of the pipeline issue; every variant starts from it, whatever ModelConfig's defaults are.
-PLAIN = {"image_size": 224, "tiles": 1, "blocks": (7,)}
+PLAIN = {"image_size": 224, "tiles": 1, "blocks": (7,), "smoothing_sigma": 4.0}
 # name -> (options that differ from the plain method, bank images: None = the whole bank split)
 VARIANTS: dict[str, tuple[dict, int | None]] = {
     "plain (block 7, 224 px)": ({}, None),
+    "smoothing 7 px": ({"smoothing_sigma": 7.0}, None),
     "neighbourhood 3": ({"neighbourhood": 3}, None),
     "blocks 5+7": ({"blocks": (5, 7)}, None),
     "blocks 7+9": ({"blocks": (7, 9)}, None),
@@ -48,6 +51,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "whole image 392 px": ({"image_size": 392}, None),
     "tiles 2 (392 px)": ({"tiles": 2}, None),
     "tiles 2, blocks 5+7": ({"tiles": 2, "blocks": (5, 7)}, None),
+    "tiles 2, blocks 5+7, smoothing 7 px": ({"tiles": 2, "blocks": (5, 7), "smoothing_sigma": 7.0}, None),
     "tiles 2, foreground mask": ({"tiles": 2, "foreground_mask": True}, None),
     f"{FEW_SHOT}-shot": ({}, FEW_SHOT),
     f"{FEW_SHOT}-shot, dihedral augment": ({"augment": "dihedral"}, FEW_SHOT),
@@ -74,13 +78,38 @@ def all_tokens(ex: FeatureExtractor, px: np.ndarray, *, batch: int = 16) -> np.n
     return np.concatenate([ex.tokens(px[i:i + batch]) for i in range(0, len(px), batch)])
 
 
-def run(root: Path) -> list[dict]:
+def fit_and_search(cfg: ModelConfig, n_few: int | None, t: dict, held: np.ndarray) -> dict:
+    """Fit the variant's bank and search its test patches: image scores and unsmoothed maps [M, S, S]."""
+    sel = lambda raw: tokens_of(raw, t["blocks"], cfg.blocks)  # noqa: E731
+    start = time.perf_counter()
+    f_train, fg_train = describe_tokens(sel(t["train"]), config=cfg)
+    if n_few:                                       # the few-shot bank (augmented) + the held-out images
+        f_few, fg_few = describe_tokens(sel(t["few"][cfg.augment]), config=cfg)
+        f_train = np.concatenate([f_few, f_train[held]])
+        fg_train = np.concatenate([fg_few, fg_train[held]])
+        is_held = np.r_[np.zeros(len(f_few), dtype=bool), np.ones(held.sum(), dtype=bool)]
+    else:
+        is_held = held
+    n_bank = int((~is_held).sum())
+    bank, _, stats = fit_bank(feature_blocks(f_train, is_held, images_per_block=images_per_block(cfg),
+                                             foreground=fg_train),
+                              config=cfg, n_estimate=n_bank * cfg.grid_size ** 2)
+    t_fit = time.perf_counter() - start
+    start = time.perf_counter()
+    f_test, fg_test = describe_tokens(sel(t["test"]), config=cfg)
+    scores, maps = score_features(f_test, bank, config=dataclasses.replace(cfg, smoothing_sigma=0.0),
+                                  foreground=fg_test)
+    return {"scores": scores, "maps": maps, "fit_s": t_fit, "search_s": time.perf_counter() - start,
+            "bank": stats["bank_size"]}
+
+
+def run(root: Path, variants: dict[str, tuple[dict, int | None]]) -> list[dict]:
     train = list_images(root / "train" / "good")
     test = list_images(root / "test")
     labels = np.array([p.parent.name != "good" for p in test])
     held = split_holdout([str(p) for p in train], fraction=0.2, seed=0)
     few = np.flatnonzero(~held)[:FEW_SHOT]
-    configs = {name: (ModelConfig(**(PLAIN | opts)), n) for name, (opts, n) in VARIANTS.items()}
+    configs = {name: (ModelConfig(**(PLAIN | opts)), n) for name, (opts, n) in variants.items()}
     # one backbone pass per geometry, with every block its variants use
     geoms: dict[tuple, tuple[int, ...]] = {}
     for cfg, _ in configs.values():
@@ -99,34 +128,21 @@ def run(root: Path) -> list[dict]:
             if geometry(c) == geom and (geom, max(c.blocks)) not in speed:
                 speed[geom, max(c.blocks)] = tokens_seconds(dataclasses.replace(cfg, blocks=(max(c.blocks),)),
                                                             px_test[:8])
-    rows = []
+    rows, shared_key, shared = [], None, None
     for name, (cfg, n_few) in configs.items():
-        t = tok[geometry(cfg)]
-        sel = lambda raw: tokens_of(raw, t["blocks"], cfg.blocks)  # noqa: E731
+        # variants that differ only in smoothing share one fit and one search (adjacent in VARIANTS)
+        key = (dataclasses.replace(cfg, smoothing_sigma=0.0), n_few)
+        if key != shared_key:
+            shared_key, shared = key, fit_and_search(cfg, n_few, tok[geometry(cfg)], held)
         start = time.perf_counter()
-        f_train, fg_train = describe_tokens(sel(t["train"]), config=cfg)
-        if n_few:                                   # the few-shot bank (augmented) + the held-out images
-            f_few, fg_few = describe_tokens(sel(t["few"][cfg.augment]), config=cfg)
-            f_train = np.concatenate([f_few, f_train[held]])
-            fg_train = np.concatenate([fg_few, fg_train[held]])
-            is_held = np.r_[np.zeros(len(f_few), dtype=bool), np.ones(held.sum(), dtype=bool)]
-        else:
-            is_held = held
-        n_bank = int((~is_held).sum())
-        bank, cal, stats = fit_bank(feature_blocks(f_train, is_held, images_per_block=images_per_block(cfg),
-                                                   foreground=fg_train),
-                                    config=cfg, n_estimate=n_bank * cfg.grid_size ** 2)
-        t_fit = time.perf_counter() - start
-        start = time.perf_counter()
-        f_test, fg_test = describe_tokens(sel(t["test"]), config=cfg)
-        scores, maps = score_features(f_test, bank, config=cfg, foreground=fg_test)
-        t_score = time.perf_counter() - start
-        m = masks[cfg.input_size]
+        maps = np.stack([smooth_map(m, sigma=cfg.smoothing_sigma) for m in shared["maps"]])   # [M, S, S]
+        t_score = shared["search_s"] + time.perf_counter() - start
+        scores, m = shared["scores"], masks[cfg.input_size]
         rate = len(test) / (len(test) * speed[geometry(cfg), max(cfg.blocks)] + t_score)
         rows.append({"data": root.name, "variant": name, "image_auroc": metrics.auroc(labels, scores),
                      "pixel_auroc": metrics.auroc(m.ravel(), maps.ravel()),
                      "aupro": metrics.aupro(m[labels], maps[labels]), "f1_max": metrics.f1_max(labels, scores),
-                     "images_per_s": rate, "fit_s": t_fit, "bank": stats["bank_size"]})
+                     "images_per_s": rate, "fit_s": shared["fit_s"], "bank": shared["bank"]})
         r = rows[-1]
         print(f"| {r['data']} | {name} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
               f"{r['f1_max']:.3f} | {r['images_per_s']:.2f} |", flush=True)
@@ -136,11 +152,14 @@ def run(root: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("datasets", nargs="+", type=Path)
+    ap.add_argument("--only", nargs="+", metavar="VARIANT", choices=list(VARIANTS),
+                    help="run these variants only (names as in the table; default: all)")
     a = ap.parse_args()
+    variants = {name: VARIANTS[name] for name in VARIANTS if not a.only or name in a.only}
     print("| data set | variant | image AUROC | pixel AUROC | AUPRO | F1-max | images/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for root in a.datasets:
-        run(root)
+        run(root, variants)
 
 
 if __name__ == "__main__":

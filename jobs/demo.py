@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw
 
 from anomaly_core import metrics
 from anomaly_core.config import ModelConfig
-from jobs.analyst import connect
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +92,8 @@ def make_dataset(root: str | Path, *, texture: str = "brick", n_train: int = 12,
 def run_demo(out: str, **run_kw) -> dict:
     """Generate parts, fit on the good ones, score an archive that also holds a corrupt file, and show
     what an analyst would query."""
+    # imported here so that generating parts needs the core library only (bench/gpu.py runs without Ray)
+    from jobs.analyst import connect
     from jobs.fit import run_fit
     from jobs.score import run_score
 

