@@ -45,6 +45,14 @@ def _build_shard(f: np.ndarray, *, kind: str, seed: int) -> faiss.Index:
     return index
 
 
+def set_search_threads(n: int) -> None:
+    """Threads FAISS searches with in this process. FAISS's OpenMP runtime reads OMP_NUM_THREADS, which
+    Ray sets to an actor's num_cpus (1 for the score actors), whatever torch was given."""
+    if n < 1:
+        raise ValueError(f"search threads must be >= 1, got {n}")
+    faiss.omp_set_num_threads(n)
+
+
 class MemoryBank:
     """Sharded index; distance = 1 - cosine similarity, in [0, 2]."""
 

@@ -23,7 +23,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, identity, local_map
 from anomaly_core.foreground import foreground_mask
 from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
-from anomaly_core.index import MemoryBank
+from anomaly_core.index import MemoryBank, set_search_threads
 from anomaly_core.patches import add_position, aggregate_neighbours
 from anomaly_core.scoring import anomaly_maps, encode_heatmap, image_scores, peak_location
 from anomaly_core.storage import StorageOptions
@@ -276,11 +276,14 @@ class Scorer:
 
     def __init__(self, *, model_path: str, device: str = "auto", num_threads: int | None = None,
                  run_id: str = "", run_time: str = "", run_date: str = "", options: StorageOptions | None = None):
-        """model_path: local folder or s3:// URI; run_time: ISO-8601 UTC start of the run;
+        """model_path: local folder or s3:// URI; num_threads: torch and FAISS threads of this process
+        (None: leave both as they are); run_time: ISO-8601 UTC start of the run;
         run_date: the audit date (partition key), by default the date of run_time."""
         self.model: Model = load_model(model_path, options)
         cfg = self.model.config
         self.extractor = FeatureExtractor(config=cfg, device=device, num_threads=num_threads)
+        if num_threads:                    # the bank search gets the threads the backbone gets
+            set_search_threads(num_threads)
         expected = self.model.manifest["weights"]["state_sha256"]
         got = self.extractor.backbone.identity["state_sha256"]
         if got != expected:

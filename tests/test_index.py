@@ -1,7 +1,8 @@
+import faiss
 import numpy as np
 import pytest
 
-from anomaly_core.index import MemoryBank
+from anomaly_core.index import MemoryBank, set_search_threads
 from tests.conftest import unit_rows
 
 
@@ -61,3 +62,18 @@ def test_serialized_bank_searches_the_same(kind, rng):
     bank = MemoryBank.build(unit_rows(rng, 300, 16), kind=kind, shard_size=128)
     q = unit_rows(rng, 50, 16)
     np.testing.assert_array_equal(MemoryBank.deserialize(bank.serialize()).nearest(q), bank.nearest(q))
+
+
+def test_search_threads_override_omp_num_threads():
+    # Ray actors start with OMP_NUM_THREADS=1; the scorer hands FAISS the threads the backbone gets
+    before = faiss.omp_get_max_threads()
+    try:
+        set_search_threads(3)
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_search_threads_must_be_positive():
+    with pytest.raises(ValueError, match="got 0"):
+        set_search_threads(0)
