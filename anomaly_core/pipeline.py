@@ -256,7 +256,7 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
     if not with_maps:
         return scores, None
     g = config.grid_size
-    maps = anomaly_maps(dist.reshape(b, g, g), out_size=config.input_size, sigma=config.smoothing_sigma)
+    maps = anomaly_maps(dist.reshape(b, g, g), out_size=config.input_size, sigma=config.map_sigma)
     return scores, maps
 
 

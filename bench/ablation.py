@@ -6,18 +6,21 @@ Each variant changes one or two options of the plain method (block 7, 224 px, no
 backbone runs once per input geometry (224 px with blocks 5, 7 and 9 together; 392 px as 2x2 tiles;
 392 px whole: the same 28 x 28 patch grid), through the library's own FeatureExtractor.tokens; every
 variant then builds descriptors with `describe_tokens`, fits with `fit_bank` (composable coreset, hold-out
-calibration) and scores with `score_features`, exactly as the jobs do. The few-shot rows fit on 4 good images (the first 4 of the bank
-split) and calibrate on the usual held-out ones. Metrics follow anomaly_core.metrics on float maps at the
-variant's input_size (`anomaly evaluate` reads back 8-bit heatmaps, which moves pixel metrics by < 0.001).
+calibration) and scores with `score_features`, exactly as the jobs do. The few-shot rows fit on 4 good
+images (the first 4 of the bank split) and calibrate on the usual held-out ones. Metrics follow
+anomaly_core.metrics on float maps at the variant's input_size (`anomaly evaluate` reads back 8-bit
+heatmaps, which moves pixel metrics by < 0.001).
 Variants that differ only in smoothing share one fit and one search.
 images/s = test images / (backbone time at the variant's geometry and deepest block, measured on its own,
-+ descriptor, search and map time). `--only NAME ...` runs a subset.
++ descriptor, search and map time). `--only NAME ...` runs a subset; `--json FILE` writes the rows
+unrounded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,7 +45,7 @@ PLAIN = {"image_size": 224, "tiles": 1, "blocks": (7,), "smoothing_sigma": 4.0}
 # name -> (options that differ from the plain method, bank images: None = the whole bank split)
 VARIANTS: dict[str, tuple[dict, int | None]] = {
     "plain (block 7, 224 px)": ({}, None),
-    "smoothing 7 px": ({"smoothing_sigma": 7.0}, None),
+    "smoothing 7 px at 224 px": ({"smoothing_sigma": 7.0}, None),
     "neighbourhood 3": ({"neighbourhood": 3}, None),
     "blocks 5+7": ({"blocks": (5, 7)}, None),
     "blocks 7+9": ({"blocks": (7, 9)}, None),
@@ -51,7 +54,9 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "whole image 392 px": ({"image_size": 392}, None),
     "tiles 2 (392 px)": ({"tiles": 2}, None),
     "tiles 2, blocks 5+7": ({"tiles": 2, "blocks": (5, 7)}, None),
-    "tiles 2, blocks 5+7, smoothing 7 px": ({"tiles": 2, "blocks": (5, 7), "smoothing_sigma": 7.0}, None),
+    # smoothing_sigma is scaled with the input size (ModelConfig.map_sigma); this row keeps 4 px at 392 px
+    "tiles 2, blocks 5+7, smoothing 4 px": ({"tiles": 2, "blocks": (5, 7), "smoothing_sigma": 4 * 224 / 392},
+                                            None),
     "tiles 2, foreground mask": ({"tiles": 2, "foreground_mask": True}, None),
     f"{FEW_SHOT}-shot": ({}, FEW_SHOT),
     f"{FEW_SHOT}-shot, dihedral augment": ({"augment": "dihedral"}, FEW_SHOT),
@@ -135,7 +140,7 @@ def run(root: Path, variants: dict[str, tuple[dict, int | None]]) -> list[dict]:
         if key != shared_key:
             shared_key, shared = key, fit_and_search(cfg, n_few, tok[geometry(cfg)], held)
         start = time.perf_counter()
-        maps = np.stack([smooth_map(m, sigma=cfg.smoothing_sigma) for m in shared["maps"]])   # [M, S, S]
+        maps = np.stack([smooth_map(m, sigma=cfg.map_sigma) for m in shared["maps"]])   # [M, S, S]
         t_score = shared["search_s"] + time.perf_counter() - start
         scores, m = shared["scores"], masks[cfg.input_size]
         rate = len(test) / (len(test) * speed[geometry(cfg), max(cfg.blocks)] + t_score)
@@ -154,12 +159,14 @@ def main() -> None:
     ap.add_argument("datasets", nargs="+", type=Path)
     ap.add_argument("--only", nargs="+", metavar="VARIANT", choices=list(VARIANTS),
                     help="run these variants only (names as in the table; default: all)")
+    ap.add_argument("--json", type=Path, help="also write every row, unrounded, to this file")
     a = ap.parse_args()
     variants = {name: VARIANTS[name] for name in VARIANTS if not a.only or name in a.only}
     print("| data set | variant | image AUROC | pixel AUROC | AUPRO | F1-max | images/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for root in a.datasets:
-        run(root, variants)
+    rows = [row for root in a.datasets for row in run(root, variants)]
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1, default=lambda v: v.item()))  # numpy scalars
 
 
 if __name__ == "__main__":

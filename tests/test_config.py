@@ -30,3 +30,13 @@ def test_dict_round_trip_and_unknown_keys():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="coreset_ration"):
         ModelConfig.from_dict({"coreset_ration": 0.1})
+
+
+@pytest.mark.parametrize("kw,pixels", [
+    ({"tiles": 1}, 4.0),                            # PatchCore's 4 px at 224 px
+    ({"tiles": 2}, 7.0),                            # 392 px
+    ({"tiles": 1, "image_size": 448}, 8.0),
+    ({"tiles": 2, "smoothing_sigma": 0.0}, 0.0),    # off stays off
+])
+def test_map_smoothing_spans_the_same_fraction_of_the_image_at_every_size(kw, pixels):
+    assert ModelConfig(**kw).map_sigma == pytest.approx(pixels)

@@ -7,7 +7,11 @@ import pytest
 from PIL import Image
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.pipeline import FeatureExtractor, Scorer, decode_batch, feature_blocks, fit_bank, split_holdout
+from anomaly_core.index import MemoryBank
+from anomaly_core.pipeline import (FeatureExtractor, Scorer, decode_batch, feature_blocks, fit_bank, score_features,
+                                   split_holdout)
+from anomaly_core.scoring import anomaly_maps
+from tests.conftest import unit_rows
 
 
 def png(arr):
@@ -85,3 +89,14 @@ def test_scorer_refuses_other_weights(fitted_model, tmp_path):
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(mf))
     with pytest.raises(ValueError, match="refit"):
         Scorer(model_path=str(tmp_path / "m"), device="cpu")
+
+
+def test_maps_are_the_patch_distances_upsampled_and_smoothed_at_the_scaled_sigma(rng):
+    cfg = ModelConfig(image_size=56, tiles=2, tile_overlap=2, blocks=(7,))     # grid 6, input 84 px
+    g, d = cfg.grid_size, 384
+    bank = MemoryBank.build(unit_rows(rng, 50, d))
+    feats = unit_rows(rng, 2 * g * g, d)                                        # [2 * G*G, D]
+    _, maps = score_features(feats.reshape(2, g * g, d), bank, config=cfg)
+    expected = anomaly_maps(bank.nearest(feats).reshape(2, g, g), out_size=cfg.input_size, sigma=cfg.map_sigma)
+    assert cfg.map_sigma == pytest.approx(4 * 84 / 224)
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)
