@@ -18,6 +18,7 @@ from anomaly_core.scoring import REDUCTIONS
 # Input side at which smoothing_sigma is given: PatchCore's (its sigma of 4 px is for 224 px inputs).
 SMOOTHING_REFERENCE_SIZE = 224
 
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     # timm name of the DINOv2 ViT; ViT-S is as good as larger DINOv2 models on MVTec (AnomalyDINO, §2).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +32,22 @@ def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarr
     return np.concatenate(out)
 
 
+def median_seconds(fn: Callable[[], object], *, warm_up: Callable[[], object], reps: int = 3) -> float:
+    """Median wall-clock seconds of fn() over `reps` runs, after one call of warm_up()."""
+    warm_up()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def tokens_seconds(cfg: ModelConfig, px: np.ndarray) -> float:
     """Seconds per image of FeatureExtractor.tokens (backbone over every tile, stitched) for `cfg` on the
     batch `px` [B, S, S, 3], S = cfg.input_size: median of 3 runs after a warm-up on one image."""
     ex = FeatureExtractor(config=cfg, device="cpu")
-    ex.tokens(px[:1])                                                       # warm-up
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        ex.tokens(px)
-        times.append((time.perf_counter() - t) / len(px))
-    return float(np.median(times))
+    return median_seconds(lambda: ex.tokens(px), warm_up=lambda: ex.tokens(px[:1])) / len(px)
 
 
 def main() -> None:

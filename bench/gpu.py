@@ -21,7 +21,6 @@ import io
 import itertools
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import faiss
@@ -34,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomaly_core.artifact import save_model  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.index import INDEX_KINDS  # noqa: E402
-from anomaly_core.pipeline import (FeatureExtractor, Scorer, decode_batch, feature_blocks, fit_bank,  # noqa: E402
-                                   images_per_block, score_features, split_holdout)
+from anomaly_core.pipeline import (FeatureExtractor, Scorer, decode_batch, describe_tokens,  # noqa: E402
+                                   feature_blocks, fit_bank, images_per_block, score_features, split_holdout)
 from anomaly_core.scoring import anomaly_maps  # noqa: E402
+from bench.features import median_seconds  # noqa: E402
 from jobs.demo import _texture, add_defect, make_part  # noqa: E402
 
 
@@ -73,19 +73,6 @@ def fit_model(cfg: ModelConfig, pngs: list[bytes], folder: Path, *, device: str)
                weights=ex.backbone.identity)
 
 
-def timed(fn, reps: int = 3) -> float:
-    """Median seconds of fn() over `reps` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_size: int, work: Path) -> None:
     fit_model(cfg, png_parts(n_train, size=cfg.input_size, seed=1, defects=False), work / "model",
               device=device)
@@ -109,7 +96,8 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
         "Scorer step (decoded batch -> rows)": lambda: [scorer({k: v[c] for k, v in decoded.items()})
                                                         for c in chunks],
     }
-    secs = {name: timed(fn) for name, fn in stages.items()}
+    # every stage returns host arrays, so the GPU work is finished when fn() returns
+    secs = {name: median_seconds(fn, warm_up=fn) for name, fn in stages.items()}
     base = secs["bare backbone forward"]
     print(f"\ndevice={ex.backbone.device} image_size={cfg.image_size} tiles={cfg.tiles} "
           f"(input {cfg.input_size} px, grid {g}x{g}) blocks={cfg.blocks} index={cfg.index} batch={batch_size} "
@@ -124,8 +112,8 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
         sub = px[:16]
         a, b = cpu.tokens(sub), ex.tokens(sub)                                       # [16, P, D] unit rows
         cos = (a * b).sum(-1)                                                        # [16, P]
-        s_cpu, _ = score_features(cpu.describe(sub)[0], bank, config=cfg, with_maps=False)
-        s_gpu, _ = score_features(ex.describe(sub)[0], bank, config=cfg, with_maps=False)
+        s_cpu, _ = score_features(describe_tokens(a, config=cfg)[0], bank, config=cfg, with_maps=False)
+        s_gpu, _ = score_features(describe_tokens(b, config=cfg)[0], bank, config=cfg, with_maps=False)
         thr = scorer.model.calibration.threshold
         print(f"bf16 GPU vs float32 CPU tokens: cosine mean {cos.mean():.5f}, min {cos.min():.5f}; "
               f"image scores max |diff| {np.abs(s_cpu - s_gpu).max():.5f} (threshold {thr:.4f}); "
