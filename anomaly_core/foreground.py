@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 
 def otsu_threshold(values: np.ndarray, *, bins: int = 64) -> float:
-    """Threshold maximising the between-class variance of a 1-D sample [N] (Otsu, 1979)."""
-    hist, edges = np.histogram(values, bins=bins)
-    w = hist.astype(np.float64)
-    mids = (edges[:-1] + edges[1:]) / 2                                      # [bins]
-    w0 = np.cumsum(w)                                                        # weight below each cut
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(w * mids) / np.maximum(w0, 1)
-    m1 = ((w * mids).sum() - np.cumsum(w * mids)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2                                       # [bins]
-    return float(edges[1:][np.argmax(between[:-1])])                        # cut after bin i
+    """Otsu's threshold (1979) of a 1-D sample [N] on a `bins`-bin histogram, at the upper edge of the
+    chosen bin: skimage places it at the bin's centre, which would split that bin's values between the two
+    sides; `values > threshold` keeps whole bins together, as the masks were validated with."""
+    if values.min() == values.max():
+        return float(values.min())                                       # one value: nothing to split
+    counts, edges = np.histogram(values, bins=bins)
+    # Otsu's criterion depends only on differences of bin positions, so passing the upper edges instead
+    # of the centres picks the same bin and returns its upper edge.
+    return float(threshold_otsu(hist=(counts, edges[1:])))
 
 
 def first_component(x: np.ndarray, *, iterations: int = 50) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Evaluation metrics with their standard definitions (numpy only).
+"""Evaluation metrics with their standard definitions (numpy and scipy).
 
 - image / pixel AUROC: area under the ROC curve, ties counted as one half (Mann-Whitney U).
 - AUPRO: area under the per-region-overlap curve up to a false positive rate of 0.3, divided by 0.3
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 
 
 def _check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -25,26 +26,11 @@ def _check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve. labels: [N] bool (True = anomalous); scores: [N] higher = more anomalous."""
     labels, scores = _check_binary(labels, scores)
-    ranks = _average_ranks(scores)
+    ranks = rankdata(scores)                                          # ties get their average rank
     n_pos = labels.sum()
     n_neg = labels.size - n_pos
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank. x: [N] -> [N] float64."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # start index of each run of equal values
-    new_run = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
-    run_id = np.cumsum(new_run) - 1                                   # [N] run of each sorted element
-    run_start = np.flatnonzero(new_run)                               # [R]
-    run_end = np.concatenate([run_start[1:], [x.size]])               # [R] exclusive
-    run_rank = (run_start + run_end + 1) / 2.0                        # [R] mean of 1-based ranks
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = run_rank[run_id]
-    return ranks
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -5,6 +5,7 @@ from anomaly_core import metrics
 
 
 def brute_auroc(labels, scores):
+    """Mann-Whitney: the fraction of (anomalous, normal) pairs ordered correctly, a tie counting one half."""
     pos, neg = scores[labels], scores[~labels]
     wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return wins / (pos.size * neg.size)
@@ -40,7 +41,12 @@ def test_f1_max_matches_threshold_sweep(rng):
     assert metrics.f1_max(labels, scores) == pytest.approx(best)
 
 
-def brute_aupro(masks, maps, limit):
+def reference_aupro(masks, maps, limit):
+    """AUPRO as Bergmann et al. define it (MVTec AD, IJCV 2021, section 4.2), one threshold at a time: the
+    regions are the 8-connected components of each ground-truth mask; at threshold t, PRO is the mean over
+    all regions of the fraction of the region scoring >= t, FPR the fraction of normal pixels scoring >= t;
+    the curve is integrated over FPR in [0, limit], cut at the limit by linear interpolation, and divided
+    by the limit. Shares no code with metrics.aupro, which sweeps every threshold in one sort."""
     from scipy import ndimage
     regions = []
     for m, a in zip(masks, maps):
@@ -61,13 +67,30 @@ def brute_aupro(masks, maps, limit):
     return np.trapezoid(p, f) / limit
 
 
-def test_aupro_matches_threshold_sweep(rng):
-    masks = np.zeros((3, 12, 12), bool)
+@pytest.fixture
+def defects():
+    """[4, 16, 16] ground truth with six regions of 1 to 24 pixels: two in one image, two touching only
+    at a corner (one region under 8-connectivity), one image without a defect."""
+    masks = np.zeros((4, 16, 16), bool)
     masks[0, 2:5, 2:5] = True
-    masks[0, 8:10, 7:11] = True                                    # two regions in one image
-    masks[1, 5:9, 1:3] = True
-    maps = np.round(rng.random(masks.shape) + masks * 0.4, 2)
-    assert metrics.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(brute_aupro(masks, maps, 0.3))
+    masks[0, 10:12, 7:11] = True                                   # two regions in one image
+    masks[1, 5:11, 1:5] = True
+    masks[1, 12, 12] = True                                        # a single pixel
+    masks[2, 3:5, 3:5] = True
+    masks[2, 5:7, 5:7] = True                                      # touches the square above at a corner
+    masks[2, 13, 0:3] = True
+    return masks                                                   # masks[3]: a normal image
+
+
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_the_published_definition_threshold_by_threshold(defects, rng, limit):
+    maps = rng.random(defects.shape) + defects * 0.4               # overlapping classes: PRO rises gradually
+    assert metrics.aupro(defects, maps, fpr_limit=limit) == pytest.approx(reference_aupro(defects, maps, limit))
+
+
+def test_aupro_counts_tied_scores_at_one_threshold(defects, rng):
+    maps = np.round(rng.random(defects.shape) + defects * 0.4, 1)  # few distinct scores, large ties
+    assert metrics.aupro(defects, maps) == pytest.approx(reference_aupro(defects, maps, 0.3))
 
 
 def test_aupro_weighs_small_regions_like_large_ones():
