@@ -64,7 +64,7 @@ def main() -> None:
     from anomaly_core.config import ModelConfig
     from jobs.demo import make_dataset
     from jobs.fit import run_fit
-    from tests.conftest import make_bucket, upload
+    from tests.helpers import make_bucket, upload
 
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     data = make_dataset(work / "parts", n_train=20, n_good=a.images // 2, n_defect=a.images - a.images // 2,

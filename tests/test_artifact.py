@@ -7,7 +7,7 @@ from anomaly_core.artifact import ModelFileError, load_model, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.threshold import calibrate
-from tests.conftest import unit_rows
+from tests.helpers import unit_rows
 
 
 def _save(path, rng, **kw):

@@ -3,7 +3,7 @@ import pytest
 
 from anomaly_core.coreset import (composable_coreset, coreset_size, greedy_kcenter, random_projection,
                                   select_coreset)
-from tests.conftest import unit_rows
+from tests.helpers import unit_rows
 
 
 def brute_greedy(x, k, start):

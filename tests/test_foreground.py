@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from anomaly_core.foreground import first_component, foreground_mask, otsu_threshold
-from tests.conftest import unit_rows
+from tests.helpers import unit_rows
 
 
 def object_tokens(rng, grid: int, inside: np.ndarray, noise: float = 0.1) -> np.ndarray:

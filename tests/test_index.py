@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from anomaly_core.index import MemoryBank, set_search_threads
-from tests.conftest import unit_rows
+from tests.helpers import unit_rows
 
 
 def test_nearest_is_brute_force_cosine_distance(rng):

@@ -3,7 +3,7 @@ import pytest
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.patches import add_position, aggregate_neighbours, position_code
-from tests.conftest import unit_rows
+from tests.helpers import unit_rows
 
 
 def test_aggregation_is_the_normalised_neighbourhood_mean(rng):

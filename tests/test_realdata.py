@@ -4,7 +4,7 @@ import pytest
 
 from anomaly_core.config import ModelConfig
 from jobs.evaluate import run_evaluate
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 
 HAZELNUT = SHARED_DATA / "hazelnut_toy"
 

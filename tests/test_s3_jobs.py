@@ -15,7 +15,7 @@ from jobs import output
 from jobs.analyst import connect
 from jobs.fit import run_fit
 from jobs.score import run_score
-from tests.conftest import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
+from tests.helpers import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
 
 
 @pytest.fixture(scope="module")

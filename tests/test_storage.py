@@ -6,7 +6,7 @@ import pytest
 
 from anomaly_core import storage
 from anomaly_core.storage import StorageError, StorageOptions
-from tests.conftest import make_bucket
+from tests.helpers import make_bucket
 from tests.s3server import MotoServer
 
 
