@@ -1,3 +1,5 @@
+"""Fixtures and the environment the tests run in. Helpers that tests import live in tests/helpers.py."""
+
 from __future__ import annotations
 
 import os
@@ -7,27 +9,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.helpers import TEST_CONFIG_KW, TEST_SECRET
 
-# Set before Ray starts, so its workers inherit them: credentials the test S3 server accepts (and that
-# tests look for in every file the jobs write), no EC2 metadata lookups, a model cache of our own.
-TEST_SECRET = "test-secret-7f3a9c-never-written-anywhere"
+# Set before Ray starts, so its workers inherit them: credentials the test S3 server accepts, no EC2
+# metadata lookups, a model cache of our own.
 os.environ.update(AWS_ACCESS_KEY_ID="test-key-id", AWS_SECRET_ACCESS_KEY=TEST_SECRET,
                   AWS_EC2_METADATA_DISABLED="true")
 os.environ.setdefault("ANOMALY_CACHE", tempfile.mkdtemp(prefix="anomaly-cache-"))
 for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(var, None)
 
+# Fixtures that start Ray or an S3 server; a test that uses one (directly or through another fixture)
+# must be marked `integration`, so that `make test-unit` never starts them. Tests that start a server,
+# a browser or a Ray head by themselves are marked by hand.
+STARTS_A_SERVICE = {"ray_local": "Ray", "s3_server": "an S3 server", "ray_head": "a Ray head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} (starts {', '.join(STARTS_A_SERVICE[f] for f in sorted(used))})"
+                for item in items
+                if (used := STARTS_A_SERVICE.keys() & set(item.fixturenames))
+                and item.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start a service must be marked integration, so the unit selection stays fast; add "
+            "`pytestmark = pytest.mark.integration` to the module or `@pytest.mark.integration` to the test:\n  "
+            + "\n  ".join(unmarked))
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
-
-def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    """[n, d] float32, rows L2-normalised."""
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +60,6 @@ def texture_dataset(tmp_path_factory) -> Path:
     from jobs.demo import make_dataset
     return make_dataset(tmp_path_factory.mktemp("tex") / "brick", n_train=10, n_good=4, n_defect=6,
                         size=112, seed=1)
-
-
-TEST_CONFIG_KW = {"image_size": 112, "tiles": 1, "blocks": (6,)}
 
 
 @pytest.fixture(scope="session")
@@ -95,18 +104,3 @@ def s3_server():
     relay.cut()
     server.stop()
 
-
-def make_bucket(endpoint_url: str, name: str) -> None:
-    import pyarrow.fs as pafs
-    pafs.S3FileSystem(endpoint_override=endpoint_url.split("://")[1], scheme="http", region="us-east-1",
-                      allow_bucket_creation=True).create_dir(name)
-
-
-def upload(local: Path, uri: str, options) -> list[str]:
-    """Copy every file under `local` to `uri`; returns the object URIs."""
-    from anomaly_core import storage
-    out = []
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        out.append(storage.join(uri, f.relative_to(local).as_posix()))
-        storage.write_bytes(out[-1], f.read_bytes(), options)
-    return out

@@ -35,6 +35,7 @@ def rows(out, sql):
     return duckdb.execute(sql.format(T=f"read_parquet('{out}/**/*.parquet', hive_partitioning=1)")).fetchall()
 
 
+@pytest.mark.integration
 def test_fit_writes_a_calibrated_model(model):
     path, manifest = model
     assert (path / "manifest.json").is_file() and (path / "bank-00000.faiss").is_file()
@@ -44,6 +45,7 @@ def test_fit_writes_a_calibrated_model(model):
     assert manifest["calibration"]["threshold"] >= manifest["calibration"]["normal_max"]
 
 
+@pytest.mark.integration
 def test_every_image_gets_one_row_and_bad_ones_an_error(scored):
     out, summary = scored
     assert summary["images"] == 12 and summary["errors"] == 2
@@ -52,6 +54,7 @@ def test_every_image_gets_one_row_and_bad_ones_an_error(scored):
     assert all(r[1] == "error" and r[2] for r in bad)
 
 
+@pytest.mark.integration
 def test_defects_score_above_normal_parts(scored):
     out, _ = scored
     r = rows(out, "SELECT uri LIKE '%/defect/%', score FROM {T} WHERE status = 'ok'")
@@ -59,6 +62,7 @@ def test_defects_score_above_normal_parts(scored):
     assert metrics.auroc(labels, scores) >= 0.9
 
 
+@pytest.mark.integration
 def test_output_columns_and_heatmap_decoding(scored, model):
     out, summary = scored
     cols = {r[0] for r in duckdb.execute(
@@ -79,6 +83,7 @@ def test_cli_fit_rejects_bad_config_before_starting(texture_dataset, tmp_path):
     assert res.exit_code != 0 and "multiple of 14" in res.output
 
 
+@pytest.mark.integration
 def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", str(texture_dataset), "--out", str(tmp_path),
                                     "--image-size", "112", "--blocks", "6", "--batch-size", "8"])
@@ -99,6 +104,7 @@ def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():
     check_budget(ModelConfig(coreset_ratio=0.001), 10 ** 7, 4096)      # 10^4 x 2: fits
 
 
+@pytest.mark.integration
 def test_tiled_augmented_fit_and_score_through_ray(ray_local, texture_dataset, tmp_path):
     """The fit job augments only bank images and counts each once; heatmaps cover the stitched input."""
     from anomaly_core.config import ModelConfig

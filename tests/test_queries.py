@@ -9,6 +9,10 @@ from anomaly_core import decode_heatmap
 from jobs.analyst import connect, load_queries, run_query
 
 
+# every test reads the nightly audits scored through Ray
+pytestmark = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
 def con(nightly_output):
     return connect(str(nightly_output[0]))

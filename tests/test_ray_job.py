@@ -17,6 +17,10 @@ import pytest
 
 from tests.s3server import free_port
 
+# starts a Ray head with `ray start --head` and submits jobs to it
+pytestmark = pytest.mark.integration
+
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

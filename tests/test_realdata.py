@@ -6,6 +6,9 @@ from anomaly_core.config import ModelConfig
 from jobs.evaluate import run_evaluate
 from tests.helpers import SHARED_DATA
 
+# evaluates through Ray
+pytestmark = pytest.mark.integration
+
 HAZELNUT = SHARED_DATA / "hazelnut_toy"
 
 

@@ -46,12 +46,14 @@ def report_file(nightly_output, tmp_path_factory):
     return write_report(str(out), str(tmp_path_factory.mktemp("rep") / "report.html"), top=4, labels=labels)
 
 
+@pytest.mark.integration
 def test_report_is_self_contained(report_file):
     text = report_file.read_text()
     assert "src='data:image/png;base64," in text and "src='http" not in text and "src='file" not in text
     assert "Top 4 anomalies" in text and "broken.png" in text and "ROC curve" in text
 
 
+@pytest.mark.integration
 @needs_browser
 def test_report_renders_in_chromium_with_every_image(report_file, tmp_path):
     dom = rendered_dom(report_file, tmp_path)
@@ -60,6 +62,7 @@ def test_report_renders_in_chromium_with_every_image(report_file, tmp_path):
     assert n >= 1 + 2 * 4 + 1                                          # histogram, 4 pairs, ROC
 
 
+@pytest.mark.integration
 def test_show_writes_an_overlay_png(fitted_model_dir, texture_dataset, tmp_path):
     image = sorted((texture_dataset / "test" / "defect").glob("*.png"))[0]
     res = CliRunner().invoke(main, ["show", str(image), "--model", str(fitted_model_dir[0]), "--device", "cpu",

@@ -16,6 +16,10 @@ from jobs import output
 from jobs.score import run_score
 
 
+# scores through Ray, and kills and restarts a score job
+pytestmark = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
 def archive(texture_dataset, tmp_path_factory):
     """40 images: the texture test set four times over, in line=... folders."""

@@ -18,6 +18,10 @@ from jobs.score import run_score
 from tests.helpers import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
 
 
+# fits and scores through Ray against a moto S3 server
+pytestmark = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
 def s3(s3_server, texture_dataset, ray_local):
     """Options reaching the server through the relay, with buckets archive/models/audits; the texture

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from anomaly_core.schema import COLUMNS, METADATA_KEY, PARTITION_COLUMN, SCHEMA_VERSION, markdown_table, output_schema
 
@@ -18,6 +19,7 @@ def test_documentation_table_is_the_schema():
     assert f"version {SCHEMA_VERSION}" in text
 
 
+@pytest.mark.integration
 def test_written_files_match_the_schema_and_carry_its_version(nightly_output):
     out, _ = nightly_output
     files = glob.glob(f"{out}/**/*.parquet", recursive=True)

@@ -16,11 +16,12 @@ def s3(s3_server):
     return StorageOptions(endpoint_url=s3_server.url, max_attempts=2)
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path, s3):
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def root(request, tmp_path):
     if request.param == "local":
-        return str(tmp_path / "root"), None
-    return f"s3://storage-tests/{request.node.name.replace('[', '-').rstrip(']')}", s3
+        return str(tmp_path / "root"), None                        # asks for no S3 server: a unit test
+    return (f"s3://storage-tests/{request.node.name.replace('[', '-').rstrip(']')}",
+            request.getfixturevalue("s3"))
 
 
 def test_bytes_round_trip(root):
@@ -60,6 +61,7 @@ def test_local_write_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+@pytest.mark.integration
 def test_missing_bucket_is_a_permanent_error_naming_the_bucket(s3):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         storage.check_bucket("s3://no-such-bucket/archive/", s3)
@@ -67,6 +69,7 @@ def test_missing_bucket_is_a_permanent_error_naming_the_bucket(s3):
         storage.list_files("s3://no-such-bucket/archive/", s3)
 
 
+@pytest.mark.integration
 def test_wrong_credentials_are_a_permanent_error_naming_the_bucket():
     server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})    # checks keys; ours are unknown to it
     try:

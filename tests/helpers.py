@@ -1,0 +1,38 @@
+"""What tests share besides fixtures: data makers, S3 helpers and constants. Tests import these from here;
+tests/conftest.py holds only fixtures and the environment set-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The secret key the test S3 server accepts; tests look for it in every file the jobs write.
+TEST_SECRET = "test-secret-7f3a9c-never-written-anywhere"
+
+# A model small enough to fit through Ray in seconds on the texture dataset.
+TEST_CONFIG_KW = {"image_size": 112, "tiles": 1, "blocks": (6,)}
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """[n, d] float32, rows L2-normalised."""
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_bucket(endpoint_url: str, name: str) -> None:
+    import pyarrow.fs as pafs
+    pafs.S3FileSystem(endpoint_override=endpoint_url.split("://")[1], scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(name)
+
+
+def upload(local: Path, uri: str, options) -> list[str]:
+    """Copy every file under `local` to `uri`; returns the object URIs."""
+    from anomaly_core import storage
+    out = []
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        out.append(storage.join(uri, f.relative_to(local).as_posix()))
+        storage.write_bytes(out[-1], f.read_bytes(), options)
+    return out
