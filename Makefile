@@ -1,11 +1,14 @@
 # Two commands on a fresh machine (each installs what it needs first):
 #   make demo   - fit and score a small real-texture demo archive with local Ray, print the results
-#   make test   - run the test suite
+#   make test   - run every test: unit, integration (starts Ray, an S3 server, Chromium, a Ray head) and
+#                 realdata (../shared/data, skipped without it); minutes
+#   make test-unit - only the unit tests (-m "not integration and not realdata"): no service started;
+#                 the quick check while editing
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install
+.PHONY: demo test test-unit install
 
 install: $(STAMP)
 
@@ -24,3 +27,6 @@ test: $(STAMP)
 	# the report test renders in a real browser: Debian's Chromium (needs root, as on these machines)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not realdata" tests
