@@ -52,7 +52,7 @@ def align_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centre = np.full(2, (s - 1) / 2)
     out = np.empty_like(images)
     poses = np.stack([edge_pose(im.mean(axis=-1)) for im in images])         # [B, 3]
-    for i, (im, (cy, cx, theta)) in enumerate(zip(images, poses)):
+    for i, (im, (cy, cx, theta)) in enumerate(zip(images, poses, strict=True)):
         m = _matrix(theta)
         offset = np.array([cy, cx]) - m @ centre
         for ch in range(im.shape[-1]):
@@ -66,7 +66,7 @@ def unalign_maps(maps: np.ndarray, poses: np.ndarray) -> np.ndarray:
     s = maps.shape[1]
     centre = np.full(2, (s - 1) / 2)
     out = np.empty_like(maps)
-    for i, (amap, (cy, cx, theta)) in enumerate(zip(maps, poses)):
+    for i, (amap, (cy, cx, theta)) in enumerate(zip(maps, poses, strict=True)):
         inv = _matrix(theta).T                                               # rotations: inverse = transpose
         out[i] = ndimage.affine_transform(amap, inv, offset=centre - inv @ np.array([cy, cx]), order=1,
                                           mode="nearest")

@@ -44,7 +44,7 @@ class StorageOptions:
             raise ValueError(f"endpoint_url={self.endpoint_url!r} must start with http:// or https://, "
                              f"e.g. http://127.0.0.1:9000")
 
-    def resolved(self) -> "StorageOptions":
+    def resolved(self) -> StorageOptions:
         """These options with the environment fallbacks filled in (they hold no secret)."""
         return dataclasses.replace(
             self,

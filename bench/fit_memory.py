@@ -98,8 +98,8 @@ def main() -> None:
         raise SystemExit(f"fit failed:\n{p.stderr[-4000:]}")
     r = json.loads(lines[0][len("RESULT "):])
     s = r["stats"]
-    print(f"| images | patch features MB | budget MB | fit s | driver peak RSS MB | driver + Ray peak PSS MB "
-          f"| spilled MB (objects) | bank | cover radius |")
+    print("| images | patch features MB | budget MB | fit s | driver peak RSS MB | driver + Ray peak PSS MB "
+          "| spilled MB (objects) | bank | cover radius |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {a.images} | {feature_mb:.0f} | {a.budget_mb} | {r['wall_s']} | {r['driver_rss_mb']:.0f} | "
           f"{r['total_pss_mb']:.0f} | {r['spilled_mb']} ({r['spilled_objects']}) | {s['bank_size']} | "

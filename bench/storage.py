@@ -83,8 +83,8 @@ def main() -> None:
         assert storage.list_files("s3://archive/parts", opts) and local["images"] == s3["images"] == n
     finally:
         server.stop()
-    print(f"| source | images | seconds | images/s | driver peak RSS MB |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| source | images | seconds | images/s | driver peak RSS MB |")
+    print("| --- | --- | --- | --- | --- |")
     for name, r in (("local disk", local), ("S3 (moto_server, 127.0.0.1)", s3)):
         print(f"| {name} | {r['images']} | {r['wall_seconds']} | {r['images'] / r['wall_seconds']:.1f} | "
               f"{r['driver_peak_rss_mb']} |")

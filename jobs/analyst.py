@@ -16,7 +16,7 @@ SQL_FILE = Path(__file__).with_name("analyst.sql")
 def load_queries(path: Path = SQL_FILE) -> dict[str, str]:
     """{name: sql} from `-- name: X` sections of the SQL file, in file order."""
     parts = re.split(r"^-- name: (\w+)\s*$", path.read_text(), flags=re.M)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def connect(out: str, options: StorageOptions | None = None) -> duckdb.DuckDBPyConnection:
@@ -38,4 +38,4 @@ def run_query(con: duckdb.DuckDBPyConnection, name: str, **params) -> list[dict]
         raise KeyError(f"query {name!r} is unknown; choose one of {list(queries)}")
     cur = con.execute(queries[name], params or None)
     cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, row)) for row in cur.fetchall()]
+    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]

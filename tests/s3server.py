@@ -38,7 +38,7 @@ class MotoServer:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {self.url} (exit {self.proc.poll()})")
+                    raise RuntimeError(f"moto_server did not start on {self.url} (exit {self.proc.poll()})") from None
                 time.sleep(0.2)
 
     def stop(self) -> None:

@@ -24,18 +24,21 @@ storage: {endpoint_url: "http://127.0.0.1:9000", region: eu-west-1, anonymous: t
 ray: {address: "127.0.0.1:6379"}
 """))
     assert (a.batch_size, a.actors, a.device, a.rows_per_file, a.address) == (4, 2, "cpu", 8, "127.0.0.1:6379")
-    assert (a.storage.endpoint_url, a.storage.region, a.storage.anonymous) == ("http://127.0.0.1:9000", "eu-west-1", True)
+    assert (a.storage.endpoint_url, a.storage.region) == ("http://127.0.0.1:9000", "eu-west-1")
+    assert a.storage.anonymous is True
     assert a.date == "2026-11-21" and a.archive_for(a.date) == "s3://archive/2026-11-21/line-3/"
 
 
 def test_defaults_fill_what_the_file_leaves_out(tmp_path):
     a = load_audit(write(tmp_path, "model: m\narchive: a\noutput: o\n"))
-    assert (a.date, a.batch_size, a.actors, a.rows_per_file, a.storage.endpoint_url) == (None, 16, None, 1024, None)
+    assert (a.date, a.batch_size, a.actors, a.rows_per_file) == (None, 16, None, 1024)
+    assert a.storage.endpoint_url is None
 
 
 @pytest.mark.parametrize("text, message", [
     ("model: m\narchive: a\noutput: o\nresorces: {}\n", r"unknown key\(s\) \['resorces'\]; valid keys"),
-    ("model: m\narchive: a\noutput: o\nresources: {batchsize: 4}\n", r"\[resources\]: unknown key\(s\) \['batchsize'\]"),
+    ("model: m\narchive: a\noutput: o\nresources: {batchsize: 4}\n",
+     r"\[resources\]: unknown key\(s\) \['batchsize'\]"),
     ("model: m\noutput: o\n", r"missing required key\(s\) \['archive'\]"),
     ("model: m\narchive: a\noutput: o\ndate: last week\n", "must be YYYY-MM-DD"),
     ("model: m\narchive: a\noutput: o\nstorage: {endpoint_url: 'localhost:9000'}\n", "must start with http"),

@@ -13,7 +13,6 @@ from jobs.cli import main
 from jobs.score import run_score
 
 
-
 @pytest.fixture(scope="module")
 def model(fitted_model_dir):
     return fitted_model_dir
@@ -97,8 +96,8 @@ def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
 
 
 def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():
-    from jobs.fit import check_budget
     from anomaly_core.config import ModelConfig
+    from jobs.fit import check_budget
     with pytest.raises(ValueError, match="lower --coreset-ratio"):
         check_budget(ModelConfig(), 10 ** 8, 4096)                     # 2 x 10^7 survivors x 896 floats
     check_budget(ModelConfig(coreset_ratio=0.001), 10 ** 7, 4096)      # 10^4 x 2: fits

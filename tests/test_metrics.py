@@ -49,7 +49,7 @@ def reference_aupro(masks, maps, limit):
     by the limit. Shares no code with metrics.aupro, which sweeps every threshold in one sort."""
     from scipy import ndimage
     regions = []
-    for m, a in zip(masks, maps):
+    for m, a in zip(masks, maps, strict=True):
         lab, n = ndimage.label(m, structure=np.ones((3, 3)))
         regions += [a[lab == i] for i in range(1, n + 1)]
     normal = maps[~masks]

@@ -8,7 +8,6 @@ import pytest
 from anomaly_core import decode_heatmap
 from jobs.analyst import connect, load_queries, run_query
 
-
 # every test reads the nightly audits scored through Ray
 pytestmark = pytest.mark.integration
 

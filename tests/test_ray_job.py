@@ -51,7 +51,7 @@ def ray_head(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray head did not start (exit {proc.poll()}); see {log.name}")
+                raise RuntimeError(f"ray head did not start (exit {proc.poll()}); see {log.name}") from None
             time.sleep(1)
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)                  # `ray start --block` stops its cluster on SIGTERM

@@ -15,7 +15,6 @@ from anomaly_core import storage
 from jobs import output
 from jobs.score import run_score
 
-
 # scores through Ray, and kills and restarts a score job
 pytestmark = pytest.mark.integration
 

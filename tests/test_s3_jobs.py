@@ -11,12 +11,10 @@ import pytest
 from anomaly_core import storage
 from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageError, StorageOptions
-from jobs import output
 from jobs.analyst import connect
 from jobs.fit import run_fit
 from jobs.score import run_score
 from tests.helpers import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
-
 
 # fits and scores through Ray against a moto S3 server
 pytestmark = pytest.mark.integration
