@@ -15,14 +15,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly_core import storage
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.storage import StorageOptions
-from anomaly_core.threshold import Calibration
 from anomaly_core.weights import file_sha256
 
 FORMAT = "anomaly-model"
@@ -32,18 +30,6 @@ MANIFEST = "manifest.json"
 
 class ModelFileError(RuntimeError):
     """A model directory is missing, incomplete or does not match its manifest."""
-
-
-@dataclass(frozen=True)
-class Model:
-    config: ModelConfig
-    bank: MemoryBank
-    calibration: Calibration
-    manifest: dict
-
-    @property
-    def model_id(self) -> str:
-        return self.manifest["model_id"]
 
 
 def _versions() -> dict:
@@ -66,9 +52,10 @@ def check_target(uri: str, *, overwrite: bool, options: StorageOptions | None = 
                               f"choose an empty or new location for the model")
 
 
-def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration,
+def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: dict,
                weights: dict, stats: dict, overwrite: bool = False, options: StorageOptions | None = None) -> dict:
-    """Write the model folder at `uri`; returns the manifest. `stats` holds counts and timings."""
+    """Write the model folder at `uri`; returns the manifest. `calibration` and `stats` are stored as given
+    (anomaly_core.model.Model.save passes its Calibration and FitStats as dicts)."""
     uri = str(uri)
     check_target(uri, overwrite=overwrite, options=options)
     # local: build in a sibling folder (same file system, so the final rename is atomic); S3: anywhere
@@ -91,7 +78,7 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
             "weights": weights,
             "bank": {"size": bank.size, "dim": bank.dim, "metric": "cosine", "index": config.index,
                      "shards": shards},
-            "calibration": calibration.to_dict(),
+            "calibration": calibration,
             "stats": stats,
             "versions": _versions(),
             "files": files,
@@ -129,8 +116,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ANOMALY_CACHE") or Path.home() / ".cache" / "anomaly-audit")
 
 
-def load_model(uri: str, options: StorageOptions | None = None) -> Model:
-    """Load a model and verify every file against the manifest's checksums."""
+def load_artifact(uri: str, options: StorageOptions | None = None) -> tuple[dict, MemoryBank]:
+    """(manifest, bank) of the model folder at `uri`, every file verified against the manifest's checksums
+    (anomaly_core.model.Model.load builds the model from them)."""
     uri = str(uri)
     manifest = read_manifest(uri, options)
     if storage.is_s3(uri):
@@ -151,5 +139,4 @@ def load_model(uri: str, options: StorageOptions | None = None) -> Model:
                                  f"{meta['sha256'][:12]}...: the file was modified or corrupted; refit")
     config = ModelConfig.from_dict(manifest["config"])
     bank = MemoryBank.load(path, manifest["bank"]["shards"], nprobe=config.nprobe, ef_search=config.ef_search)
-    return Model(config=config, bank=bank,
-                 calibration=Calibration(**manifest["calibration"]), manifest=manifest)
+    return manifest, bank

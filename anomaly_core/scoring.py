@@ -12,6 +12,15 @@ from scipy import ndimage
 REDUCTIONS = ("topk_mean", "max")
 
 
+def patch_distances(features: np.ndarray, bank, *, foreground: np.ndarray | None = None) -> np.ndarray:
+    """Descriptors [B, P, D] float32 unit rows -> [B, P] float32 cosine distance of each patch to its
+    nearest bank entry (`bank.nearest`, anomaly_core.index.MemoryBank); patches outside `foreground`
+    ([B, P] bool, None: everywhere) score 0."""
+    b, p, d = features.shape
+    dist = bank.nearest(features.reshape(-1, d)).reshape(b, p)                    # [B, P]
+    return dist if foreground is None else np.where(foreground, dist, np.float32(0))
+
+
 def image_scores(patch_distances: np.ndarray, *, reduction: str, top_fraction: float) -> np.ndarray:
     """Image anomaly score from its patches.
 

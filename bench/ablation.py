@@ -5,8 +5,8 @@
 Each variant changes one or two options of the plain method (block 7, 224 px, no aggregation). The
 backbone runs once per input geometry (224 px with blocks 5, 7 and 9 together; 392 px as 2x2 tiles;
 392 px whole: the same 28 x 28 patch grid), through the library's own FeatureExtractor.tokens; every
-variant then builds descriptors with `describe_tokens`, fits with `fit_bank` (composable coreset, hold-out
-calibration) and scores with `score_features`, exactly as the jobs do. The few-shot rows fit on 4 good
+variant then builds descriptors with `describe_tokens`, fits with `Model.fit_features` (composable coreset,
+hold-out calibration) and scores with `score_features`, exactly as the jobs do. The few-shot rows fit on 4 good
 images (the first 4 of the bank split) and calibrate on the usual held-out ones. Metrics follow
 anomaly_core.metrics on float maps at the variant's input_size (`anomaly evaluate` reads back 8-bit
 heatmaps, which moves pixel metrics by < 0.001).
@@ -33,8 +33,9 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.augment import augment_images  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.images import decode_image, resize_square  # noqa: E402
-from anomaly_core.pipeline import (FeatureExtractor, describe_tokens, feature_blocks, fit_bank,  # noqa: E402
-                                   images_per_block, score_features, split_holdout)
+from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
+from anomaly_core.fit import split_holdout  # noqa: E402
+from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import smooth_map  # noqa: E402
 from bench.features import list_images, tokens_seconds  # noqa: E402
 from jobs.evaluate import load_mask  # noqa: E402
@@ -95,17 +96,14 @@ def fit_and_search(cfg: ModelConfig, n_few: int | None, t: dict, held: np.ndarra
         is_held = np.r_[np.zeros(len(f_few), dtype=bool), np.ones(held.sum(), dtype=bool)]
     else:
         is_held = held
-    n_bank = int((~is_held).sum())
-    bank, _, stats = fit_bank(feature_blocks(f_train, is_held, images_per_block=images_per_block(cfg),
-                                             foreground=fg_train),
-                              config=cfg, n_estimate=n_bank * cfg.grid_size ** 2)
+    model = Model.fit_features(f_train, config=cfg, held=is_held, foreground=fg_train)
     t_fit = time.perf_counter() - start
     start = time.perf_counter()
     f_test, fg_test = describe_tokens(sel(t["test"]), config=cfg)
-    scores, maps = score_features(f_test, bank, config=dataclasses.replace(cfg, smoothing_sigma=0.0),
-                                  foreground=fg_test)
-    return {"scores": scores, "maps": maps, "fit_s": t_fit, "search_s": time.perf_counter() - start,
-            "bank": stats["bank_size"]}
+    r = score_features(f_test, model.bank, config=dataclasses.replace(cfg, smoothing_sigma=0.0),
+                       foreground=fg_test)
+    return {"scores": r.scores, "maps": r.maps, "fit_s": t_fit, "search_s": time.perf_counter() - start,
+            "bank": model.bank.size}
 
 
 def run(root: Path, variants: dict[str, tuple[dict, int | None]]) -> list[dict]:

@@ -15,7 +15,7 @@ import numpy as np
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.metrics import auroc
-from anomaly_core.pipeline import score_features
+from anomaly_core.model import score_features
 from features import extract, list_images
 from jobs.evaluate import load_mask
 
@@ -54,7 +54,8 @@ def main() -> None:
         te = norm(np.concatenate([norm(test[b]) for b in combo], -1))
         cfg = ModelConfig(blocks=combo, image_size=s, tiles=1)
         bank = MemoryBank.build(tr.reshape(-1, tr.shape[-1]))
-        sc, maps = score_features(te, bank, config=cfg)
+        r = score_features(te, bank, config=cfg)
+        sc, maps = r.scores, r.maps
         print(f"blocks={'+'.join(map(str, combo)):6s} image_auroc={auroc(labels, sc):.3f} "
               f"pixel_auroc={auroc(masks.ravel(), maps.ravel()):.3f}", flush=True)
 

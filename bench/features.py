@@ -15,7 +15,7 @@ import numpy as np
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
-from anomaly_core.pipeline import FeatureExtractor
+from anomaly_core.features import FeatureExtractor
 
 
 def list_images(folder: Path) -> list[Path]:

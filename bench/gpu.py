@@ -30,14 +30,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly_core.artifact import save_model  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.decode import decode_batch  # noqa: E402
+from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
 from anomaly_core.index import INDEX_KINDS  # noqa: E402
-from anomaly_core.pipeline import (FeatureExtractor, Scorer, decode_batch, describe_tokens,  # noqa: E402
-                                   feature_blocks, fit_bank, images_per_block, score_features, split_holdout)
+from anomaly_core.model import Model  # noqa: E402
 from anomaly_core.scoring import anomaly_maps  # noqa: E402
 from bench.features import median_seconds  # noqa: E402
 from jobs.demo import _texture, add_defect, make_part  # noqa: E402
+from jobs.scorer import Scorer  # noqa: E402
 
 
 def png_parts(n: int, *, size: int, seed: int, defects: bool) -> list[bytes]:
@@ -61,16 +62,9 @@ def raw_batch(pngs: list[bytes]) -> dict[str, np.ndarray]:
 
 
 def fit_model(cfg: ModelConfig, pngs: list[bytes], folder: Path, *, device: str) -> None:
-    """The fit job's steps in-process: decode, features, hold-out split, composable coreset, save."""
+    """The fit job's steps in-process (Model.fit): decode, features, hold-out split, coreset, save."""
     batch = decode_batch(raw_batch(pngs), input_size=cfg.input_size)
-    ex = FeatureExtractor(config=cfg, device=device)
-    feats, fg = ex.describe(batch["pixels"])                                       # [N, P, D], [N, P]
-    held = split_holdout(list(batch["path"]), fraction=cfg.holdout_fraction, seed=cfg.seed)
-    bank, cal, stats = fit_bank(feature_blocks(feats, held, images_per_block=images_per_block(cfg),
-                                               foreground=fg),
-                                config=cfg, n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
-    save_model(str(folder), config=cfg, bank=bank, calibration=cal, stats=stats,
-               weights=ex.backbone.identity)
+    Model.fit(batch["pixels"], config=cfg, names=list(batch["path"]), device=device).save(str(folder))
 
 
 def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_size: int, work: Path) -> None:
@@ -81,7 +75,7 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
     decoded = decode_batch(raw, input_size=cfg.input_size)
     px = decoded["pixels"]                                                         # [N, S, S, 3] uint8
     chunks = [slice(i, i + batch_size) for i in range(0, n_images, batch_size)]
-    ex, bank = scorer.extractor, scorer.model.bank
+    ex, bank = scorer.model.backbone(), scorer.model.bank
     feats = np.concatenate([ex.describe(px[c])[0] for c in chunks])                # [N, P, D]
     dist = bank.nearest(feats.reshape(-1, feats.shape[-1])).reshape(n_images, -1)  # [N, P]
     g = cfg.grid_size
@@ -112,8 +106,8 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
         sub = px[:16]
         a, b = cpu.tokens(sub), ex.tokens(sub)                                       # [16, P, D] unit rows
         cos = (a * b).sum(-1)                                                        # [16, P]
-        s_cpu, _ = score_features(describe_tokens(a, config=cfg)[0], bank, config=cfg, with_maps=False)
-        s_gpu, _ = score_features(describe_tokens(b, config=cfg)[0], bank, config=cfg, with_maps=False)
+        s_cpu = scorer.model.score_features(describe_tokens(a, config=cfg)[0]).scores
+        s_gpu = scorer.model.score_features(describe_tokens(b, config=cfg)[0]).scores
         thr = scorer.model.calibration.threshold
         print(f"bf16 GPU vs float32 CPU tokens: cosine mean {cos.mean():.5f}, min {cos.min():.5f}; "
               f"image scores max |diff| {np.abs(s_cpu - s_gpu).max():.5f} (threshold {thr:.4f}); "

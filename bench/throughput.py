@@ -4,7 +4,7 @@
 
 Three figures, same images, same batch size:
   1. bare backbone forward (already decoded, resized uint8 arrays; the limit),
-  2. the score step in-process (decode + features + kNN + maps + PNG heatmaps; anomaly_core.pipeline),
+  2. the score step in-process (decode + features + kNN + maps + PNG heatmaps; jobs.scorer.Scorer),
   3. the Ray score job end to end (read files -> Parquet), excluding Ray start-up but including actor start.
 """
 
@@ -20,11 +20,12 @@ import numpy as np
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.images import IMAGE_EXTENSIONS
-from anomaly_core.pipeline import Scorer, decode_batch
+from anomaly_core.decode import decode_batch
 from jobs.demo import make_dataset
 from jobs.fit import run_fit
 from jobs.runtime import ensure_ray
 from jobs.score import run_score
+from jobs.scorer import Scorer
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
                           "bytes": np.array([f.read_bytes() for f in files], dtype=object)},
                          input_size=cfg.input_size)
     scorer = Scorer(model_path=str(work / "model"), device="cpu")
-    tokens = scorer.extractor.tokens                  # the bare backbone forward, over every tile
+    tokens = scorer.model.backbone().tokens                  # the bare backbone forward, over every tile
     bs = a.batch_size
     tokens(batch["pixels"][:bs])                                              # warm-up
     t = time.perf_counter()

@@ -9,6 +9,7 @@ Blocks beyond the object store's capacity (`memory_budget_mb` when Ray starts he
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -16,11 +17,12 @@ import numpy as np
 import ray
 
 from anomaly_core import storage
-from anomaly_core.artifact import check_target, save_model
+from anomaly_core.artifact import check_target
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import coreset_size
-from anomaly_core.pipeline import (FeatureExtractor, augment_batch, fit_bank, images_per_block, mark_holdout,
-                                   split_holdout)
+from anomaly_core.features import FeatureExtractor, augment_batch
+from anomaly_core.fit import fit_bank, images_per_block, mark_holdout, patch_estimate, split_holdout
+from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
 from jobs.runtime import default_actors, ensure_ray, list_inputs, ray_map, read_decoded
@@ -63,7 +65,7 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
     uris = list_inputs(data_uri, options)
     held = split_holdout(uris, fraction=config.holdout_fraction, seed=config.seed)
-    n_estimate = int((~held).sum()) * config.n_augment * config.grid_size ** 2
+    n_estimate = patch_estimate(int((~held).sum()), config=config)
     check_budget(config, n_estimate, memory_budget_mb)
     ensure_ray(address, object_store_mb=memory_budget_mb)
     n_actors, threads, gpus = default_actors(actors)
@@ -86,18 +88,14 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     bank, cal, stats = fit_bank(blocks, config=config, n_estimate=n_estimate, map_fn=ray_map,
                                 block_of=numpy_block)
     del blocks
-    for path, error in stats["unreadable"]:
+    for path, error in stats.unreadable:
         log.warning("skipped unreadable training image %s: %s", path, error)
-    bad = {p for p, _ in stats["unreadable"]}
-    stats.update(n_images=len(uris) - len(bad), n_unreadable=len(bad), feature_seconds=round(t_feat, 2),
-                 fit_seconds=round(time.time() - t0, 2),
-                 holdout_images=[u for u, h in zip(uris, held) if h and u not in bad])
-    stats["unreadable"] = sorted(bad)
+    stats = dataclasses.replace(stats, feature_seconds=round(t_feat, 2), fit_seconds=round(time.time() - t0, 2))
     _, weights = load_weights(config.weights, backbone=config.backbone)      # the identity the actors load
-    manifest = save_model(model_uri, config=config, bank=bank, calibration=cal, weights=weights, stats=stats,
-                          overwrite=overwrite, options=options)
+    model = Model(config=config, bank=bank, calibration=cal, weights=weights, stats=stats)
+    manifest = model.save(model_uri, overwrite=overwrite, options=options)
     log.info("fit: %d images (%d unreadable) -> bank %d, threshold %.4f, %.1fs -> %s",
-             stats["n_images"], len(bad), bank.size, cal.threshold, stats["fit_seconds"], model_uri)
+             stats.n_images, len(stats.unreadable), bank.size, cal.threshold, stats.fit_seconds, model_uri)
     return manifest
 
 

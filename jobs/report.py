@@ -169,7 +169,8 @@ def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "auto") -> dict:
     """Score one image in-process (no Ray) and write image | overlay side by side as a PNG."""
-    from anomaly_core.pipeline import Scorer, decode_batch
+    from anomaly_core.decode import decode_batch
+    from jobs.scorer import Scorer
     scorer = Scorer(model_path=model_dir, device=device)
     data = Path(image_path).read_bytes()
     batch = decode_batch({"path": np.array([image_path], dtype=object), "bytes": np.array([data], dtype=object)},

@@ -10,7 +10,7 @@ import ray
 
 from anomaly_core import storage
 from anomaly_core.images import IMAGE_EXTENSIONS
-from anomaly_core.pipeline import read_batch
+from anomaly_core.decode import read_batch
 from anomaly_core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> 
 
 def read_decoded(uris: list[str], *, input_size: int, batch_size: int, options: StorageOptions | None = None,
                  block_rows: int = 64) -> "ray.data.Dataset":
-    """Ray Data dataset of decoded images (anomaly_core.pipeline.read_batch) for `uris`. Objects are
+    """Ray Data dataset of decoded images (anomaly_core.decode.read_batch) for `uris`. Objects are
     fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor.
     block_rows: URIs per block (one read task); 64 amortises a task and still spreads over workers."""
     blocks = [pa.table({"path": uris[s:s + block_rows]}) for s in range(0, len(uris), block_rows)]

@@ -19,11 +19,11 @@ import time
 from anomaly_core import storage
 from anomaly_core.artifact import read_manifest
 from anomaly_core.config import ModelConfig
-from anomaly_core.pipeline import Scorer
 from anomaly_core.storage import StorageOptions
 from jobs import output
 from jobs.audit import resolve_date
 from jobs.runtime import default_actors, ensure_ray, list_inputs, read_decoded
+from jobs.scorer import Scorer
 
 log = logging.getLogger(__name__)
 

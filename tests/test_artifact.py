@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from anomaly_core.artifact import ModelFileError, load_model, save_model
+from anomaly_core.artifact import ModelFileError, load_artifact, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.threshold import calibrate
@@ -12,15 +12,15 @@ from tests.helpers import unit_rows
 
 def _save(path, rng, **kw):
     return save_model(path, config=ModelConfig(blocks=(5, 8)), bank=MemoryBank.build(unit_rows(rng, 30, 8)),
-                      calibration=calibrate(np.array([0.1, 0.2, 0.15]), sigmas=3),
+                      calibration=calibrate(np.array([0.1, 0.2, 0.15]), sigmas=3).to_dict(),
                       weights={"source": "test", "state_sha256": "x"}, stats={"n_images": 3}, **kw)
 
 
 def test_round_trip(tmp_path, rng):
     manifest = _save(tmp_path / "m", rng)
-    model = load_model(tmp_path / "m")
-    assert model.config == ModelConfig(blocks=(5, 8))
-    assert model.bank.size == 30 and model.model_id == manifest["model_id"]
+    loaded, bank = load_artifact(tmp_path / "m")
+    assert ModelConfig.from_dict(loaded["config"]) == ModelConfig(blocks=(5, 8))
+    assert bank.size == 30 and loaded["model_id"] == manifest["model_id"]
     assert not list(tmp_path.glob(".m.tmp-*"))                       # no temporary left behind
 
 
@@ -37,12 +37,12 @@ def test_modified_bank_is_refused(tmp_path, rng):
     with open(tmp_path / "m" / "bank-00000.faiss", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ModelFileError, match="bank-00000.faiss.*modified or corrupted"):
-        load_model(tmp_path / "m")
+        load_artifact(tmp_path / "m")
 
 
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ModelFileError, match="anomaly fit"):
-        load_model(tmp_path)
+        load_artifact(tmp_path)
 
 
 def test_existing_model_is_not_overwritten_silently(tmp_path, rng):

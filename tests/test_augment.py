@@ -39,7 +39,7 @@ def test_augmenting_a_fixtured_part_contradicts_position_and_is_refused():
 
 
 def test_only_readable_bank_images_are_copied(rng):
-    from anomaly_core.pipeline import augment_batch
+    from anomaly_core.features import augment_batch
     batch = {"path": np.array(["a", "held", "bad"], dtype=object), "error": np.array(["", "", "empty"], dtype=object),
              "width": np.array([4, 4, 0]), "pixels": rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)}
     out = augment_batch(batch, name="rotations", held=frozenset({"held"}))
@@ -51,25 +51,18 @@ def test_only_readable_bank_images_are_copied(rng):
 def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
     """Few-shot: 3 bank images of a part with oriented texture; the part turned by 90 degrees scores as an
     anomaly against the plain bank and as normal against the bank augmented with rotations."""
-    from anomaly_core.pipeline import FeatureExtractor, feature_blocks, fit_bank, score_features
+    from anomaly_core.model import Model
     from jobs.demo import _texture
     tex = _texture("brick")                                                          # horizontal courses
     crops = np.stack([np.repeat(tex[r:r + 56, r:r + 56, None], 3, 2) for r in (0, 40, 80, 120, 160)])
     turned = np.rot90(np.repeat(tex[200:256, 200:256, None], 3, 2))[None].copy()
-    held = np.array([False, False, False, True, True])
     ratio = {}
     for name in ("none", "rotations"):
-        cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), augment=name, coreset_ratio=1.0)
-        ex = FeatureExtractor(config=cfg, device="cpu")
-        bank_px = augment_images(crops[~held], name=name)
-        f, fg = ex.describe(np.concatenate([bank_px, crops[held]]))
-        is_held = np.r_[np.zeros(len(bank_px), bool), np.ones(held.sum(), bool)]
-        bank, cal, stats = fit_bank(feature_blocks(f, is_held, images_per_block=8, foreground=fg), config=cfg,
-                                    n_estimate=len(bank_px) * cfg.grid_size ** 2)
-        assert stats["n_train_images"] == 3
-        ft, fgt = ex.describe(turned)
-        ratio[name] = float(score_features(ft, bank, config=cfg, foreground=fgt, with_maps=False)[0][0]
-                            / cal.threshold)
+        cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), augment=name, coreset_ratio=1.0,
+                          holdout_fraction=0.4)
+        model = Model.fit(crops, config=cfg, device="cpu")
+        assert (model.stats.n_train_images, model.stats.n_train_patches) == (3, 3 * cfg.n_augment * 16)
+        ratio[name] = float(model.score(turned).scores[0] / model.calibration.threshold)
     assert ratio["rotations"] < 1 < ratio["none"], ratio
 
 

@@ -50,7 +50,8 @@ def test_the_background_is_the_side_that_holds_the_border_whatever_the_sign(rng)
 def test_background_patches_stay_out_of_the_bank_and_score_zero(rng):
     from anomaly_core.config import ModelConfig
     from anomaly_core.index import MemoryBank
-    from anomaly_core.pipeline import feature_blocks, score_features, train_patches
+    from anomaly_core.fit import feature_blocks, train_patches
+    from anomaly_core.scoring import anomaly_maps, patch_distances
     f = unit_rows(rng, 3 * 16, 8).reshape(3, 16, 8)
     fg = np.zeros((3, 16), dtype=bool)
     fg[:, 4:12] = True                                             # patch rows 1 and 2 of the 4x4 grid
@@ -58,6 +59,7 @@ def test_background_patches_stay_out_of_the_bank_and_score_zero(rng):
     np.testing.assert_array_equal(train_patches(block), f[:2, 4:12].reshape(-1, 8))
     bank = MemoryBank.build(train_patches(block), kind="flat", shard_size=1 << 20, seed=0, nprobe=1, ef_search=16)
     cfg = ModelConfig(image_size=56, tiles=1, blocks=(7,), foreground_mask=True, smoothing_sigma=0)
-    _, maps = score_features(f[2:], bank, config=cfg, foreground=fg[2:])
+    dist = patch_distances(f[2:], bank, foreground=fg[2:]).reshape(1, 4, 4)
+    maps = anomaly_maps(dist, out_size=cfg.input_size, sigma=cfg.map_sigma)
     # patch rows 0 and 3 are background: their outer half-patch of pixels is 0 (bilinear clamps there)
     assert (maps[0, :7] == 0).all() and (maps[0, -7:] == 0).all() and maps[0, 14:42].min() > 0

@@ -58,7 +58,8 @@ SIZE, RADIUS = 112, 16
 
 
 def placement_config(weight: float, **kw) -> ModelConfig:
-    return ModelConfig(image_size=SIZE, tiles=1, blocks=(7,), coreset_ratio=0.5, position_weight=weight, **kw)
+    return ModelConfig(image_size=SIZE, tiles=1, blocks=(7,), coreset_ratio=0.5, position_weight=weight,
+                       holdout_fraction=0.25, **kw)
 
 
 def assembly(rng, parts):
@@ -77,21 +78,10 @@ def assembly(rng, parts):
 
 def score_ratio(cfg: ModelConfig, train: np.ndarray, test: np.ndarray) -> float:
     """Image score of `test` over the calibrated threshold of a model fitted on `train` (>= 1: anomalous),
-    through FeatureExtractor's batch call (alignment included when the config asks for it)."""
-    from anomaly_core.pipeline import FeatureExtractor, feature_blocks, fit_bank, score_features, split_holdout
-    ex = FeatureExtractor(config=cfg, device="cpu")
-
-    def describe(px):
-        out = ex({"path": np.arange(len(px)), "error": np.full(len(px), "", dtype=object), "pixels": px})
-        return out["features"], out["foreground"]
-
-    held = split_holdout([str(i) for i in range(len(train))], fraction=0.25, seed=0)
-    f_train, fg_train = describe(train)
-    bank, cal, _ = fit_bank(feature_blocks(f_train, held, images_per_block=4, foreground=fg_train), config=cfg,
-                            n_estimate=int((~held).sum()) * cfg.grid_size ** 2)
-    f_test, fg_test = describe(test[None])
-    score, _ = score_features(f_test, bank, config=cfg, foreground=fg_test, with_maps=False)
-    return float(score[0] / cal.threshold)
+    alignment included when the config asks for it."""
+    from anomaly_core.model import Model
+    model = Model.fit(train, config=cfg, device="cpu")
+    return float(model.score(test[None]).scores[0] / model.calibration.threshold)
 
 
 def test_a_missing_part_escapes_the_global_search_and_is_caught_by_position():

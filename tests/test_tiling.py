@@ -58,7 +58,8 @@ def test_the_extractor_stitches_real_backbone_tokens_and_maps_cover_the_input(rn
     """Tokens of tile (0, 0)'s own region are the tokens of that tile fed alone; maps are input_size."""
     from anomaly_core.backbone import Backbone
     from anomaly_core.index import MemoryBank
-    from anomaly_core.pipeline import FeatureExtractor, score_features
+    from anomaly_core.features import FeatureExtractor
+    from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
     cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2)       # 4x4 a tile, 6x6 stitched
     px = rng.integers(0, 256, (2, cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
     ex = FeatureExtractor(config=cfg, device="cpu")
@@ -68,5 +69,7 @@ def test_the_extractor_stitches_real_backbone_tokens_and_maps_cover_the_input(rn
     np.testing.assert_allclose(tok[:, :3, :3], ref[:, :3, :3], atol=1e-5)
     feats, fg = ex.describe(px)
     bank = MemoryBank.build(feats[0], kind="flat", shard_size=1 << 20, seed=0, nprobe=1, ef_search=16)
-    scores, maps = score_features(feats, bank, config=cfg, foreground=fg)
+    dist = patch_distances(feats, bank, foreground=fg)                             # [2, 36]
+    scores = image_scores(dist, reduction=cfg.reduction, top_fraction=cfg.top_fraction)
+    maps = anomaly_maps(dist.reshape(2, 6, 6), out_size=cfg.input_size, sigma=cfg.map_sigma)
     assert maps.shape == (2, cfg.input_size, cfg.input_size) and scores[0] < scores[1]

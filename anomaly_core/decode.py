@@ -1,0 +1,66 @@
+"""Bytes -> model-ready pixels, per batch: the read/decode step of every job (Ray read tasks call it).
+
+A batch is dict[str, np.ndarray], as Ray Data's map_batches passes it. An image that cannot be read or
+decoded becomes a row with an error; the job keeps it and writes it out as such.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from anomaly_core import storage
+from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
+from anomaly_core.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+def read_batch(batch: dict[str, np.ndarray], *, input_size: int, options: StorageOptions | None = None
+               ) -> dict[str, np.ndarray]:
+    """{"path": [B] URI} -> decode_batch's output. A missing object becomes a row with an error; any other
+    storage error (access denied, server gone once retries are spent) raises, so that the job stops
+    and no transient failure is ever recorded as a verdict."""
+    blobs, errors = [], []
+    for uri in batch["path"]:
+        try:
+            blobs.append(storage.read_bytes(str(uri), options))
+            errors.append("")
+        except FileNotFoundError as e:
+            blobs.append(b"")
+            errors.append(str(e))
+    return decode_batch({"path": batch["path"], "bytes": np.asarray(blobs, dtype=object),
+                         "error": np.asarray(errors, dtype=object)}, input_size=input_size)
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, input_size: int) -> dict[str, np.ndarray]:
+    """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8,
+    S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 (0 if
+    unreadable), content_sha256 [B] str, error [B] str ("" when fine; a row that arrives with an error
+    keeps it). Drops "bytes"."""
+    n = len(batch["path"])
+    pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    digest, error = [], []
+    prior = batch.get("error", np.full(n, "", dtype=object))
+    for i, data in enumerate(batch["bytes"]):
+        data = bytes(data) if data is not None else b""
+        digest.append(content_hash(data))
+        if prior[i]:
+            error.append(str(prior[i]))
+            continue
+        try:
+            img = decode_image(data)                                         # [H, W, 3] uint8
+        except ImageDecodeError as e:
+            error.append(str(e))
+            log.warning("%s: %s", batch["path"][i], e)
+            continue
+        height[i], width[i] = img.shape[:2]
+        pixels[i] = resize_square(img, input_size)
+        error.append("")
+    out = {k: v for k, v in batch.items() if k != "bytes"}
+    out.update(pixels=pixels, width=width, height=height,
+               content_sha256=np.asarray(digest, dtype=object), error=np.asarray(error, dtype=object))
+    return out

@@ -1,0 +1,76 @@
+"""Pixels -> patch descriptors, the same at fit and at score time: backbone tokens of stitched tiles, then
+neighbourhood aggregation, the position code and the foreground mask as the config says."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from anomaly_core.align import align_images
+from anomaly_core.augment import AUGMENTATIONS, augment_images
+from anomaly_core.backbone import Backbone
+from anomaly_core.config import ModelConfig
+from anomaly_core.foreground import foreground_mask
+from anomaly_core.patches import add_position, aggregate_neighbours
+from anomaly_core.tiling import cut_tiles, stitch_tiles
+
+
+def describe_tokens(tokens: np.ndarray, *, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Stitched backbone tokens [B, G*G, D] unit rows -> (descriptors [B, G*G, feature_dim] unit rows,
+    foreground [B, G*G] bool)."""
+    g = config.grid_size
+    fg = (foreground_mask(tokens, grid=g) if config.foreground_mask
+          else np.ones(tokens.shape[:2], dtype=bool))                               # [B, G*G]
+    f = aggregate_neighbours(tokens, grid=g, size=config.neighbourhood)             # [B, G*G, D]
+    return add_position(f, grid=g, weight=config.position_weight), fg
+
+
+class FeatureExtractor:
+    """The backbone of a config, loaded once (Ray actors build one in __init__).
+
+    Called on a decoded batch (anomaly_core.decode) it returns {"path", "error", "features" [B, P, D]
+    float32, "foreground" [B, P] bool}, P = grid_size^2, images pose-aligned first when the config says
+    so; unreadable rows keep their error, all-zero features and no foreground, so the fit job can report
+    them and leave them out of the bank.
+    """
+
+    def __init__(self, *, config: ModelConfig, device: str = "auto", num_threads: int | None = None):
+        self.config = config
+        self.backbone = Backbone(name=config.backbone, weights=config.weights, image_size=config.image_size,
+                                 blocks=config.blocks, device=device, num_threads=num_threads)
+
+    def tokens(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, D] float32 unit rows, tiles stitched."""
+        cfg = self.config
+        tiles = cut_tiles(pixels, tiles=cfg.tiles, tile_size=cfg.image_size,
+                          stride=cfg.tile_stride)                                        # [B*T*T, s, s, 3]
+        return stitch_tiles(self.backbone.patch_features(tiles), tiles=cfg.tiles, tile_grid=cfg.tile_grid,
+                            overlap=cfg.tile_overlap)                                    # [B, G*G, D]
+
+    def describe(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, S, S, 3] uint8 (already aligned if the config aligns) -> describe_tokens of its tokens:
+        ([B, G*G, feature_dim], [B, G*G] bool)."""
+        return describe_tokens(self.tokens(pixels), config=self.config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        p = self.config.grid_size ** 2
+        feats = np.zeros((len(ok), p, self.config.feature_dim), dtype=np.float32)
+        fg = np.zeros((len(ok), p), dtype=bool)
+        if ok.any():
+            px = batch["pixels"][ok]                                               # [b, S, S, 3]
+            feats[ok], fg[ok] = self.describe(align_images(px)[0] if self.config.align else px)
+        return {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, name: str, held: frozenset[str]) -> dict[str, np.ndarray]:
+    """Decoded batch -> the same columns with each readable bank image followed by its augmented copies
+    (anomaly_core.augment, same path); held-out and unreadable rows stay single."""
+    copies = np.where((batch["error"] == "") & np.array([str(p) not in held for p in batch["path"]]),
+                      len(AUGMENTATIONS[name]), 1)                               # [B]
+    out = {k: np.repeat(v, copies, axis=0) for k, v in batch.items() if k != "pixels"}
+    pixels = []
+    for i, n in enumerate(copies):
+        px = batch["pixels"][i:i + 1]                                             # [1, S, S, 3]
+        pixels.append(augment_images(px, name=name) if n > 1 else px)
+    out["pixels"] = np.concatenate(pixels)                                        # [sum(copies), S, S, 3]
+    return out

@@ -1,0 +1,170 @@
+"""The method as one object: fit on good images, score images, save and load.
+
+    model = Model.fit(good_pixels, config=ModelConfig())        # [N, S, S, 3] uint8, S = config.input_size
+    result = model.score(pixels)                                 # ScoreResult: scores, verdicts, maps
+    model.save("models/plate")                                   # or "s3://bucket/models/plate"
+    model = Model.load("models/plate")
+
+Everything runs in this process. The Ray jobs (jobs/fit.py, jobs/score.py) run the same steps
+(anomaly_core.features, anomaly_core.fit) over distributed blocks, and build a Model from the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from anomaly_core.align import align_images, unalign_maps
+from anomaly_core.artifact import load_artifact, save_model
+from anomaly_core.config import ModelConfig
+from anomaly_core.features import FeatureExtractor, augment_batch
+from anomaly_core.fit import FitStats, feature_blocks, fit_bank, images_per_block, mark_holdout, split_holdout
+from anomaly_core.index import MemoryBank
+from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
+from anomaly_core.storage import StorageOptions
+from anomaly_core.threshold import Calibration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores of a batch of B images."""
+    scores: np.ndarray       # [B] float32 image anomaly scores (Model.is_anomalous gives the verdicts)
+    distances: np.ndarray    # [B, G, G] float32 patch distances (G = grid_size; the aligned frame if aligned)
+    maps: np.ndarray         # [B, S, S] float32 anomaly maps in the image's frame (S = input_size)
+
+
+def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
+                   foreground: np.ndarray | None = None) -> ScoreResult:
+    """Descriptors [B, G*G, D] unit rows and foreground [B, G*G] bool (None: everywhere) -> ScoreResult
+    against `bank` (Model.score_features with the model's own bank; benchmarks pass banks of their own)."""
+    b, g = len(features), config.grid_size
+    dist = patch_distances(features, bank, foreground=foreground)                        # [B, G*G]
+    scores = image_scores(dist, reduction=config.reduction, top_fraction=config.top_fraction)   # [B]
+    grid = dist.reshape(b, g, g)                                                         # [B, G, G]
+    return ScoreResult(scores=scores, distances=grid,
+                       maps=anomaly_maps(grid, out_size=config.input_size, sigma=config.map_sigma))
+
+
+class Model:
+    """A fitted model: its config, memory bank, calibrated threshold, the backbone weights it was fitted
+    with (identity record) and the fit's statistics. `manifest` is set once saved or loaded."""
+
+    def __init__(self, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration, weights: dict | None,
+                 stats: FitStats, manifest: dict | None = None):
+        self.config, self.bank, self.calibration = config, bank, calibration
+        self.weights, self.stats, self.manifest = weights, stats, manifest
+        self._extractor: FeatureExtractor | None = None
+
+    # ---- fitting ---------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, pixels: np.ndarray, *, config: ModelConfig, names: Sequence[str] | None = None,
+            device: str = "auto", batch_size: int = 16) -> Model:
+        """Fit on good images [N, S, S, 3] uint8 (S = config.input_size; anomaly_core.images.resize_square
+        makes them). names: [N] (default "0".."N-1"); they decide the hold-out split, as URIs do in the
+        fit job. Augmented copies (config.augment) are made of the bank images only."""
+        t0 = time.perf_counter()
+        n = len(pixels)
+        names = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
+        held = split_holdout(names, fraction=config.holdout_fraction, seed=config.seed)       # [N] bool
+        held_names = frozenset(x for x, h in zip(names, held) if h)
+        extractor = FeatureExtractor(config=config, device=device)
+        parts = []
+        for s in range(0, n, batch_size):
+            batch = {"path": np.array(names[s:s + batch_size], dtype=object),
+                     "error": np.full(len(names[s:s + batch_size]), "", dtype=object),
+                     "pixels": pixels[s:s + batch_size]}
+            if config.n_augment > 1:
+                batch = augment_batch(batch, name=config.augment, held=held_names)
+            parts.append(mark_holdout(extractor(batch), held=held_names))
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in ("path", "features", "foreground", "held")}
+        t_feat = time.perf_counter() - t0
+        model = cls.fit_features(rows["features"], config=config, held=rows["held"],
+                                 foreground=rows["foreground"], paths=rows["path"],
+                                 weights=extractor.backbone.identity)
+        model._extractor = extractor
+        model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
+                              fit_seconds=round(time.perf_counter() - t0, 2))
+        return model
+
+    @classmethod
+    def fit_features(cls, features: np.ndarray, *, config: ModelConfig, held: np.ndarray | None = None,
+                     foreground: np.ndarray | None = None, paths: Sequence[str] | None = None,
+                     weights: dict | None = None) -> Model:
+        """Fit on descriptors [N, P, D] float32 of good images (FeatureExtractor's; augmented copies
+        included as rows of their own). held: [N] bool rows held out to calibrate (None: split_holdout of
+        the paths); foreground: [N, P] bool (None: everywhere); paths: [N] names (None: "0".."N-1");
+        weights: the backbone's identity record (needed to save)."""
+        names = [str(i) for i in range(len(features))] if paths is None else [str(p) for p in paths]
+        if held is None:
+            held = split_holdout(names, fraction=config.holdout_fraction, seed=config.seed)
+        blocks = feature_blocks(features, held, images_per_block=images_per_block(config),
+                                foreground=foreground, paths=names)
+        bank, calibration, stats = fit_bank(blocks, config=config,
+                                            n_estimate=int((~held).sum()) * config.grid_size ** 2)
+        return cls(config=config, bank=bank, calibration=calibration, weights=weights, stats=stats)
+
+    # ---- scoring ---------------------------------------------------------------------------------------
+    def backbone(self, *, device: str = "auto", num_threads: int | None = None) -> FeatureExtractor:
+        """The model's feature extractor, loaded on the first call (later calls return it as it is).
+        Refuses weights whose tensors differ from those the model was fitted with."""
+        if self._extractor is None:
+            extractor = FeatureExtractor(config=self.config, device=device, num_threads=num_threads)
+            got = extractor.backbone.identity["state_sha256"]
+            if self.weights is not None and got != self.weights["state_sha256"]:
+                raise ValueError(f"model {self.name} was fitted with weights {self.weights} but "
+                                 f"{self.config.weights!r} now loads tensors with sha256 {got[:12]}...; "
+                                 f"install the same weights or refit")
+            self._extractor = extractor
+        return self._extractor
+
+    def score(self, pixels: np.ndarray) -> ScoreResult:
+        """Images [B, S, S, 3] uint8 (S = config.input_size) -> their ScoreResult. Aligned first when the
+        config says so; the maps are turned back to each image's own frame."""
+        if self.config.align:
+            aligned, poses = align_images(pixels)                                # [B, S, S, 3], [B, 3]
+            result = self.score_features(*self.backbone().describe(aligned))
+            return replace(result, maps=unalign_maps(result.maps, poses))
+        return self.score_features(*self.backbone().describe(pixels))
+
+    def score_features(self, features: np.ndarray, foreground: np.ndarray | None = None) -> ScoreResult:
+        """Descriptors [B, G*G, D] and foreground [B, G*G] bool (None: everywhere) -> ScoreResult."""
+        return score_features(features, self.bank, config=self.config, foreground=foreground)
+
+    def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
+        """Image scores [B] -> verdicts [B] bool: at or above the calibrated threshold."""
+        return np.asarray(scores) >= self.calibration.threshold
+
+    # ---- storage ---------------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        if self.manifest is None:
+            raise ValueError("the model has no id until it is saved (Model.save)")
+        return self.manifest["model_id"]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model_id"] if self.manifest else "(not saved)"
+
+    def save(self, uri: str, *, overwrite: bool = False, options: StorageOptions | None = None) -> dict:
+        """Write the model folder (local or s3://; anomaly_core.artifact) and return its manifest."""
+        if self.weights is None:
+            raise ValueError("the model was fitted from features with weights=None; pass the backbone's "
+                             "identity (FeatureExtractor(...).backbone.identity) to fit_features to save it")
+        self.manifest = save_model(uri, config=self.config, bank=self.bank, calibration=self.calibration.to_dict(),
+                                   weights=self.weights, stats=self.stats.to_dict(), overwrite=overwrite,
+                                   options=options)
+        return self.manifest
+
+    @classmethod
+    def load(cls, uri: str, options: StorageOptions | None = None) -> Model:
+        """Load a model folder (local or s3://), every file checked against the manifest."""
+        manifest, bank = load_artifact(uri, options)
+        return cls(config=ModelConfig.from_dict(manifest["config"]), bank=bank,
+                   calibration=Calibration(**manifest["calibration"]), weights=manifest["weights"],
+                   stats=FitStats.from_dict(manifest["stats"]), manifest=manifest)

@@ -1,0 +1,32 @@
+"""Bytes -> pixels per batch: bad images become rows with an error."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from anomaly_core.decode import decode_batch
+
+
+def png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_batch_keeps_bad_rows_with_an_error(rng):
+    good = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    batch = {"path": np.array(["a.png", "b.png", "c.png"], dtype=object),
+             "bytes": np.array([png(good), b"", b"garbage"], dtype=object)}
+    out = decode_batch(batch, input_size=28)
+    assert out["pixels"].shape == (3, 28, 28, 3) and "bytes" not in out
+    assert list(out["error"] == "") == [True, False, False]
+    assert (out["width"][0], out["height"][0]) == (40, 30)
+    assert "empty" in out["error"][1] and len(out["content_sha256"][2]) == 64
+
+
+def test_a_row_that_arrives_with_an_error_keeps_it(rng):
+    batch = {"path": np.array(["s3://b/gone.png"], dtype=object), "bytes": np.array([b""], dtype=object),
+             "error": np.array(["s3://b/gone.png not found"], dtype=object)}
+    out = decode_batch(batch, input_size=14)
+    assert out["error"][0] == "s3://b/gone.png not found" and out["width"][0] == 0
