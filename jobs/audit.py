@@ -1,4 +1,4 @@
-"""An audit described by a YAML file: what `anomaly score --config` and `python -m jobs.score --config` run.
+"""An audit described by a YAML file: what `anomaly score --config` and `python -m jobs score --config` run.
 
     model: s3://models/metal-plate            # written by `anomaly fit`
     archive: s3://archive/line-3/{date}/      # folder, s3:// prefix or manifest file; {date} = audit date
@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from anomaly_core.storage import StorageOptions
+
 
 def resolve_date(value: str | None, *, today: dt.date | None = None) -> str:
     """An audit date as YYYY-MM-DD from YYYY-MM-DD, "today" or "yesterday" (UTC); None means today.

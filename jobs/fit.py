@@ -4,7 +4,7 @@ composable coreset bank + calibration (Ray tasks over the blocks) -> model dir.
 The driver never holds the training features: only the names, the coreset survivors and the bank.
 Blocks beyond the object store's capacity (`memory_budget_mb` when Ray starts here) spill to local disk.
 
-    python -m jobs.fit DATA_URI MODEL_URI [options]     (the same options as `anomaly fit`)
+    python -m jobs fit DATA_URI MODEL_URI [options]     (the same as `anomaly fit`)
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from anomaly_core.artifact import check_target
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import coreset_size
 from anomaly_core.features import FeatureExtractor, augment_batch
-from anomaly_core.fit import fit_bank, images_per_block, mark_holdout, patch_estimate, split_holdout
+from anomaly_core.fit import fit_bank, images_per_block, mark_folds, patch_estimate, split_calibration
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
-from jobs.runtime import default_actors, ensure_ray, list_inputs, ray_map, read_decoded
+from jobs.runtime import default_actors, ensure_ray, list_inputs, model_stage, ray_map, read_decoded, track
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +64,29 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     storage.check_bucket(model_uri, options)
     check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
     uris = list_inputs(data_uri, options)
-    held = split_holdout(uris, fraction=config.holdout_fraction, seed=config.seed)
-    n_estimate = patch_estimate(int((~held).sum()), config=config)
+    plan = split_calibration(uris, config=config)
+    held = plan.held_out(uris)                                # kept out of the final bank (hold-out only)
+    n_estimate = patch_estimate(len(uris) - len(held), config=config)
     check_budget(config, n_estimate, memory_budget_mb)
     ensure_ray(address, object_store_mb=memory_budget_mb)
     n_actors, threads, gpus = default_actors(actors)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run
-    held_uris = frozenset(u for u, h in zip(uris, held) if h)
     ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
     if config.n_augment > 1:
-        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held_uris},
+        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
                             batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
-    ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
+    ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
         "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
-        batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
+        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
+        total=len(held) + (len(uris) - len(held)) * config.n_augment, label="fit: features")
     # one block per coreset partition; blocks stay in the object store (spilled to disk beyond it)
-    ds = ds.map_batches(mark_holdout, fn_kwargs={"held": held_uris},
+    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": plan.folds_of(uris)},
                         batch_size=images_per_block(config), batch_format="numpy", num_cpus=0.5)
     blocks = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
     t_feat = time.time() - t0
     log.info("fit: features of %d images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
-    bank, cal, stats = fit_bank(blocks, config=config, n_estimate=n_estimate, map_fn=ray_map,
+    bank, cal, stats = fit_bank(blocks, config=config, plan=plan, n_estimate=n_estimate, map_fn=ray_map,
                                 block_of=numpy_block)
     del blocks
     for path, error in stats.unreadable:
@@ -97,8 +98,3 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     log.info("fit: %d images (%d unreadable) -> bank %d, threshold %.4f, %.1fs -> %s",
              stats.n_images, len(stats.unreadable), bank.size, cal.threshold, stats.fit_seconds, model_uri)
     return manifest
-
-
-if __name__ == "__main__":
-    from jobs.cli import fit
-    fit(prog_name="python -m jobs.fit")

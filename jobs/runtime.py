@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pyarrow as pa
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
 from anomaly_core import storage
-from anomaly_core.images import IMAGE_EXTENSIONS
 from anomaly_core.decode import read_batch
+from anomaly_core.images import IMAGE_EXTENSIONS
 from anomaly_core.storage import StorageOptions
+from jobs.console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +23,16 @@ log = logging.getLogger(__name__)
 def ensure_ray(address: str | None = None, *, object_store_mb: int | None = None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS); without one, start Ray in this process, with an
     object store of `object_store_mb` (None: Ray's default, 30% of RAM; objects beyond it spill to disk).
-    A cluster's object store is its own configuration: `object_store_mb` applies only to a local start."""
+    A cluster's object store is its own configuration: `object_store_mb` applies only to a local start.
+
+    Ray's own logging is left as it is configured (jobs/console.py sends it to a log file at the CLI);
+    Ray Data's progress bars are off: Progress shows one line per job, in images."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
         log.info("starting Ray in-process (no --address / RAY_ADDRESS)")
         store = None if object_store_mb is None else object_store_mb * 2 ** 20
@@ -34,7 +41,11 @@ def ensure_ray(address: str | None = None, *, object_store_mb: int | None = None
                  object_store_memory=store)
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True          # a StorageError from a task reaches the CLI as itself
-    ctx.enable_progress_bars = os.isatty(2)          # plain logs under `ray job submit` or CI
+    # Ray Data's bars count blocks per operator (0.00/1.00 for a whole run), and its hint about a newer UI
+    # comes with them; Progress replaces both
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False             # the execution plan and dataset id: in its log file
 
 
 def resources() -> tuple[int, int]:
@@ -54,6 +65,54 @@ def default_actors(requested: int | None) -> tuple[int, int, float]:
         return requested or gpus, max(1, cpus // max(gpus, 1)), 1.0
     n = requested or max(1, cpus // 4)
     return n, max(1, cpus // n), 0.0
+
+
+def model_stage(actors: int) -> ray.data.ActorPoolStrategy:
+    """`compute=` of the model stage's map_batches: a fixed pool of `actors` actors."""
+    return ray.data.ActorPoolStrategy(size=actors)
+
+
+class _Track(ExecutionCallback):
+    """Feeds the Progress line of one dataset (a subclass per dataset names it by `key`). Ray Data builds
+    execution callbacks from its DataContext with no arguments, and ships the context to its workers, so
+    the class holds a key and the Progress stays here, on the driver."""
+    key = ""
+
+    def before_execution_starts(self, executor):
+        self.line = _LINES.pop(self.key, None)       # only the first execution counts (see track)
+
+    def on_execution_step(self, executor):
+        if self.line is not None:
+            self.line.update(_rows_out(executor))
+
+    def after_execution_succeeds(self, executor):
+        if self.line is not None:
+            self.line.update(_rows_out(executor))
+            self.line.close()
+
+    def after_execution_fails(self, executor, error):
+        if self.line is not None:
+            self.line.close()
+
+
+_LINES: dict[str, Progress] = {}
+
+
+def _rows_out(executor) -> int:
+    # executor._topology: the operators being run (Ray Data's internals, pinned with ray==2.60.0)
+    return sum(op.metrics.rows_task_outputs_generated for op in executor._topology
+               if isinstance(op, ActorPoolMapOperator))
+
+
+def track(ds: ray.data.Dataset, *, total: int, label: str) -> ray.data.Dataset:
+    """`ds`, whose execution shows one Progress line: rows out of its actor pool (the model stage), of
+    `total`. Only the first execution counts: a write runs the plan, then reads its result once more."""
+    key = f"{label}-{len(_LINES)}-{time.monotonic_ns()}"
+    _LINES[key] = Progress(total=total, label=label)
+    ctx = ds.context
+    ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes,
+                                             type("_Track", (_Track,), {"key": key})]
+    return ds
 
 
 def ray_map(fn, parts, *shared) -> list:
@@ -105,7 +164,7 @@ def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> 
 
 
 def read_decoded(uris: list[str], *, input_size: int, batch_size: int, options: StorageOptions | None = None,
-                 block_rows: int = 64) -> "ray.data.Dataset":
+                 block_rows: int = 64) -> ray.data.Dataset:
     """Ray Data dataset of decoded images (anomaly_core.decode.read_batch) for `uris`. Objects are
     fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor.
     block_rows: URIs per block (one read task); 64 amortises a task and still spreads over workers."""

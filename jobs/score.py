@@ -1,7 +1,7 @@
 """Score job: an image archive -> scores, verdicts and heatmaps (Ray actor pool) -> Parquet.
 
-    python -m jobs.score DATA_URI MODEL_URI OUT_URI [options]     (the same options as `anomaly score`)
-    python -m jobs.score --config audit.yaml [--run-date YYYY-MM-DD]
+    python -m jobs score DATA_URI MODEL_URI OUT_URI [options]     (the same as `anomaly score`)
+    python -m jobs score --config audit.yaml [--run-date YYYY-MM-DD]
 
 A run is one audit: (archive, model, audit date). Its id is derived from those three, so re-running the
 same audit resumes it: images already committed by an earlier, killed attempt are not scored again, and
@@ -22,7 +22,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageOptions
 from jobs import output
 from jobs.audit import resolve_date
-from jobs.runtime import default_actors, ensure_ray, list_inputs, read_decoded
+from jobs.runtime import default_actors, ensure_ray, list_inputs, model_stage, read_decoded, track
 from jobs.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
             "model_path": model_uri, "device": "cuda" if gpus else device, "num_threads": threads,
             "run_id": run_id, "run_time": now.isoformat(timespec="seconds"), "run_date": run_date,
             "options": options},
-            batch_size=batch_size, concurrency=n_actors, num_cpus=1, num_gpus=gpus, batch_format="numpy")
+            batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy")
+        ds = track(ds, total=len(todo), label="score")
         ds.write_datasink(output.StagedParquetSink(out_uri, run_id, rows_per_file=rows_per_file,
                                                    options=options))
     output.publish(out_uri, run_id, run_date, options)
@@ -101,8 +102,3 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     output.write_summary(out_uri, run_id, summary, options)
     log.info("score: %s", summary)
     return summary
-
-
-if __name__ == "__main__":
-    from jobs.cli import score
-    score(prog_name="python -m jobs.score")

@@ -55,9 +55,9 @@ def test_raycronjob_has_what_kuberay_reads_and_a_valid_entrypoint():
         g["template"]["spec"]["containers"][0]["image"] == head["image"] for g in workers)
     assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in workers)
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "jobs.score"]
+    assert argv[:3] == ["python", "-m", "jobs"]
     with click.Context(main) as ctx:                                  # the CLI accepts these arguments
-        main.commands["score"].make_context("score", argv[3:], parent=ctx)
+        main.commands[argv[3]].make_context(argv[3], argv[4:], parent=ctx)
     assert load_audit(Path(__file__).parents[1] / argv[argv.index("--config") + 1]).date == "yesterday"
 
 

@@ -63,7 +63,7 @@ def ray_head(tmp_path_factory):
 
 
 def submit(url, env, *argv) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir . -- python -m jobs.score ...`, exactly as the README shows it.
+    """`ray job submit --working-dir . -- python -m jobs score ...`, exactly as the README shows it.
     Retried while the head's job agent is still starting (the dashboard answers a few seconds before it)."""
     deadline = time.time() + 120
     while True:
@@ -82,7 +82,7 @@ def test_submitted_audit_writes_parquet_and_a_one_line_summary(ray_head, fitted_
     audit = tmp_path / "audit.yaml"
     audit.write_text(f"model: {fitted_model_dir[0]}\narchive: {tmp_path}/archive/{{date}}\n"
                      f"output: {tmp_path}/out\ndate: 2026-11-21\nresources: {{batch_size: 4}}\n")
-    done = submit(url, env, "jobs.score", "--config", str(audit))
+    done = submit(url, env, "jobs", "score", "--config", str(audit))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"')))
     assert (summary["images"], summary["errors"], summary["run_date"]) == (10, 0, "2026-11-21")
@@ -93,6 +93,6 @@ def test_submitted_audit_writes_parquet_and_a_one_line_summary(ray_head, fitted_
 
 def test_a_failing_job_ends_with_a_nonzero_status_and_the_reason(ray_head, tmp_path):
     url, env = ray_head
-    failed = submit(url, env, "jobs.score", str(tmp_path), str(tmp_path / "no_model"), str(tmp_path / "out"))
+    failed = submit(url, env, "jobs", "score", str(tmp_path), str(tmp_path / "no_model"), str(tmp_path / "out"))
     assert failed.returncode != 0
     assert "is not a fitted model" in failed.stdout + failed.stderr

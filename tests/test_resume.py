@@ -38,7 +38,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 def test_killed_run_resumes_without_duplicates_or_gaps(archive, fitted_model_dir, tmp_path, ray_local):
     out, date = tmp_path / "out", "2026-11-24"
-    argv = [sys.executable, "-m", "jobs.score", str(archive), str(fitted_model_dir[0]), str(out),
+    argv = [sys.executable, "-m", "jobs", "score", str(archive), str(fitted_model_dir[0]), str(out),
             "--batch-size", "2", "--rows-per-file", "2", "--run-date", date]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}          # its own in-process Ray
     proc = subprocess.Popen(argv, env=env, start_new_session=True,

@@ -87,12 +87,12 @@ def test_a_missing_bucket_stops_the_job_before_any_work(s3_model, s3):
 def test_server_outage_mid_run_then_rerun_finishes_without_duplicates(s3_model, s3, s3_server):
     out = "s3://audits/outage"
     # the 3rd staged file's CompleteMultipartUpload finds the server gone. The first attempt runs as a
-    # separate `python -m jobs.score` process, as a nightly job would: it must end, with status 1 and the
+    # separate `python -m jobs score` process, as a nightly job would: it must end, with status 1 and the
     # reason, and take its Ray with it.
     s3_server.cut_at(rb"^POST /audits/outage/_staging/\S*uploadId=", after=2)
     try:
         first = subprocess.run(
-            [sys.executable, "-m", "jobs.score", "s3://archive/brick/test", s3_model[0], out, "--batch-size", "2",
+            [sys.executable, "-m", "jobs", "score", "s3://archive/brick/test", s3_model[0], out, "--batch-size", "2",
              "--rows-per-file", "2", "--run-date", "2026-11-23", "--endpoint-url", s3_server.url],
             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True,
             timeout=600)
