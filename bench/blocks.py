@@ -7,17 +7,20 @@ data set, full bank, in-process (no Ray). One forward pass yields every block.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from anomaly_core.config import ModelConfig
-from anomaly_core.index import MemoryBank
-from anomaly_core.metrics import auroc
-from anomaly_core.model import score_features
-from features import extract, list_images
-from jobs.evaluate import load_mask
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.index import MemoryBank  # noqa: E402
+from anomaly_core.metrics import auroc  # noqa: E402
+from anomaly_core.model import score_features  # noqa: E402
+from bench.features import extract, list_images  # noqa: E402
+from jobs.evaluate import load_mask  # noqa: E402
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
 from anomaly_core.features import FeatureExtractor
+from anomaly_core.images import IMAGE_EXTENSIONS, decode_image, resize_square
 
 
 def list_images(folder: Path) -> list[Path]:

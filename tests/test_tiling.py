@@ -57,8 +57,8 @@ def test_bad_tiling_is_refused_with_the_valid_range(kw, msg):
 def test_the_extractor_stitches_real_backbone_tokens_and_maps_cover_the_input(rng):
     """Tokens of tile (0, 0)'s own region are the tokens of that tile fed alone; maps are input_size."""
     from anomaly_core.backbone import Backbone
-    from anomaly_core.index import MemoryBank
     from anomaly_core.features import FeatureExtractor
+    from anomaly_core.index import MemoryBank
     from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
     cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2)       # 4x4 a tile, 6x6 stitched
     px = rng.integers(0, 256, (2, cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
