@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from anomaly_core.config import ModelConfig
@@ -40,3 +42,13 @@ def test_dict_round_trip_and_unknown_keys():
 ])
 def test_map_smoothing_spans_the_same_fraction_of_the_image_at_every_size(kw, pixels):
     assert ModelConfig(**kw).map_sigma == pytest.approx(pixels)
+
+
+def test_every_field_says_what_it_does_for_the_command_line():
+    for f in dataclasses.fields(ModelConfig):
+        assert f.metadata.get("help", "").strip(), f"ModelConfig.{f.name} needs option(default, 'help text')"
+
+
+def test_a_name_outside_its_registry_lists_the_registry():
+    with pytest.raises(ValueError, match=r"index='annoy' is unknown; choose one of \['flat', 'hnsw', 'ivf', 'ivfpq'\]"):
+        ModelConfig(index="annoy")
