@@ -15,6 +15,12 @@ from anomaly_core.index import INDEX_KINDS
 from anomaly_core.patches import POSITION_DIM
 from anomaly_core.scoring import REDUCTIONS
 
+# How the threshold's normal scores are obtained (anomaly_core.fit.split_calibration).
+CALIBRATIONS = ("auto", "holdout", "crossfit")
+# Fields of models fitted by earlier versions that no longer change what a loaded model computes (its
+# threshold is stored): dropped when such a manifest is read.
+RETIRED_FIELDS = ("threshold_sigmas",)
+
 # Input side at which smoothing_sigma is given: PatchCore's (its sigma of 4 px is for 224 px inputs).
 SMOOTHING_REFERENCE_SIZE = 224
 
@@ -115,10 +121,23 @@ class ModelConfig:
     # and 7 px at 224 px lost AUPRO on all three shared sets (README ablation).
     smoothing_sigma: float = option(4.0, "Gaussian sigma of the anomaly map, in pixels of a 224 px input (scaled "
                                          "with the input size: 7 px at 392).")
+    # Target rate of normal parts flagged anomalous: the threshold is the distribution-free quantile of
+    # normal scores the bank did not see (anomaly_core.threshold; needs 1/rate - 1 of them, else a fitted
+    # tail). 1 in 100 parts: a rate a line can act on, which the calibration images of a few hundred good
+    # images can support without extrapolation (docs/ablation.md, "Verdict").
+    false_alarm_rate: float = option(0.01, "Target fraction of normal parts flagged anomalous (sets the threshold).")
+    # How normal scores are obtained for the threshold: "holdout" (holdout_fraction of the good images stay
+    # out of the bank), "crossfit" (every image scored by a bank fitted without its fold, then all images
+    # enter the bank: K + 1 coreset runs), or "auto": cross-fit when the hold-out would hold fewer images
+    # than the quantile at false_alarm_rate needs, as in few-shot fits.
+    calibration: str = option("auto", "Normal scores for the threshold: holdout, crossfit, or auto (crossfit when "
+                                      "the hold-out is too small for the false-alarm rate).",
+                              choices=CALIBRATIONS)
     # Fraction of good images held out of the bank to calibrate the threshold (at least 2 images).
     holdout_fraction: float = option(0.2, "Fraction of good images held out to calibrate the threshold.")
-    # Threshold = mean + k * std of held-out normal image scores; k=3 is ~0.1% false alarms if normal.
-    threshold_sigmas: float = option(3.0, "Threshold = mean + k*std of held-out normal scores.")
+    # Folds of a cross-fitted calibration (leave-one-out when there are fewer images): 5 folds keep 80% of
+    # the images in each fold's bank, as the 20% hold-out does, at 6 coreset runs.
+    crossfit_folds: int = option(5, "Folds of a cross-fitted calibration (fewer images: leave-one-out).")
     # Seed of the hold-out split, the projection and the coreset start point.
     seed: int = option(0, "Seed of the hold-out split, projection and coreset start.")
 
@@ -174,8 +193,11 @@ class ModelConfig:
             raise ValueError(f"smoothing_sigma={self.smoothing_sigma} must be >= 0 (0 disables smoothing)")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
-        if self.threshold_sigmas <= 0:
-            raise ValueError(f"threshold_sigmas={self.threshold_sigmas} must be > 0")
+        if not 0.0 < self.false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate={self.false_alarm_rate} must be in (0, 1), e.g. 0.01 for 1 in 100 "
+                             f"normal parts")
+        if self.crossfit_folds < 2:
+            raise ValueError(f"crossfit_folds={self.crossfit_folds} must be >= 2")
 
     @property
     def tile_grid(self) -> int:
@@ -217,12 +239,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        """Build from a manifest dict; unknown keys are an error, not silently dropped."""
+        """Build from a manifest dict; unknown keys are an error, not silently dropped (RETIRED_FIELDS of
+        older manifests are dropped)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        values = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
-        values = dict(data)
         if "blocks" in values:
             values["blocks"] = tuple(values["blocks"])
         return cls(**values)

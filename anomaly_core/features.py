@@ -29,8 +29,9 @@ class FeatureExtractor:
 
     Called on a decoded batch (anomaly_core.decode) it returns {"path", "error", "features" [B, P, D]
     float32, "foreground" [B, P] bool}, P = grid_size^2, images pose-aligned first when the config says
-    so; unreadable rows keep their error, all-zero features and no foreground, so the fit job can report
-    them and leave them out of the bank.
+    so ("copy" is kept when the batch has one, anomaly_core.features.augment_batch); unreadable rows keep
+    their error, all-zero features and no foreground, so the fit job can report them and leave them out
+    of the bank.
     """
 
     def __init__(self, *, config: ModelConfig, device: str = "auto", num_threads: int | None = None):
@@ -59,15 +60,18 @@ class FeatureExtractor:
         if ok.any():
             px = batch["pixels"][ok]                                               # [b, S, S, 3]
             feats[ok], fg[ok] = self.describe(align_images(px)[0] if self.config.align else px)
-        return {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
+        out = {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
+        return out | ({"copy": batch["copy"]} if "copy" in batch else {})
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, name: str, held: frozenset[str]) -> dict[str, np.ndarray]:
     """Decoded batch -> the same columns with each readable bank image followed by its augmented copies
-    (anomaly_core.augment, same path); held-out and unreadable rows stay single."""
+    (anomaly_core.augment, same path) and a "copy" column [B'] int16 (0: the image itself, as read);
+    held-out and unreadable rows stay single."""
     copies = np.where((batch["error"] == "") & np.array([str(p) not in held for p in batch["path"]]),
                       len(AUGMENTATIONS[name]), 1)                               # [B]
     out = {k: np.repeat(v, copies, axis=0) for k, v in batch.items() if k != "pixels"}
+    out["copy"] = np.concatenate([np.arange(n, dtype=np.int16) for n in copies])     # [sum(copies)]
     pixels = []
     for i, n in enumerate(copies):
         px = batch["pixels"][i:i + 1]                                             # [1, S, S, 3]

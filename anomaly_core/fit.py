@@ -1,9 +1,11 @@
 """Feature blocks -> memory bank + calibrated threshold: the fit recipe, wherever the blocks live.
 
 A feature block is a dict {"path" [B] str, "error" [B] str, "features" [B, P, D] float32, "foreground"
-[B, P] bool, "held" [B] bool}: one coreset partition's worth of images. The fit job keeps its blocks in
-Ray's object store and passes a `map_fn` that runs each pass as Ray tasks; in-process fits
-(anomaly_core.model.Model.fit) keep them in a list and map with a plain loop. Both run `fit_bank`.
+[B, P] bool, "fold" [B] int16, "copy" [B] int16}: one coreset partition's worth of images, each with the
+calibration fold it belongs to (SplitPlan) and its augmentation copy index (0: the image itself). The fit
+job keeps its blocks in Ray's object store and passes a `map_fn` that runs each pass as Ray tasks;
+in-process fits (anomaly_core.model.Model.fit) keep them in a list and map with a plain loop. Both run
+`fit_bank`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, identity, local_map
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_scores, patch_distances
-from anomaly_core.threshold import Calibration, calibrate
+from anomaly_core.threshold import Calibration, calibrate, quantile_images
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class FitStats:
     """What a fit saw and built; stored as the manifest's "stats"."""
-    n_images: int                   # readable good images: bank + held out
+    n_images: int                   # readable good images
     n_train_images: int             # images in the bank (before augmentation copies)
-    n_holdout_images: int           # readable images held out to calibrate the threshold
-    n_train_patches: int            # patches the coreset chose from (augmented copies included)
+    n_calibration_images: int       # images whose scores set the threshold (held out, or cross-fitted)
+    calibration_split: str          # "holdout" or "crossfit-K" (SplitPlan.name)
+    n_train_patches: int            # patches the final coreset chose from (augmented copies included)
     bank_size: int                  # vectors in the memory bank
     cover_radius: float             # largest distance from a training patch to its nearest bank entry
-    coreset_seconds: float
-    holdout_images: list[str]       # names of the held-out images (calibration provenance)
+    coreset_seconds: float          # all coreset runs and calibration passes (K + 1 runs when cross-fitted)
+    calibration_images: list[str]   # names of the calibration images (provenance of the threshold)
     unreadable: list[tuple[str, str]] = field(default_factory=list)   # (name, error) of skipped images
     feature_seconds: float = 0.0    # wall time of feature extraction (set by the caller that ran it)
     fit_seconds: float = 0.0        # wall time of the whole fit (set by the caller)
@@ -45,27 +48,63 @@ class FitStats:
 
     @classmethod
     def from_dict(cls, data: dict) -> FitStats:
-        """From a manifest's "stats". Keys this version does not know are dropped (older manifests kept
-        e.g. n_unreadable); unreadable entries that are bare names get an empty error."""
+        """From a manifest's "stats", also of models fitted before cross-fitting (hold-out names)."""
+        renamed = {"n_holdout_images": "n_calibration_images", "holdout_images": "calibration_images"}
+        values = {renamed.get(k, k): v for k, v in data.items()}
+        values.setdefault("calibration_split", "holdout")
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        values = {k: v for k, v in values.items() if k in known}      # e.g. n_unreadable, now len(unreadable)
         values["unreadable"] = [(u, "") if isinstance(u, str) else tuple(u) for u in values.get("unreadable", [])]
         return cls(**values)
 
 
-def split_holdout(paths: list[str], *, fraction: float, seed: int) -> np.ndarray:
-    """[N] bool, True for images held out of the bank for calibration. Depends only on the set of paths
-    and the seed (not on read order). At least 2 held out, at least 1 kept."""
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which normal images calibrate the threshold, against which bank.
+
+    fold: [N] int16, for each image the fold whose calibration bank leaves it out (-1: in every bank).
+    crossfit False: fold 0 is held out; the bank is fitted on the rest and scores fold 0 (one coreset run).
+    crossfit True: for each fold f a bank fitted without f scores f; the final bank holds every image.
+    """
+    fold: np.ndarray
+    n_folds: int
+    crossfit: bool
+
+    @property
+    def name(self) -> str:
+        return f"crossfit-{self.n_folds}" if self.crossfit else "holdout"
+
+    def held_out(self, paths: Sequence[str]) -> frozenset[str]:
+        """Names of the images kept out of the final bank (none when cross-fitted)."""
+        return frozenset() if self.crossfit else frozenset(
+            str(p) for p, f in zip(paths, self.fold, strict=True) if f == 0)
+
+    def folds_of(self, paths: Sequence[str]) -> dict[str, int]:
+        """name -> fold, for the images that some calibration bank leaves out."""
+        return {str(p): int(f) for p, f in zip(paths, self.fold, strict=True) if f >= 0}
+
+
+def split_calibration(paths: Sequence[str], *, config: ModelConfig) -> SplitPlan:
+    """The SplitPlan of a fit on `paths`. Depends only on the set of names and the seed (not on read order).
+
+    Hold-out: max(2, round(holdout_fraction * N)) images, at least 1 kept. Cross-fit (config.calibration,
+    or "auto" when that hold-out is smaller than the threshold's quantile needs, anomaly_core.threshold):
+    min(crossfit_folds, N) folds of near-equal size (leave-one-out for N <= crossfit_folds).
+    """
     n = len(paths)
-    if n < 3:
-        raise ValueError(f"fit needs at least 3 good images (1 for the bank, 2 to calibrate the threshold); "
-                         f"got {n}")
-    n_hold = min(max(2, int(round(fraction * n))), n - 1)
-    order = np.argsort(np.asarray(paths, dtype=object))                      # canonical order
-    perm = np.random.default_rng(seed).permutation(n)
-    held = np.zeros(n, dtype=bool)
-    held[order[perm[:n_hold]]] = True
-    return held
+    n_hold = min(max(2, int(round(config.holdout_fraction * n))), n - 1)
+    crossfit = (config.calibration == "crossfit"
+                or (config.calibration == "auto" and n_hold < quantile_images(config.false_alarm_rate)))
+    if n < 2 or (n < 3 and not crossfit):
+        raise ValueError(f"fit needs at least 2 good images to calibrate a threshold by cross-fitting (3 with "
+                         f"calibration='holdout'); got {n}")
+    order = np.argsort(np.asarray(paths, dtype=object), kind="stable")              # canonical order
+    rank = np.empty(n, dtype=np.int64)
+    rank[order[np.random.default_rng(config.seed).permutation(n)]] = np.arange(n)   # [N] seeded rank
+    if crossfit:
+        k = min(config.crossfit_folds, n)
+        return SplitPlan(fold=(rank % k).astype(np.int16), n_folds=k, crossfit=True)
+    return SplitPlan(fold=np.where(rank < n_hold, 0, -1).astype(np.int16), n_folds=1, crossfit=False)
 
 
 def images_per_block(config: ModelConfig) -> int:
@@ -79,32 +118,40 @@ def patch_estimate(n_bank_images: int, *, config: ModelConfig) -> int:
     return n_bank_images * config.n_augment * config.grid_size ** 2
 
 
-def mark_holdout(batch: dict[str, np.ndarray], *, held: frozenset[str]) -> dict[str, np.ndarray]:
-    """FeatureExtractor output -> a feature block (adds "held" [B] bool: path in `held`)."""
-    return {"path": batch["path"], "error": batch["error"], "features": batch["features"],
-            "foreground": batch["foreground"], "held": np.array([str(p) in held for p in batch["path"]], dtype=bool)}
+def mark_folds(batch: dict[str, np.ndarray], *, folds: dict[str, int]) -> dict[str, np.ndarray]:
+    """FeatureExtractor output -> a feature block: adds "fold" [B] int16 (SplitPlan.folds_of; -1 for the
+    others) and keeps "copy" [B] int16 (augment_batch's; all 0 when absent)."""
+    out = {k: batch[k] for k in ("path", "error", "features", "foreground")}
+    out["fold"] = np.array([folds.get(str(p), -1) for p in batch["path"]], dtype=np.int16)
+    out["copy"] = batch["copy"] if "copy" in batch else np.zeros(len(batch["path"]), dtype=np.int16)
+    return out
 
 
-def feature_blocks(features: np.ndarray, held: np.ndarray, *, images_per_block: int,
-                   foreground: np.ndarray | None = None, paths: Sequence[str] | None = None
-                   ) -> list[dict[str, np.ndarray]]:
-    """In-memory features [N, P, D], hold-out flags [N] bool, foreground [N, P] bool (None: everywhere) and
-    names [N] (None: "0", "1", ...) -> the blocks fit_bank takes (what the fit job builds in Ray's
-    object store)."""
+def feature_blocks(features: np.ndarray, fold: np.ndarray, *, images_per_block: int,
+                   foreground: np.ndarray | None = None, paths: Sequence[str] | None = None,
+                   copy: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """In-memory features [N, P, D], folds [N] int (SplitPlan.fold), foreground [N, P] bool (None:
+    everywhere), names [N] (None: "0", "1", ...) and copy index [N] (None: all originals) -> the blocks
+    fit_bank takes (what the fit job builds in Ray's object store)."""
     n, p = features.shape[:2]
     fg = np.ones((n, p), dtype=bool) if foreground is None else foreground
     names = np.array([str(i) for i in range(n)] if paths is None else [str(x) for x in paths], dtype=object)
+    cp = np.zeros(n, dtype=np.int16) if copy is None else np.asarray(copy, dtype=np.int16)
+    fold = np.asarray(fold, dtype=np.int16)
     return [{"path": names[s:s + images_per_block],
              "error": np.full(len(names[s:s + images_per_block]), "", dtype=object),
              "features": features[s:s + images_per_block], "foreground": fg[s:s + images_per_block],
-             "held": held[s:s + images_per_block]}
+             "fold": fold[s:s + images_per_block], "copy": cp[s:s + images_per_block]}
             for s in range(0, n, images_per_block)]
 
 
-def train_patches(block: dict[str, np.ndarray]) -> np.ndarray:
-    """[n, D] foreground patch rows of the block's readable, not held-out images (the coreset's input)."""
-    keep = (block["error"] == "") & ~block["held"]                               # [B]
-    return block["features"][keep][block["foreground"][keep]]                   # [b, P, D][b, P] -> [n, D]
+def bank_patches(block: dict[str, np.ndarray], *, leave_out: int | None) -> np.ndarray:
+    """[n, D] foreground patch rows of the block's readable images outside fold `leave_out` (None: all):
+    the coreset's input."""
+    keep = block["error"] == ""                                                    # [B]
+    if leave_out is not None:
+        keep &= block["fold"] != leave_out
+    return block["features"][keep][block["foreground"][keep]]                     # [b, P, D][b, P] -> [n, D]
 
 
 def feature_scores(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
@@ -116,56 +163,78 @@ def feature_scores(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
 
 @dataclass(frozen=True)
 class _BlockCalibration:
-    scores: np.ndarray                  # [m] float32 image scores of the block's held-out images
-    held_paths: list[str]               # their names
-    n_bank_rows: int                    # readable bank rows (augmented copies included)
+    scores: np.ndarray                  # [m] float32 image scores of the block's fold-f originals
+    paths: list[str]                    # their names
+    n_images: int                       # readable original images in the block
     unreadable: list[tuple[str, str]]   # (name, error)
 
 
-def _calibrate_block(block, bank_bytes: list[np.ndarray], *, config: ModelConfig, block_of: Callable
-                     ) -> _BlockCalibration:
-    """One block's held-out scores against the bank (shipped serialised: it runs as a Ray task)."""
+def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig,
+                     block_of: Callable) -> _BlockCalibration:
+    """Scores of the block's fold-`fold` images (originals, not augmented copies) against a bank fitted
+    without them (shipped serialised: this runs as a Ray task)."""
     block = block_of(block)
     bank = MemoryBank.deserialize(bank_bytes, nprobe=config.nprobe, ef_search=config.ef_search)
     ok = block["error"] == ""
-    held = ok & block["held"]                                                   # [B]
-    scores = (feature_scores(block["features"][held], bank, config=config, foreground=block["foreground"][held])
-              if held.any() else np.zeros(0, dtype=np.float32))
+    original = ok & (block["copy"] == 0)
+    sel = original & (block["fold"] == fold)                                      # [B]
+    scores = (feature_scores(block["features"][sel], bank, config=config, foreground=block["foreground"][sel])
+              if sel.any() else np.zeros(0, dtype=np.float32))
     return _BlockCalibration(
-        scores=scores, held_paths=[str(p) for p in block["path"][held]],
-        n_bank_rows=int((ok & ~block["held"]).sum()),
-        unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok])])
+        scores=scores, paths=[str(p) for p in block["path"][sel]], n_images=int(original.sum()),
+        unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)])
 
 
-def fit_bank(blocks: Sequence, *, config: ModelConfig, n_estimate: int, map_fn: MapFn = local_map,
-             block_of: Callable = identity) -> tuple[MemoryBank, Calibration, FitStats]:
+def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estimate: int,
+             map_fn: MapFn = local_map, block_of: Callable = identity) -> tuple[MemoryBank, Calibration, FitStats]:
     """Memory bank and calibration from feature blocks, which stay where they are: every pass over them
     goes through `map_fn` (default: a loop here; the fit job: Ray tasks on the object store).
 
-    block_of: turns an element of `blocks` into the block dict (the fit job's are Arrow blocks).
-    n_estimate: expected training patches (patch_estimate; sets the coreset's round-1 share).
-    Returns the bank, the threshold calibrated on the held-out images, and the fit's statistics.
+    plan: the SplitPlan whose folds the blocks carry. n_estimate: expected patches of the final bank
+    (patch_estimate; sets the coreset's round-1 share). block_of: turns an element of `blocks` into the
+    block dict (the fit job's are Arrow blocks).
+    Returns the bank, the threshold calibrated at config.false_alarm_rate, and the fit's statistics.
     """
     t0 = time.perf_counter()
-    core = composable_coreset(
-        blocks, k=config.coreset_size, ratio=config.coreset_ratio, n_estimate=n_estimate,
-        dim=config.feature_dim, projection_dim=config.projection_dim, oversample=config.coreset_oversample,
-        refine=config.coreset_refine, seed=config.seed, points_of=_compose(train_patches, block_of),
-        map_fn=map_fn)
+
+    def fitted(leave_out: int | None, estimate: int):
+        core = composable_coreset(
+            blocks, k=config.coreset_size, ratio=config.coreset_ratio, n_estimate=estimate,
+            dim=config.feature_dim, projection_dim=config.projection_dim, oversample=config.coreset_oversample,
+            refine=config.coreset_refine, seed=config.seed,
+            points_of=_compose(partial(bank_patches, leave_out=leave_out), block_of), map_fn=map_fn)
+        return core, MemoryBank.build(core.features, kind=config.index, shard_size=config.shard_size,
+                                      seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
+
+    def calibrated(fold: int, bank: MemoryBank) -> list[_BlockCalibration]:
+        return map_fn(partial(_calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
+                      bank.serialize())
+
+    if plan.crossfit:
+        fold_estimate = n_estimate * (plan.n_folds - 1) // plan.n_folds
+        parts = [c for f in range(plan.n_folds) for c in calibrated(f, fitted(f, fold_estimate)[1])]
+        core, bank = fitted(None, n_estimate)
+    else:
+        core, bank = fitted(0, n_estimate)
+        parts = calibrated(0, bank)
     t_core = time.perf_counter() - t0
-    log.info("coreset: %d of %d patches, cover radius %.4f, %.1fs",
-             core.features.shape[0], core.n_points, core.cover_radius, t_core)
-    bank = MemoryBank.build(core.features, kind=config.index, shard_size=config.shard_size,
-                            seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
-    parts = map_fn(partial(_calibrate_block, config=config, block_of=block_of), blocks, bank.serialize())
-    held_scores = np.concatenate([c.scores for c in parts])
-    cal = calibrate(held_scores, sigmas=config.threshold_sigmas)
-    n_train = sum(c.n_bank_rows for c in parts) // config.n_augment
-    stats = FitStats(n_images=n_train + int(held_scores.size), n_train_images=n_train,
-                     n_holdout_images=int(held_scores.size), n_train_patches=core.n_points, bank_size=bank.size,
-                     cover_radius=core.cover_radius, coreset_seconds=round(t_core, 2),
-                     holdout_images=[p for c in parts for p in c.held_paths],
-                     unreadable=[u for c in parts for u in c.unreadable])
+    log.info("coreset: %d of %d patches, cover radius %.4f; calibration %s; %.1fs",
+             core.features.shape[0], core.n_points, core.cover_radius, plan.name, t_core)
+    scores = np.concatenate([c.scores for c in parts])
+    cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
+    if cal.method != "quantile":
+        log.warning("the threshold rests on %d normal images, fewer than the %d that a false-alarm rate of %g "
+                    "needs to be set without a model of the scores: it comes from a log-normal fitted to them. "
+                    "A new normal part is flagged with probability <= %.3f (90%% upper bound %.3f); add good "
+                    "images to tighten it", cal.n_images, quantile_images(config.false_alarm_rate),
+                    config.false_alarm_rate, cal.expected_rate, cal.expected_rate_90)
+    one_pass = parts[:len(blocks)]                               # every block seen once (the first fold's pass)
+    n_images = sum(c.n_images for c in one_pass)
+    stats = FitStats(n_images=n_images, n_train_images=n_images - (0 if plan.crossfit else int(scores.size)),
+                     n_calibration_images=int(scores.size), calibration_split=plan.name,
+                     n_train_patches=core.n_points, bank_size=bank.size, cover_radius=core.cover_radius,
+                     coreset_seconds=round(t_core, 2), calibration_images=[p for c in parts for p in c.paths],
+                     unreadable=[u for c in one_pass for u in c.unreadable])
     return bank, cal, stats
 
 

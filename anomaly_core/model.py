@@ -22,7 +22,8 @@ from anomaly_core.align import align_images, unalign_maps
 from anomaly_core.artifact import load_artifact, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor, augment_batch
-from anomaly_core.fit import FitStats, feature_blocks, fit_bank, images_per_block, mark_holdout, split_holdout
+from anomaly_core.fit import (FitStats, SplitPlan, feature_blocks, fit_bank, images_per_block, mark_folds,
+                              split_calibration)
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
 from anomaly_core.storage import StorageOptions
@@ -67,12 +68,12 @@ class Model:
             device: str = "auto", batch_size: int = 16) -> Model:
         """Fit on good images [N, S, S, 3] uint8 (S = config.input_size; anomaly_core.images.resize_square
         makes them). names: [N] (default "0".."N-1"); they decide the hold-out split, as URIs do in the
-        fit job. Augmented copies (config.augment) are made of the bank images only."""
+        fit job (split_calibration). Augmented copies (config.augment) are made of the bank images only."""
         t0 = time.perf_counter()
         n = len(pixels)
         names = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
-        held = split_holdout(names, fraction=config.holdout_fraction, seed=config.seed)       # [N] bool
-        held_names = frozenset(x for x, h in zip(names, held) if h)
+        plan = split_calibration(names, config=config)
+        held, folds = plan.held_out(names), plan.folds_of(names)
         extractor = FeatureExtractor(config=config, device=device)
         parts = []
         for s in range(0, n, batch_size):
@@ -80,12 +81,12 @@ class Model:
                      "error": np.full(len(names[s:s + batch_size]), "", dtype=object),
                      "pixels": pixels[s:s + batch_size]}
             if config.n_augment > 1:
-                batch = augment_batch(batch, name=config.augment, held=held_names)
-            parts.append(mark_holdout(extractor(batch), held=held_names))
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in ("path", "features", "foreground", "held")}
+                batch = augment_batch(batch, name=config.augment, held=held)
+            parts.append(mark_folds(extractor(batch), folds=folds))
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in ("path", "features", "foreground", "fold", "copy")}
         t_feat = time.perf_counter() - t0
-        model = cls.fit_features(rows["features"], config=config, held=rows["held"],
-                                 foreground=rows["foreground"], paths=rows["path"],
+        model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
+                                 foreground=rows["foreground"], paths=rows["path"], copy=rows["copy"],
                                  weights=extractor.backbone.identity)
         model._extractor = extractor
         model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
@@ -93,20 +94,20 @@ class Model:
         return model
 
     @classmethod
-    def fit_features(cls, features: np.ndarray, *, config: ModelConfig, held: np.ndarray | None = None,
+    def fit_features(cls, features: np.ndarray, *, config: ModelConfig, plan: SplitPlan | None = None,
                      foreground: np.ndarray | None = None, paths: Sequence[str] | None = None,
-                     weights: dict | None = None) -> Model:
-        """Fit on descriptors [N, P, D] float32 of good images (FeatureExtractor's; augmented copies
-        included as rows of their own). held: [N] bool rows held out to calibrate (None: split_holdout of
-        the paths); foreground: [N, P] bool (None: everywhere); paths: [N] names (None: "0".."N-1");
-        weights: the backbone's identity record (needed to save)."""
+                     copy: np.ndarray | None = None, weights: dict | None = None) -> Model:
+        """Fit on descriptors [N, P, D] float32 of good images (FeatureExtractor's; augmented copies as rows
+        of their own, marked by copy [N] int, 0 = the image itself). plan: which rows calibrate (its fold
+        is per row; None: split_calibration of the paths); foreground: [N, P] bool (None: everywhere);
+        paths: [N] names (None: "0".."N-1"); weights: the backbone's identity record (needed to save)."""
         names = [str(i) for i in range(len(features))] if paths is None else [str(p) for p in paths]
-        if held is None:
-            held = split_holdout(names, fraction=config.holdout_fraction, seed=config.seed)
-        blocks = feature_blocks(features, held, images_per_block=images_per_block(config),
-                                foreground=foreground, paths=names)
-        bank, calibration, stats = fit_bank(blocks, config=config,
-                                            n_estimate=int((~held).sum()) * config.grid_size ** 2)
+        plan = plan or split_calibration(names, config=config)
+        blocks = feature_blocks(features, plan.fold, images_per_block=images_per_block(config),
+                                foreground=foreground, paths=names, copy=copy)
+        n_bank_rows = len(names) if plan.crossfit else int((plan.fold != 0).sum())
+        bank, calibration, stats = fit_bank(blocks, config=config, plan=plan,
+                                            n_estimate=n_bank_rows * config.grid_size ** 2)
         return cls(config=config, bank=bank, calibration=calibration, weights=weights, stats=stats)
 
     # ---- scoring ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from tests.helpers import unit_rows
 
 def _save(path, rng, **kw):
     return save_model(path, config=ModelConfig(blocks=(5, 8)), bank=MemoryBank.build(unit_rows(rng, 30, 8)),
-                      calibration=calibrate(np.array([0.1, 0.2, 0.15]), sigmas=3).to_dict(),
+                      calibration=calibrate(np.array([0.1, 0.2, 0.15]), false_alarm_rate=0.05).to_dict(),
                       weights={"source": "test", "state_sha256": "x"}, stats={"n_images": 3}, **kw)
 
 

@@ -59,7 +59,7 @@ def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
     ratio = {}
     for name in ("none", "rotations"):
         cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), augment=name, coreset_ratio=1.0,
-                          holdout_fraction=0.4)
+                          calibration="holdout", holdout_fraction=0.4)
         model = Model.fit(crops, config=cfg, device="cpu")
         assert (model.stats.n_train_images, model.stats.n_train_patches) == (3, 3 * cfg.n_augment * 16)
         ratio[name] = float(model.score(turned).scores[0] / model.calibration.threshold)

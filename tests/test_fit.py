@@ -1,25 +1,42 @@
-"""The fit recipe on feature blocks: hold-out split, blocks, bank and calibration, statistics."""
+"""The fit recipe on feature blocks: calibration split, blocks, bank and threshold, statistics."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.fit import FitStats, feature_blocks, fit_bank, patch_estimate, split_holdout, train_patches
+from anomaly_core.fit import FitStats, bank_patches, feature_blocks, fit_bank, patch_estimate, split_calibration
 from anomaly_core.index import MemoryBank
 from tests.helpers import unit_rows
 
+HOLDOUT = ModelConfig(image_size=28, tiles=1, blocks=(5,), coreset_ratio=1.0, calibration="holdout")
+CROSSFIT = dataclasses.replace(HOLDOUT, calibration="crossfit", crossfit_folds=3)
 
-def test_holdout_split_is_deterministic_and_order_free():
+
+def test_the_split_is_deterministic_and_order_free():
     paths = [f"img{i}.png" for i in range(20)]
-    a = split_holdout(paths, fraction=0.2, seed=3)
-    b = split_holdout(paths[::-1], fraction=0.2, seed=3)[::-1]
-    np.testing.assert_array_equal(a, b)
-    assert a.sum() == 4
+    for cfg in (HOLDOUT, CROSSFIT):
+        a = split_calibration(paths, config=cfg).fold
+        b = split_calibration(paths[::-1], config=cfg).fold[::-1]
+        np.testing.assert_array_equal(a, b)
+    assert (split_calibration(paths, config=HOLDOUT).fold == 0).sum() == 4                    # 20%
+    assert np.bincount(split_calibration(paths, config=CROSSFIT).fold).tolist() == [7, 7, 6]
 
 
-def test_holdout_needs_three_images():
-    with pytest.raises(ValueError, match="at least 3 good images"):
-        split_holdout(["a", "b"], fraction=0.5, seed=0)
+def test_auto_cross_fits_when_the_holdout_is_too_small_for_the_rate():
+    auto = dataclasses.replace(HOLDOUT, calibration="auto", false_alarm_rate=0.05)        # quantile needs 19
+    assert split_calibration([str(i) for i in range(90)], config=auto).crossfit              # 18 held: too few
+    assert not split_calibration([str(i) for i in range(95)], config=auto).crossfit          # 19 held: enough
+    few = split_calibration(list("abcd"), config=auto)
+    assert few.crossfit and few.n_folds == 4 and sorted(few.fold) == [0, 1, 2, 3]              # leave-one-out
+
+
+def test_a_fit_needs_two_images_to_cross_fit_and_three_to_hold_out():
+    with pytest.raises(ValueError, match="at least 2 good images"):
+        split_calibration(["a"], config=CROSSFIT)
+    with pytest.raises(ValueError, match="3 with"):
+        split_calibration(["a", "b"], config=HOLDOUT)
 
 
 def test_patch_estimate_counts_augmented_copies():
@@ -29,25 +46,48 @@ def test_patch_estimate_counts_augmented_copies():
 
 def test_blocks_hold_their_rows_and_names(rng):
     f = unit_rows(rng, 5 * 4, 8).reshape(5, 4, 8)
-    blocks = feature_blocks(f, np.array([0, 0, 1, 0, 1], bool), images_per_block=2, paths=list("abcde"))
+    blocks = feature_blocks(f, np.array([-1, -1, 0, -1, 0]), images_per_block=2, paths=list("abcde"))
     assert [list(b["path"]) for b in blocks] == [["a", "b"], ["c", "d"], ["e"]]
-    np.testing.assert_array_equal(np.concatenate([train_patches(b) for b in blocks]),
+    np.testing.assert_array_equal(np.concatenate([bank_patches(b, leave_out=0) for b in blocks]),
                                   f[[0, 1, 3]].reshape(-1, 8))
+    assert sum(len(bank_patches(b, leave_out=None)) for b in blocks) == 5 * 4
 
 
-def test_fit_bank_calibrates_on_the_held_out_rows_only(rng):
-    """Full bank (ratio 1): bank images score 0 against it, so the threshold comes from the held-out
+def test_a_holdout_fit_calibrates_on_the_held_out_rows_only(rng):
+    """Full bank (ratio 1): the threshold comes from the held-out images' nearest distances to the bank
     images alone; the statistics count what went where, unreadable rows included."""
-    cfg = ModelConfig(image_size=28, tiles=1, blocks=(5,), coreset_ratio=1.0)          # 2 x 2 grid, D 384
-    f = unit_rows(rng, 6 * 4, 384).reshape(6, 4, 384)
-    held = np.array([0, 0, 0, 1, 1, 0], bool)
-    blocks = feature_blocks(f, held, images_per_block=4, paths=[f"i{k}" for k in range(6)])
+    f = unit_rows(rng, 6 * 4, 384).reshape(6, 4, 384)                          # 2 x 2 grid
+    plan = dataclasses.replace(split_calibration(list("abcdef"), config=HOLDOUT),
+                               fold=np.array([-1, -1, -1, 0, 0, -1], np.int16))
+    blocks = feature_blocks(f, plan.fold, images_per_block=4, paths=[f"i{k}" for k in range(6)])
     blocks[1]["error"][1] = "corrupt"                                                  # i5 is unreadable
-    bank, cal, stats = fit_bank(blocks, config=cfg, n_estimate=4 * 4)
+    bank, cal, stats = fit_bank(blocks, config=HOLDOUT, plan=plan, n_estimate=4 * 4)
     ref = MemoryBank.build(f[:3].reshape(-1, 384))
-    expected = ref.nearest(f[3:5].reshape(-1, 384)).reshape(2, 4)                      # [2 held, 4 patches]
-    assert bank.size == 12 and cal.normal_max == pytest.approx(float(expected.max(axis=1).max()), abs=1e-5)
-    assert isinstance(stats, FitStats)
-    assert (stats.n_images, stats.n_train_images, stats.n_holdout_images) == (5, 3, 2)
-    assert stats.holdout_images == ["i3", "i4"] and stats.unreadable == [("i5", "corrupt")]
+    expected = ref.nearest(f[3:5].reshape(-1, 384)).reshape(2, 4).max(axis=1)         # top 1% of 4 = max
+    assert bank.size == 12 and cal.normal_max == pytest.approx(float(expected.max()), abs=1e-5)
+    assert isinstance(stats, FitStats) and stats.calibration_split == "holdout"
+    assert (stats.n_images, stats.n_train_images, stats.n_calibration_images) == (5, 3, 2)
+    assert stats.calibration_images == ["i3", "i4"] and stats.unreadable == [("i5", "corrupt")]
     assert FitStats.from_dict(stats.to_dict()) == stats
+
+
+def test_a_cross_fit_scores_every_image_against_a_bank_without_its_fold_and_banks_them_all(rng):
+    f = unit_rows(rng, 6 * 4, 384).reshape(6, 4, 384)
+    plan = split_calibration([f"i{k}" for k in range(6)], config=CROSSFIT)
+    blocks = feature_blocks(f, plan.fold, images_per_block=4, paths=[f"i{k}" for k in range(6)])
+    bank, cal, stats = fit_bank(blocks, config=CROSSFIT, plan=plan, n_estimate=6 * 4)
+    brute = [MemoryBank.build(f[plan.fold != k].reshape(-1, 384)).nearest(f[i]).max()
+             for i, k in enumerate(plan.fold)]                                              # leave-fold-out
+    assert bank.size == 24 and stats.calibration_split == "crossfit-3"
+    assert (stats.n_train_images, stats.n_calibration_images) == (6, 6)
+    assert sorted(stats.calibration_images) == [f"i{k}" for k in range(6)]
+    assert cal.normal_max == pytest.approx(max(brute), abs=1e-5)
+    assert cal.normal_mean == pytest.approx(np.mean(brute), abs=1e-5)
+
+
+def test_old_manifest_stats_still_load():
+    old = {"n_images": 10, "n_train_images": 8, "n_holdout_images": 2, "n_train_patches": 512, "bank_size": 52,
+           "cover_radius": 0.1, "coreset_seconds": 0.5, "holdout_images": ["a", "b"], "unreadable": ["x.png"],
+           "n_unreadable": 1, "feature_seconds": 1.0, "fit_seconds": 2.0}
+    s = FitStats.from_dict(old)
+    assert (s.n_calibration_images, s.calibration_split, s.unreadable) == (2, "holdout", [("x.png", "")])

@@ -39,8 +39,9 @@ def test_fit_writes_a_calibrated_model(model):
     path, manifest = model
     assert (path / "manifest.json").is_file() and (path / "bank-00000.faiss").is_file()
     stats = manifest["stats"]
-    assert stats["n_images"] == 10 and stats["n_holdout_images"] == 2
-    assert stats["bank_size"] == int(np.ceil(0.1 * 8 * 64))
+    # 10 images are too few for a 1% quantile: cross-fitted in 5 folds, then all 10 enter the bank
+    assert stats["n_images"] == stats["n_calibration_images"] == 10 and stats["calibration_split"] == "crossfit-5"
+    assert stats["bank_size"] == int(np.ceil(0.1 * 10 * 64))
     assert manifest["calibration"]["threshold"] >= manifest["calibration"]["normal_max"]
 
 
@@ -105,13 +106,14 @@ def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():
 
 @pytest.mark.integration
 def test_tiled_augmented_fit_and_score_through_ray(ray_local, texture_dataset, tmp_path):
-    """The fit job augments only bank images and counts each once; heatmaps cover the stitched input."""
+    """The fit job augments only bank images (not the held-out ones) and counts each once; heatmaps cover
+    the stitched input."""
     from anomaly_core.config import ModelConfig
     from jobs.fit import run_fit
-    cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2, augment="flips")
+    cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2, augment="flips", calibration="holdout")
     manifest = run_fit(str(texture_dataset / "train" / "good"), str(tmp_path / "m"), config=cfg, batch_size=4)
     stats = manifest["stats"]
-    assert (stats["n_train_images"], stats["n_holdout_images"]) == (8, 2)
+    assert (stats["n_train_images"], stats["n_calibration_images"]) == (8, 2)
     assert stats["n_train_patches"] == 8 * 4 * cfg.grid_size ** 2             # 4 flips of each bank image
     run_score(str(texture_dataset / "test"), str(tmp_path / "m"), str(tmp_path / "out"), batch_size=4)
     (png, lo, hi), = rows(tmp_path / "out", "SELECT heatmap_png, heatmap_min, heatmap_max FROM {T} LIMIT 1")

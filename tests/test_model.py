@@ -1,5 +1,6 @@
 """The method as one object: fit, score, save and load in one process (no Ray)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -34,11 +35,17 @@ def model() -> Model:
     return Model.fit(parts(8, 0), config=CFG, device="cpu")
 
 
-def test_fit_holds_out_images_and_records_what_it_did(model):
+def test_a_few_shot_fit_cross_fits_its_threshold_and_banks_every_image(model):
     s = model.stats
-    assert (s.n_images, s.n_train_images, s.n_holdout_images) == (8, 6, 2)
-    assert s.bank_size == int(np.ceil(0.5 * 6 * 16)) == model.bank.size
-    assert model.calibration.n_images == 2 and s.fit_seconds >= s.feature_seconds > 0
+    assert (s.n_images, s.n_train_images, s.n_calibration_images, s.calibration_split) == (8, 8, 8, "crossfit-5")
+    assert s.bank_size == int(np.ceil(0.5 * 8 * 16)) == model.bank.size
+    assert model.calibration.n_images == 8 and model.calibration.method == "lognormal_tail"
+    assert s.fit_seconds >= s.feature_seconds > 0
+
+
+def test_a_holdout_fit_keeps_its_calibration_images_out_of_the_bank():
+    m = Model.fit(parts(8, 0), config=dataclasses.replace(CFG, calibration="holdout"), device="cpu")
+    assert (m.stats.n_train_images, m.stats.n_calibration_images, m.stats.bank_size) == (6, 2, 48)
 
 
 def test_a_stained_part_scores_above_normal_parts_and_the_threshold(model):

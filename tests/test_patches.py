@@ -59,7 +59,7 @@ SIZE, RADIUS = 112, 16
 
 def placement_config(weight: float, **kw) -> ModelConfig:
     return ModelConfig(image_size=SIZE, tiles=1, blocks=(7,), coreset_ratio=0.5, position_weight=weight,
-                       holdout_fraction=0.25, **kw)
+                       calibration="holdout", holdout_fraction=0.25, **kw)
 
 
 def assembly(rng, parts):
