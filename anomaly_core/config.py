@@ -238,7 +238,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         """Build from a manifest dict; unknown keys are an error, not silently dropped (RETIRED_FIELDS of
         older manifests are dropped)."""
         known = {f.name for f in dataclasses.fields(cls)}

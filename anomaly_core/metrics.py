@@ -4,6 +4,10 @@
 - AUPRO: area under the per-region-overlap curve up to a false positive rate of 0.3, divided by 0.3
   (Bergmann et al., MVTec AD, IJCV 2021). Regions are 8-connected components of each ground-truth mask.
 - F1-max: the best F1 over all thresholds on image scores (anomalib's F1Max).
+- recall at a false-alarm rate: the share of anomalous images flagged by the lowest threshold that flags at
+  most that share of the normal ones (the ROC curve read at that false positive rate). It uses the test
+  labels, so it describes the scores, not a threshold a user would get; that one is calibrated on normal
+  images only (anomaly_core.threshold).
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     recall = tp / labels.sum()
     f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
     return float(f1.max())
+
+
+def recall_at_false_alarm_rate(labels: np.ndarray, scores: np.ndarray, rate: float) -> float:
+    """labels: [N] bool (True = anomalous), scores: [N] -> the largest share of anomalous images flagged
+    ("score >= t") by a threshold t that flags at most `rate` of the normal images."""
+    labels, scores = _check_binary(labels, scores)
+    normal = np.sort(scores[~labels])[::-1]                           # [n] descending
+    allowed = int(np.floor(rate * normal.size + 1e-9))                # normal images that may be flagged
+    # the lowest admissible t: just above the (allowed+1)-th highest normal score
+    t = np.nextafter(normal[allowed], np.inf) if allowed < normal.size else -np.inf
+    return float((scores[labels] >= t).mean())
 
 
 def aupro(masks: np.ndarray, maps: np.ndarray, *, fpr_limit: float = 0.3) -> float:

@@ -22,8 +22,15 @@ from anomaly_core.align import align_images, unalign_maps
 from anomaly_core.artifact import load_artifact, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor, augment_batch
-from anomaly_core.fit import (FitStats, SplitPlan, feature_blocks, fit_bank, images_per_block, mark_folds,
-                              split_calibration)
+from anomaly_core.fit import (
+    FitStats,
+    SplitPlan,
+    feature_blocks,
+    fit_bank,
+    images_per_block,
+    mark_folds,
+    split_calibration,
+)
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
 from anomaly_core.storage import StorageOptions

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.augment import augment_images  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
-from anomaly_core.images import decode_image, resize_square  # noqa: E402
 from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
 from anomaly_core.fit import split_holdout  # noqa: E402
+from anomaly_core.images import decode_image, resize_square  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import smooth_map  # noqa: E402
 from bench.features import list_images, tokens_seconds  # noqa: E402

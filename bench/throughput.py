@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.images import IMAGE_EXTENSIONS
 from anomaly_core.decode import decode_batch
+from anomaly_core.images import IMAGE_EXTENSIONS
 from jobs.demo import make_dataset
 from jobs.fit import run_fit
 from jobs.runtime import ensure_ray

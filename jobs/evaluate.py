@@ -26,13 +26,25 @@ from jobs.score import run_score
 log = logging.getLogger(__name__)
 
 
+# False-alarm rates at which evaluate reads the recall off the ROC curve (beside the model's own verdicts).
+REPORTED_RATES = (0.01, 0.05)
+
+
+def mask_path(dataset: Path, image: Path) -> Path:
+    """Where the MVTec AD layout keeps the ground-truth mask of a test image."""
+    return dataset / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+
+
+def has_mask(dataset: Path, image: Path) -> bool:
+    """A normal test image needs no mask (every pixel is normal); a defective one needs its file."""
+    return image.parent.name == "good" or mask_path(dataset, image).is_file()
+
+
 def load_mask(dataset: Path, image: Path, *, size: int) -> np.ndarray:
     """[size, size] bool ground truth of a test image; all False for test/good or when no mask exists."""
-    defect = image.parent.name
-    mask_path = dataset / "ground_truth" / defect / f"{image.stem}_mask.png"
-    if defect == "good" or not mask_path.is_file():
+    if not has_mask(dataset, image) or image.parent.name == "good":
         return np.zeros((size, size), dtype=bool)
-    m = Image.open(mask_path).convert("L").resize((size, size), Image.NEAREST)
+    m = Image.open(mask_path(dataset, image)).convert("L").resize((size, size), Image.NEAREST)
     return np.asarray(m) > 127
 
 
@@ -43,6 +55,14 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root / sub} not found: evaluate expects the MVTec AD layout "
                                     f"(train/good, test/<type>, ground_truth/<type>/<stem>_mask.png)")
+    tests = sorted(p for p in (root / "test").rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    defective = [p for p in tests if p.parent.name != "good"]
+    unmasked = [p for p in defective if not has_mask(root, p)]
+    if unmasked:                                     # say so before the fit, not after an hour of work
+        log.warning("%d of %d defective test images have no mask under %s (e.g. %s): pixel metrics use the "
+                    "images that have one%s", len(unmasked), len(defective), root / "ground_truth",
+                    mask_path(root, unmasked[0]), " and are null: none has" if len(unmasked) == len(defective)
+                    else "")
     manifest = run_fit(str(root / "train" / "good"), str(out_dir / "model"), config=config,
                        batch_size=batch_size, actors=actors, device=device, address=address, overwrite=True)
     scores_dir = out_dir / "scores"
@@ -60,12 +80,17 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     labels = np.array([p.parent.name != "good" for p in paths])
     scores = np.array([r[1] for r in rows], dtype=np.float64)
     maps = np.stack([decode_heatmap(r[2], r[3], r[4]) for r in rows])             # [N, S, S]
+    masked = np.array([has_mask(root, p) for p in paths])                         # [N] bool
+    pixel = masked & labels
     masks = np.stack([load_mask(root, p, size=config.input_size) for p in paths])  # [N, S, S]
+    cal = manifest["calibration"]
     result = {
         "dataset": str(root),
         "image_auroc": metrics.auroc(labels, scores),
-        "pixel_auroc": metrics.auroc(masks.ravel(), maps.ravel()),
-        "aupro": metrics.aupro(masks[labels], maps[labels]) if masks.any() else None,
+        # pixel metrics over the images with ground truth; null when no defective image has a mask
+        "pixel_auroc": metrics.auroc(masks[masked].ravel(), maps[masked].ravel()) if pixel.any() else None,
+        "aupro": metrics.aupro(masks[pixel], maps[pixel]) if pixel.any() else None,
+        "n_defective_without_mask": int((labels & ~masked).sum()),
         "f1_max": metrics.f1_max(labels, scores),
         "n_train": manifest["stats"]["n_images"],
         "n_test": len(rows),
@@ -74,9 +99,16 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         "score_seconds": summary["seconds"],
         "fit_images_per_second": round(manifest["stats"]["n_images"] / manifest["stats"]["fit_seconds"], 2),
         "score_images_per_second": summary["images_per_second"],
-        "threshold": manifest["calibration"]["threshold"],
-        "verdict_recall": float((scores[labels] >= manifest["calibration"]["threshold"]).mean()),
-        "verdict_false_positive_rate": float((scores[~labels] >= manifest["calibration"]["threshold"]).mean()),
+        "threshold": cal["threshold"],
+        "threshold_method": cal.get("method"),
+        "target_false_alarm_rate": cal.get("false_alarm_rate"),
+        "calibration_split": manifest["stats"].get("calibration_split", "holdout"),
+        # what a user gets: the model's own verdicts on the test images
+        "verdict_recall": float((scores[labels] >= cal["threshold"]).mean()),
+        "verdict_false_positive_rate": float((scores[~labels] >= cal["threshold"]).mean()),
+        # what the scores allow: recall where the threshold flags at most this share of the test's normal images
+        **{f"recall_at_{rate:g}_false_alarms": metrics.recall_at_false_alarm_rate(labels, scores, rate)
+           for rate in REPORTED_RATES},
         "bank_size": manifest["stats"]["bank_size"],
         "cover_radius": manifest["stats"]["cover_radius"],
         "config": manifest["config"],
@@ -90,7 +122,10 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         f"score_normalised, verdict FROM scores ORDER BY uri) TO '{per_image}' (FORMAT parquet)")
     from jobs.report import write_report
     labels = {str(p): p.parent.name for p in paths}
+    notes = ([f"{result['n_defective_without_mask']} defective test images have no ground-truth mask: pixel "
+              f"metrics {'are not computed' if result['pixel_auroc'] is None else 'use the others only'}."]
+             if result["n_defective_without_mask"] else [])
     write_report(str(scores_dir), str(out_dir / "report.html"), labels=labels,
-                 title=f"Evaluation: {root.name}")
+                 title=f"Evaluation: {root.name}", notes=notes)
     log.info("evaluate: %s", {k: v for k, v in result.items() if k != "config"})
     return result

@@ -16,14 +16,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")                      # no display on servers and in Ray workers
-import matplotlib.pyplot as plt            # noqa: E402
-import numpy as np                         # noqa: E402
-from PIL import Image                      # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from anomaly_core import metrics                                  # noqa: E402
-from anomaly_core.images import ImageDecodeError, decode_image   # noqa: E402
-from anomaly_core.scoring import decode_heatmap                  # noqa: E402
-from jobs.analyst import connect                                 # noqa: E402
+from anomaly_core import metrics  # noqa: E402
+from anomaly_core.images import ImageDecodeError, decode_image  # noqa: E402
+from anomaly_core.scoring import decode_heatmap  # noqa: E402
+from jobs.analyst import connect  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ def _pair(uri: str, png: bytes, lo: float, hi: float, threshold: float) -> tuple
 
 
 def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
-                 title: str = "Anomaly audit") -> Path:
+                 title: str = "Anomaly audit", notes: list[str] | None = None) -> Path:
     """Write the HTML report of every run under `scores_dir`.
 
     labels: optional {uri: defect type, "good" for normal} from ground truth; adds ROC and per-type metrics.
+    notes: lines shown under the title (e.g. what an evaluation could not compute).
     """
     if not any(Path(scores_dir).rglob("*.parquet")):
         raise FileNotFoundError(f"no Parquet files under {scores_dir}: run `anomaly score ... {scores_dir}` first")
@@ -95,6 +96,7 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
              f"{', '.join(sorted({html.escape(str(r[6])) for r in rows}))}; model "
              f"{', '.join(sorted({html.escape(str(r[8])) for r in rows}))}; written "
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+             *(f"<p class='note'>{html.escape(n)}</p>" for n in (notes or [])),
              "<h2>Summary</h2><table>"
              f"<tr><th>images</th><td>{len(rows)}</td></tr><tr><th>scored</th><td>{len(ok)}</td></tr>"
              f"<tr><th>anomalous</th><td>{n_anom} ({n_anom / max(len(ok), 1):.1%})</td></tr>"
@@ -194,7 +196,8 @@ td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.grid{display:flex
 code{font-size:.8em;word-break:break-all}.missing{color:#c0392b}"""
 
 _CHECK_JS = """window.addEventListener('load', function () {
-  var broken = Array.prototype.filter.call(document.images, function (i) { return !i.complete || i.naturalWidth === 0; });
+  var broken = Array.prototype.filter.call(document.images,
+                                           function (i) { return !i.complete || i.naturalWidth === 0; });
   document.body.setAttribute('data-broken-images', String(broken.length));
   document.body.setAttribute('data-images', String(document.images.length));
 });"""

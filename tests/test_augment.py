@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from anomaly_core.augment import AUGMENTATIONS, augment_images
+from anomaly_core.augment import augment_images
 from anomaly_core.config import ModelConfig
 
 

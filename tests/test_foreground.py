@@ -49,15 +49,16 @@ def test_the_background_is_the_side_that_holds_the_border_whatever_the_sign(rng)
 
 def test_background_patches_stay_out_of_the_bank_and_score_zero(rng):
     from anomaly_core.config import ModelConfig
-    from anomaly_core.index import MemoryBank
     from anomaly_core.fit import bank_patches, feature_blocks
+    from anomaly_core.index import MemoryBank
     from anomaly_core.scoring import anomaly_maps, patch_distances
     f = unit_rows(rng, 3 * 16, 8).reshape(3, 16, 8)
     fg = np.zeros((3, 16), dtype=bool)
     fg[:, 4:12] = True                                             # patch rows 1 and 2 of the 4x4 grid
     block = feature_blocks(f, np.array([-1, -1, 0]), images_per_block=3, foreground=fg)[0]
     np.testing.assert_array_equal(bank_patches(block, leave_out=0), f[:2, 4:12].reshape(-1, 8))
-    bank = MemoryBank.build(bank_patches(block, leave_out=0), kind="flat", shard_size=1 << 20, seed=0, nprobe=1, ef_search=16)
+    bank = MemoryBank.build(bank_patches(block, leave_out=0), kind="flat", shard_size=1 << 20, seed=0, nprobe=1,
+                            ef_search=16)
     cfg = ModelConfig(image_size=56, tiles=1, blocks=(7,), foreground_mask=True, smoothing_sigma=0)
     dist = patch_distances(f[2:], bank, foreground=fg[2:]).reshape(1, 4, 4)
     maps = anomaly_maps(dist, out_size=cfg.input_size, sigma=cfg.map_sigma)

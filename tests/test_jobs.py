@@ -93,7 +93,24 @@ def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
                 "score_seconds"):
         assert key in m
     assert m["n_train"] == 10 and m["n_test"] == 10 and m["image_auroc"] >= 0.9
+    assert m["threshold_method"] == "lognormal_tail" and m["calibration_split"] == "crossfit-5"
+    assert 0 <= m["recall_at_0.01_false_alarms"] <= m["recall_at_0.05_false_alarms"] <= 1
     assert duckdb.execute(f"SELECT count(*) FROM '{tmp_path}/per_image.parquet'").fetchone()[0] == 10
+
+
+@pytest.mark.integration
+def test_evaluate_without_masks_writes_image_metrics_and_null_pixel_metrics(ray_local, texture_dataset, tmp_path,
+                                                                           caplog):
+    import shutil
+    data = tmp_path / "no_masks"
+    shutil.copytree(texture_dataset, data, ignore=shutil.ignore_patterns("ground_truth"))
+    res = CliRunner().invoke(main, ["evaluate", str(data), "--out", str(tmp_path / "ev"),
+                                    "--image-size", "112", "--blocks", "6", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["pixel_auroc"] is None and m["aupro"] is None and m["n_defective_without_mask"] == 6
+    assert m["image_auroc"] >= 0.9 and m["f1_max"] > 0
+    assert "no ground-truth mask" in (tmp_path / "ev" / "report.html").read_text()
 
 
 def test_fit_refuses_a_memory_budget_its_coreset_cannot_fit_before_any_work():

@@ -101,3 +101,15 @@ def test_aupro_weighs_small_regions_like_large_ones():
     maps[0, 8, 8] = -1.0                                           # below every normal pixel
     # PRO is 0.5 at every useful threshold (one region of two), though 25 of 26 defect pixels are found
     assert metrics.aupro(masks, maps) == pytest.approx(0.5)
+
+
+def test_recall_at_a_false_alarm_rate_reads_the_roc_curve():
+    from anomaly_core.metrics import recall_at_false_alarm_rate
+    normal = np.arange(100) / 100.0                                    # 0.00 .. 0.99
+    defect = np.array([0.985, 0.975, 0.5, 2.0])
+    y = np.r_[np.zeros(100, bool), np.ones(4, bool)]
+    s = np.r_[normal, defect]
+    assert recall_at_false_alarm_rate(y, s, 0.0) == 0.25               # only 2.0 beats every normal image
+    assert recall_at_false_alarm_rate(y, s, 0.01) == 0.5               # 1 normal may pass: t > 0.98
+    assert recall_at_false_alarm_rate(y, s, 0.02) == 0.75              # t > 0.97
+    assert recall_at_false_alarm_rate(y, s, 0.5) == 1.0                # t > 0.49
