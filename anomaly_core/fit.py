@@ -26,6 +26,10 @@ from anomaly_core.threshold import Calibration, calibrate, quantile_images
 
 log = logging.getLogger(__name__)
 
+# Position consistency above which fit suggests the options for fixtured parts: half of the normal
+# patch-distance variance is explained by where a patch is, not by which image it is in.
+POSITION_HINT = 0.5
+
 
 @dataclass(frozen=True, kw_only=True)
 class FitStats:
@@ -39,6 +43,9 @@ class FitStats:
     cover_radius: float             # largest distance from a training patch to its nearest bank entry
     coreset_seconds: float          # all coreset runs and calibration passes (K + 1 runs when cross-fitted)
     calibration_images: list[str]   # names of the calibration images (provenance of the threshold)
+    # share of the calibration patch distances' variance that is between positions (position_consistency):
+    # near 0 for textures and parts seen anywhere, high when normal hot spots sit at fixed places
+    position_consistency: float | None = None           # None: models fitted before it was recorded
     unreadable: list[tuple[str, str]] = field(default_factory=list)   # (name, error) of skipped images
     feature_seconds: float = 0.0    # wall time of feature extraction (set by the caller that ran it)
     fit_seconds: float = 0.0        # wall time of the whole fit (set by the caller)
@@ -154,16 +161,21 @@ def bank_patches(block: dict[str, np.ndarray], *, leave_out: int | None) -> np.n
     return block["features"][keep][block["foreground"][keep]]                     # [b, P, D][b, P] -> [n, D]
 
 
-def feature_scores(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
-                   foreground: np.ndarray | None = None) -> np.ndarray:
-    """Descriptors [B, P, D] -> image scores [B] float32 (the scores a verdict is taken on)."""
-    return image_scores(patch_distances(features, bank, foreground=foreground),
-                        reduction=config.reduction, top_fraction=config.top_fraction)
+def position_consistency(count: int, total: np.ndarray, total_sq: np.ndarray) -> float:
+    """Between-position share of the variance of patch distances d[i, p] over `count` images, from
+    total = sum_i d[i, p] and total_sq = sum_i d[i, p]^2 ([P] float64 each): var_p(mean_i d) / (that +
+    mean_p var_i d), an intraclass correlation; count >= 2 (calibrate asks as much)."""
+    mean = total / count                                                         # [P]
+    within = float(np.mean(total_sq / count - mean ** 2))
+    between = float(mean.var())
+    return between / (between + within) if between + within > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class _BlockCalibration:
     scores: np.ndarray                  # [m] float32 image scores of the block's fold-f originals
+    distance_sum: np.ndarray            # [P] float64 sums of their patch distances per position
+    distance_sq: np.ndarray             # [P] float64 sums of squares
     paths: list[str]                    # their names
     n_images: int                       # readable original images in the block
     unreadable: list[tuple[str, str]]   # (name, error)
@@ -178,10 +190,12 @@ def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: 
     ok = block["error"] == ""
     original = ok & (block["copy"] == 0)
     sel = original & (block["fold"] == fold)                                      # [B]
-    scores = (feature_scores(block["features"][sel], bank, config=config, foreground=block["foreground"][sel])
-              if sel.any() else np.zeros(0, dtype=np.float32))
+    dist = patch_distances(block["features"][sel], bank, foreground=block["foreground"][sel]).astype(
+        np.float64)                                                                # [m, P]
+    scores = image_scores(dist, reduction=config.reduction, top_fraction=config.top_fraction)
     return _BlockCalibration(
-        scores=scores, paths=[str(p) for p in block["path"][sel]], n_images=int(original.sum()),
+        scores=scores, distance_sum=dist.sum(axis=0), distance_sq=(dist ** 2).sum(axis=0),
+        paths=[str(p) for p in block["path"][sel]], n_images=int(original.sum()),
         unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)])
 
 
@@ -222,6 +236,12 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
              core.features.shape[0], core.n_points, core.cover_radius, plan.name, t_core)
     scores = np.concatenate([c.scores for c in parts])
     cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
+    consistency = position_consistency(int(scores.size), sum(c.distance_sum for c in parts),
+                                       sum(c.distance_sq for c in parts))
+    if consistency >= POSITION_HINT:
+        log.info("normal images score alike at the same positions (position consistency %.2f >= %.2f): the parts "
+                 "look fixtured, so --position-weight (a part moved or missing) may catch what the global "
+                 "search cannot; for parts seen at any angle, see --align", consistency, POSITION_HINT)
     if cal.method != "quantile":
         log.warning("the threshold rests on %d normal images, fewer than the %d that a false-alarm rate of %g "
                     "needs to be set without a model of the scores: it comes from a log-normal fitted to them. "
@@ -234,6 +254,7 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                      n_calibration_images=int(scores.size), calibration_split=plan.name,
                      n_train_patches=core.n_points, bank_size=bank.size, cover_radius=core.cover_radius,
                      coreset_seconds=round(t_core, 2), calibration_images=[p for c in parts for p in c.paths],
+                     position_consistency=round(consistency, 4),
                      unreadable=[u for c in one_pass for u in c.unreadable])
     return bank, cal, stats
 

@@ -91,3 +91,16 @@ def test_old_manifest_stats_still_load():
            "n_unreadable": 1, "feature_seconds": 1.0, "fit_seconds": 2.0}
     s = FitStats.from_dict(old)
     assert (s.n_calibration_images, s.calibration_split, s.unreadable) == (2, "holdout", [("x.png", "")])
+
+
+def test_position_consistency_is_the_between_position_share_of_the_variance(rng):
+    from anomaly_core.fit import position_consistency
+
+    def consistency(d):                                                  # d: [images, positions]
+        return position_consistency(len(d), d.sum(axis=0), (d ** 2).sum(axis=0))
+    hot = np.tile(np.linspace(0.1, 0.5, 16), (30, 1))                   # every image: the same hot spots
+    noise = rng.normal(0, 0.01, (30, 16))
+    assert consistency(hot + noise) > 0.95 > 0.05 > consistency(0.3 + noise)
+    d = rng.random((7, 5))
+    between, within = d.mean(axis=0).var(), d.var(axis=0).mean()
+    assert consistency(d) == pytest.approx(between / (between + within))
