@@ -35,6 +35,16 @@ def log_path(command: str) -> Path:
     return Path(tempfile.gettempdir()) / f"anomaly-{command}.log"
 
 
+class _Terminal(logging.StreamHandler):
+    """Log lines through tqdm.write, which lifts a progress bar on the same stream above each line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 class _Ours(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name.split(".", 1)[0] in OUR_LOGGERS
@@ -73,7 +83,7 @@ def session(command: str, *, verbose: bool, engine: bool):
             terminal = os.fdopen(os.dup(moved_fd), "w", buffering=1, encoding=sys.stderr.encoding,
                                  errors="backslashreplace")
             os.dup2(log_file.fileno(), 2)
-    to_terminal = logging.StreamHandler(terminal)
+    to_terminal = _Terminal(terminal)
     to_terminal.setFormatter(logging.Formatter(FORMAT))
     root.setLevel(logging.INFO)
     for name in OUR_LOGGERS:
