@@ -115,6 +115,9 @@ class ModelConfig:
     reduction: str = option("topk_mean", "Image score from patch distances.", choices=REDUCTIONS)
     # Fraction of patches averaged by "topk_mean" (AnomalyDINO uses 1%; at least one patch is used).
     top_fraction: float = option(0.01, "Fraction of patches averaged by topk_mean.")
+    # Gaussian over the patch grid before "smoothed_max" takes its maximum, in patches: 0.5 keeps about 60%
+    # of a one-patch peak and averages the noise of single patches (docs/ablation.md, "Verdict").
+    score_sigma: float = option(0.5, "Gaussian sigma, in patches, of the grid smoothing before smoothed_max.")
     # Gaussian smoothing of the upsampled anomaly map, in pixels of a 224 px input, scaled with input_size
     # (`map_sigma`: 7 px at 392 px) so that it spans the same fraction of the image at every resolution.
     # PatchCore: 4 px at 224 px. A fixed 4 px at 392 px halved it: pixel AUROC -0.006 on magnetic_tile,
@@ -187,6 +190,8 @@ class ModelConfig:
         if self.shard_size < 1 or self.nprobe < 1 or self.ef_search < 1:
             raise ValueError(f"shard_size={self.shard_size}, nprobe={self.nprobe} and "
                              f"ef_search={self.ef_search} must all be >= 1")
+        if self.score_sigma < 0:
+            raise ValueError(f"score_sigma={self.score_sigma} must be >= 0 patches")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction={self.top_fraction} must be in (0, 1]")
         if self.smoothing_sigma < 0:
@@ -218,6 +223,11 @@ class ModelConfig:
     def input_size(self) -> int:
         """Side in pixels an image is resized to (image_size when tiles=1); anomaly maps have this size."""
         return self.grid_size * PATCH_SIZE
+
+    @property
+    def score_options(self) -> dict:
+        """The keyword arguments of scoring.image_scores that this config sets."""
+        return {"reduction": self.reduction, "top_fraction": self.top_fraction, "sigma": self.score_sigma}
 
     @property
     def map_sigma(self) -> float:

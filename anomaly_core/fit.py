@@ -192,7 +192,8 @@ def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: 
     sel = original & (block["fold"] == fold)                                      # [B]
     dist = patch_distances(block["features"][sel], bank, foreground=block["foreground"][sel]).astype(
         np.float64)                                                                # [m, P]
-    scores = image_scores(dist, reduction=config.reduction, top_fraction=config.top_fraction)
+    g = config.grid_size
+    scores = image_scores(dist.reshape(-1, g, g), **config.score_options)                 # [m]
     return _BlockCalibration(
         scores=scores, distance_sum=dist.sum(axis=0), distance_sq=(dist ** 2).sum(axis=0),
         paths=[str(p) for p in block["path"][sel]], n_images=int(original.sum()),

@@ -53,8 +53,8 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
     against `bank` (Model.score_features with the model's own bank; benchmarks pass banks of their own)."""
     b, g = len(features), config.grid_size
     dist = patch_distances(features, bank, foreground=foreground)                        # [B, G*G]
-    scores = image_scores(dist, reduction=config.reduction, top_fraction=config.top_fraction)   # [B]
     grid = dist.reshape(b, g, g)                                                         # [B, G, G]
+    scores = image_scores(grid, **config.score_options)                                  # [B]
     return ScoreResult(scores=scores, distances=grid,
                        maps=anomaly_maps(grid, out_size=config.input_size, sigma=config.map_sigma))
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-REDUCTIONS = ("topk_mean", "max")
+REDUCTIONS = ("topk_mean", "max", "smoothed_max")
 
 
 def patch_distances(features: np.ndarray, bank, *, foreground: np.ndarray | None = None) -> np.ndarray:
@@ -21,20 +21,27 @@ def patch_distances(features: np.ndarray, bank, *, foreground: np.ndarray | None
     return dist if foreground is None else np.where(foreground, dist, np.float32(0))
 
 
-def image_scores(patch_distances: np.ndarray, *, reduction: str, top_fraction: float) -> np.ndarray:
-    """Image anomaly score from its patches.
+def image_scores(grids: np.ndarray, *, reduction: str, top_fraction: float, sigma: float) -> np.ndarray:
+    """Image anomaly score from its patch grid.
 
-    patch_distances: [B, P] float32 nearest-neighbour distances. Returns [B] float32.
-    "topk_mean": mean of the ceil(top_fraction * P) largest (AnomalyDINO, arXiv 2405.14529 §3);
-    "max": the largest (PatchCore without its reweighting).
+    grids: [B, G, G] float32 nearest-neighbour distances. Returns [B] float32.
+    "topk_mean": mean of the ceil(top_fraction * G^2) largest (AnomalyDINO, arXiv 2405.14529 §3);
+    "max": the largest (PatchCore without its reweighting);
+    "smoothed_max": the largest after a Gaussian of `sigma` patches over the grid (edges repeated): a
+    defect of one to three patches keeps most of its peak, a single noisy patch loses part of it.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is unknown; choose one of {list(REDUCTIONS)}")
-    d = np.asarray(patch_distances, dtype=np.float32)
-    if d.ndim != 2:
-        raise ValueError(f"patch_distances must be [B, P], got shape {d.shape}")
+    g = np.asarray(grids, dtype=np.float32)
+    if g.ndim != 3:
+        raise ValueError(f"patch grids must be [B, G, G], got shape {g.shape}")
+    d = g.reshape(len(g), g.shape[1] * g.shape[2])                     # [B, G*G]
     if reduction == "max":
         return d.max(axis=1)
+    if reduction == "smoothed_max":
+        return np.array([smooth_map(x, sigma=sigma).max() for x in g], dtype=np.float32).reshape(len(g))
+    if d.shape[0] == 0:
+        return np.zeros(0, dtype=np.float32)
     k = max(1, math.ceil(top_fraction * d.shape[1]))
     top = np.partition(d, d.shape[1] - k, axis=1)[:, -k:]             # [B, k]
     return top.mean(axis=1)

@@ -5,8 +5,8 @@ With n calibration scores of exchangeable normal images, the threshold t = the k
 ceil((n + 1)(1 - alpha)), flags a new normal image with probability (n + 1 - k) / (n + 1) <= alpha, whatever
 the score distribution (a split-conformal quantile; Vovk et al. 2005, Angelopoulos & Bates 2021 §1). That
 needs k <= n, i.e. n >= 1/alpha - 1 images: 19 for 5%, 99 for 1%. With fewer, the threshold comes from a
-log-normal fitted to the scores (stated as such in the manifest), never below their maximum, and the rate
-it achieves is reported with the bound the n images can actually support.
+log-normal fitted to the scores (its prediction bound; stated as such in the manifest), never below their
+maximum, and the rate it achieves is reported with the bound the n images can actually support.
 """
 
 from __future__ import annotations
@@ -69,9 +69,11 @@ def calibrate(normal_scores: np.ndarray, *, false_alarm_rate: float) -> Calibrat
         threshold = float(s[math.ceil((n + 1) * (1 - false_alarm_rate)) - 1])
     else:
         method = "lognormal_tail"
+        # the (1 - rate) prediction bound of one new log-normal score given n: Student t, not the normal
+        # quantile, so the n scores' own uncertainty widens it (exact coverage when log-normal)
         logs = np.log(np.maximum(s, 1e-12))
-        z = stats.norm.ppf(1 - false_alarm_rate)
-        threshold = max(float(np.exp(logs.mean() + z * logs.std(ddof=1))), float(s[-1]))
+        t = stats.t.ppf(1 - false_alarm_rate, n - 1) * math.sqrt(1 + 1 / n)
+        threshold = max(float(np.exp(logs.mean() + t * logs.std(ddof=1))), float(s[-1]))
     mean = float(s.mean())
     if threshold <= mean:                      # all scores equal: keep the normalised score well defined
         threshold = mean + max(abs(mean), 1.0) * 1e-6

@@ -29,7 +29,8 @@ def main() -> None:
     f = np.load(a.features)
     cfg = ModelConfig()
     train = f["train"].reshape(-1, f["train"].shape[-1])
-    test, labels = f["test"], f["labels"]
+    test, labels = f["test"], f["labels"]                                          # [M, P, D], [M]
+    grid = int(round(test.shape[1] ** 0.5))                                        # the features' patch grid
     k = coreset_size(train.shape[0], ratio=cfg.coreset_ratio, size=None)
     core = select_coreset(train, k=k, projection_dim=cfg.projection_dim, seed=0, partition_size=cfg.coreset_partition,
                           oversample=cfg.coreset_oversample, refine=cfg.coreset_refine)
@@ -44,9 +45,9 @@ def main() -> None:
         bank = MemoryBank.build(bank_feats, kind=kind, nprobe=a.nprobe)
         build = time.perf_counter() - t
         t = time.perf_counter()
-        d = bank.nearest(queries).reshape(test.shape[0], -1)
+        d = bank.nearest(queries).reshape(test.shape[0], grid, grid)    # [M, G, G]
         speed = queries.shape[0] / (time.perf_counter() - t)
-        auc = auroc(labels, image_scores(d, reduction=cfg.reduction, top_fraction=cfg.top_fraction))
+        auc = auroc(labels, image_scores(d, **cfg.score_options))
         ref_speed, ref_auc = ref_speed or speed, ref_auc if ref_auc is not None else auc
         print(f"| {kind} | {build:.1f} | {speed:,.0f} | {speed / ref_speed:.1f}x | {auc:.4f} | {auc - ref_auc:+.4f} |",
               flush=True)

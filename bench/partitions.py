@@ -31,7 +31,8 @@ def main() -> None:
     f = np.load(a.features)
     cfg = ModelConfig()
     train = f["train"].reshape(-1, f["train"].shape[-1])                          # [N, D]
-    test, labels = f["test"], f["labels"]
+    test, labels = f["test"], f["labels"]                                          # [M, P, D], [M]
+    grid = int(round(test.shape[1] ** 0.5))                                        # the features' patch grid
     print(f"{train.shape[0]} training patches, {len(labels)} test images")
     print("| partitions | s | bank | cover radius | image AUROC |")
     print("| --- | --- | --- | --- | --- |")
@@ -41,8 +42,9 @@ def main() -> None:
         core = select_coreset(train, ratio=cfg.coreset_ratio, projection_dim=cfg.projection_dim, seed=cfg.seed,
                               partition_size=size, oversample=cfg.coreset_oversample, refine=cfg.coreset_refine)
         took = time.perf_counter() - t
-        d = MemoryBank.build(core.features).nearest(test.reshape(-1, test.shape[-1])).reshape(test.shape[0], -1)
-        auc = auroc(labels, image_scores(d, reduction=cfg.reduction, top_fraction=cfg.top_fraction))
+        d = MemoryBank.build(core.features).nearest(test.reshape(-1, test.shape[-1]))
+        grids = d.reshape(test.shape[0], grid, grid)                    # [M, G, G]
+        auc = auroc(labels, image_scores(grids, **cfg.score_options))
         out[name] = (core.cover_radius, auc)
         print(f"| {name} | {took:.1f} | {core.features.shape[0]} | {core.cover_radius:.4f} | {auc:.4f} |", flush=True)
     (r1, a1), (r2, a2) = out.values()

@@ -45,7 +45,7 @@ def test_verbose_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--coreset-ratio", "0"], "coreset_ratio=0.0 must be in (0, 1]"),
     (["--blocks", "5,x"], "'5,x' must be comma-separated integers"),
-    (["--reduction", "mean"], "'mean' is not one of 'max', 'topk_mean'"),
+    (["--reduction", "mean"], "'mean' is not one of 'max', 'smoothed_max', 'topk_mean'"),
     (["--nprobe", "many"], "'many' is not a valid integer"),
 ])
 def test_a_bad_option_value_is_a_usage_error_that_names_it(tmp_path, argv, message):

@@ -5,20 +5,33 @@ from anomaly_core.scoring import anomaly_maps, decode_heatmap, encode_heatmap, i
 
 
 def test_topk_mean_averages_the_largest_one_percent(rng):
-    d = rng.random((3, 256)).astype(np.float32)
+    d = rng.random((3, 16, 16)).astype(np.float32)
     k = 3                                                             # ceil(0.01 * 256)
-    want = np.sort(d, axis=1)[:, -k:].mean(1)
-    np.testing.assert_allclose(image_scores(d, reduction="topk_mean", top_fraction=0.01), want, rtol=1e-6)
+    want = np.sort(d.reshape(3, -1), axis=1)[:, -k:].mean(1)
+    got = image_scores(d, reduction="topk_mean", top_fraction=0.01, sigma=0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_max_reduction(rng):
-    d = rng.random((2, 10)).astype(np.float32)
-    np.testing.assert_array_equal(image_scores(d, reduction="max", top_fraction=0.01), d.max(1))
+    d = rng.random((2, 3, 3)).astype(np.float32)
+    np.testing.assert_array_equal(image_scores(d, reduction="max", top_fraction=0.01, sigma=0.5),
+                                  d.reshape(2, -1).max(1))
+
+
+def test_smoothed_max_is_the_peak_of_the_grid_after_a_gaussian_in_patches():
+    from scipy import ndimage
+    d = np.zeros((2, 9, 9), np.float32)
+    d[0, 4, 4] = 1.0                                                  # one hot patch
+    d[1, 3:6, 3:6] = 1.0                                              # a 3 x 3 defect, same peak
+    got = image_scores(d, reduction="smoothed_max", top_fraction=0.01, sigma=0.5)
+    want = [ndimage.gaussian_filter(x, 0.5, mode="nearest").max() for x in d]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] < 0.7 < 0.95 < got[1]                               # the lone patch loses most, the region little
 
 
 def test_unknown_reduction_lists_choices():
-    with pytest.raises(ValueError, match="topk_mean"):
-        image_scores(np.zeros((1, 4)), reduction="mean", top_fraction=0.1)
+    with pytest.raises(ValueError, match="smoothed_max"):
+        image_scores(np.zeros((1, 2, 2)), reduction="mean", top_fraction=0.1, sigma=0.5)
 
 
 def test_constant_grid_gives_constant_map():

@@ -33,7 +33,7 @@ def test_few_images_get_a_fitted_tail_never_below_their_maximum(rng):
     s = rng.lognormal(-2, 0.2, 8)
     cal = calibrate(s, false_alarm_rate=0.01)
     logs = np.log(s)
-    expected = np.exp(logs.mean() + stats.norm.ppf(0.99) * logs.std(ddof=1))
+    expected = np.exp(logs.mean() + stats.t.ppf(0.99, 7) * np.sqrt(1 + 1 / 8) * logs.std(ddof=1))
     assert cal.method == "lognormal_tail" and cal.threshold == pytest.approx(max(expected, s.max()))
     assert cal.achieved_rate == 0 and cal.expected_rate == pytest.approx(1 / 9)     # 8 images support 1/9
     assert cal.expected_rate_90 == pytest.approx(1 - 0.1 ** (1 / 8))               # Beta(1, 8) 90% quantile

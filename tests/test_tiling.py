@@ -70,6 +70,6 @@ def test_the_extractor_stitches_real_backbone_tokens_and_maps_cover_the_input(rn
     feats, fg = ex.describe(px)
     bank = MemoryBank.build(feats[0], kind="flat", shard_size=1 << 20, seed=0, nprobe=1, ef_search=16)
     dist = patch_distances(feats, bank, foreground=fg)                             # [2, 36]
-    scores = image_scores(dist, reduction=cfg.reduction, top_fraction=cfg.top_fraction)
+    scores = image_scores(dist.reshape(2, 6, 6), **cfg.score_options)
     maps = anomaly_maps(dist.reshape(2, 6, 6), out_size=cfg.input_size, sigma=cfg.map_sigma)
     assert maps.shape == (2, cfg.input_size, cfg.input_size) and scores[0] < scores[1]
