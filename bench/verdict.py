@@ -159,12 +159,14 @@ def main() -> None:
     ap.add_argument("--few-shot", default="", help="shot counts of the few-shot table, e.g. 1,2,4,8,16")
     ap.add_argument("--seeds", default="0,1,2", help="draws per shot count")
     ap.add_argument("--reduction", default="", help="few-shot image score (default: the config's)")
+    ap.add_argument("--false-alarm-rate", type=float, help="few-shot target rate (default: the config's)")
     ap.add_argument("--cache", type=Path, help="folder for the backbone tokens of each set")
     ap.add_argument("--json", type=Path, help="also write every row, unrounded, to this file")
     a = ap.parse_args()
     rows = []
     if a.few_shot:
-        options = {"reduction": a.reduction} if a.reduction else {}
+        options = ({"reduction": a.reduction} if a.reduction else {}) | (
+            {"false_alarm_rate": a.false_alarm_rate} if a.false_alarm_rate else {})
         print("| data set | good images | draws | image AUROC | verdict recall | false-alarm rate | rate bound |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for root in a.datasets:
