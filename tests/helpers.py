@@ -22,6 +22,16 @@ def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def png_bytes(arr: np.ndarray) -> bytes:
+    """[H, W(, 3)] uint8 image -> its PNG file's bytes."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def make_bucket(endpoint_url: str, name: str) -> None:
     import pyarrow.fs as pafs
     pafs.S3FileSystem(endpoint_override=endpoint_url.split("://")[1], scheme="http", region="us-east-1",

@@ -1,23 +1,15 @@
 """Bytes -> pixels per batch: bad images become rows with an error."""
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from anomaly_core.decode import decode_batch
-
-
-def png(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.helpers import png_bytes
 
 
 def test_decode_batch_keeps_bad_rows_with_an_error(rng):
     good = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
     batch = {"path": np.array(["a.png", "b.png", "c.png"], dtype=object),
-             "bytes": np.array([png(good), b"", b"garbage"], dtype=object)}
+             "bytes": np.array([png_bytes(good), b"", b"garbage"], dtype=object)}
     out = decode_batch(batch, input_size=28)
     assert out["pixels"].shape == (3, 28, 28, 3) and "bytes" not in out
     assert list(out["error"] == "") == [True, False, False]

@@ -1,22 +1,14 @@
 """The score job's per-batch step, without Ray: one row per image, errors included."""
 
-import io
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.decode import decode_batch
 from anomaly_core.model import Model
 from jobs.scorer import Scorer, path_label
+from tests.helpers import png_bytes
 from tests.test_model import parts, stained
-
-
-def png(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +20,9 @@ def model_dir(tmp_path_factory):
 
 
 def test_scorer_rows_without_ray(model_dir):
+    blobs = [png_bytes(parts(1, 5)[0]), png_bytes(stained(6)), b"\x89PNG"]
     batch = decode_batch({"path": np.array(["n.png", "d.png", "x.png"], dtype=object),
-                          "bytes": np.array([png(parts(1, 5)[0]), png(stained(6)), b"\x89PNG"], dtype=object)},
-                         input_size=56)
+                          "bytes": np.array(blobs, dtype=object)}, input_size=56)
     rows = Scorer(model_path=str(model_dir), device="cpu", run_id="r1", run_time="2026-11-22T01:00:00+00:00")(batch)
     assert list(rows["status"]) == ["ok", "ok", "error"]
     assert rows["score"][1] > rows["score"][0] and np.isnan(rows["score"][2])
