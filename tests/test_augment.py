@@ -49,8 +49,9 @@ def test_only_readable_bank_images_are_copied(rng):
 
 
 def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
-    """Few-shot: 3 bank images of a part with oriented texture; the part turned by 90 degrees scores as an
-    anomaly against the plain bank and as normal against the bank augmented with rotations."""
+    """Few-shot: 5 images of a part with oriented texture, cross-fitted (each scored by a bank of the other
+    4, then all banked with their rotations); the part turned by 90 degrees scores as an anomaly against
+    the plain bank and as normal against the bank augmented with rotations."""
     from anomaly_core.model import Model
     from jobs.demo import _texture
     tex = _texture("brick")                                                          # horizontal courses
@@ -58,10 +59,10 @@ def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
     turned = np.rot90(np.repeat(tex[200:256, 200:256, None], 3, 2))[None].copy()
     ratio = {}
     for name in ("none", "rotations"):
-        cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), augment=name, coreset_ratio=1.0,
-                          calibration="holdout", holdout_fraction=0.4)
+        cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), augment=name, coreset_ratio=1.0)
         model = Model.fit(crops, config=cfg, device="cpu")
-        assert (model.stats.n_train_images, model.stats.n_train_patches) == (3, 3 * cfg.n_augment * 16)
+        assert model.stats.calibration_split == "crossfit-5" and model.calibration.n_images == 5
+        assert (model.stats.n_train_images, model.stats.n_train_patches) == (5, 5 * cfg.n_augment * 16)
         ratio[name] = float(model.score(turned).scores[0] / model.calibration.threshold)
     assert ratio["rotations"] < 1 < ratio["none"], ratio
 
