@@ -5,7 +5,8 @@ With 1-16 good images the bank lacks the poses a part takes on the line; Anomaly
 90 degrees, mirror images): they are exact on a square input, with no interpolation and no empty corners
 that would themselves look anomalous. Choose the group the part allows: a part with a printed label must
 not be mirrored ("rotations"); a part that is always fixtured the same way gains nothing ("none").
-Only bank images are augmented; the held-out calibration images and the scored images are not.
+Only bank images are augmented: held-out and scored images are not. Cross-fitted images enter the bank
+and are augmented, but only the image itself is scored for the threshold (anomaly_core.fit).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ COLUMNS = [
     ("status", pa.string(), "", "`ok` or `error`"),
     ("error", pa.string(), "", "why the image could not be scored; empty when ok"),
     ("score", pa.float32(), "cosine distance", "image anomaly score; NaN on error"),
-    ("score_normalised", pa.float32(), "", "0 = mean held-out normal image, 1 = the threshold"),
+    ("score_normalised", pa.float32(), "", "0 = mean calibration (normal) image score, 1 = the threshold"),
     ("verdict", pa.string(), "", "`anomalous` (score >= threshold), `normal` or `error`"),
     ("threshold", pa.float32(), "cosine distance", "the model's calibrated threshold"),
     ("heatmap_png", pa.binary(), "PNG", "8-bit grayscale anomaly map, input_size x input_size; null on error"),
