@@ -68,7 +68,7 @@ def test_show_writes_an_overlay_png(fitted_model_dir, texture_dataset, tmp_path)
     res = CliRunner().invoke(main, ["show", str(image), "--model", str(fitted_model_dir[0]), "--device", "cpu",
                                     "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output.strip().splitlines()[-1])
+    info = json.loads(res.stdout.strip().splitlines()[-1])                   # logs go to stderr
     w, h = Image.open(image).size
     assert Image.open(tmp_path / "o.png").size == (2 * w, h) and info["verdict"] in ("anomalous", "normal")
 
