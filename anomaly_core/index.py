@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-# kind -> what it is; approximate kinds trade recall for speed (README: measured cost)
+# kind -> what it is; approximate kinds trade recall for speed (docs/benchmarks.md: measured cost)
 INDEX_KINDS = {
     "flat": "exact inner-product search",
     "hnsw": "HNSW graph, M=32 (approximate)",

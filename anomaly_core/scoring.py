@@ -85,7 +85,7 @@ def encode_heatmap(amap: np.ndarray) -> tuple[bytes, float, float]:
     buf = io.BytesIO()
     # zlib level 1: the maps are smooth, so it compresses nearly as well as the default 6 (392 px maps:
     # +20% bytes) at a fifth of the CPU time, which on a GPU worker is the score step's largest cost
-    # (README, "GPU").
+    # (docs/benchmarks.md, "GPU").
     Image.fromarray(q, mode="L").save(buf, format="PNG", compress_level=1)
     return buf.getvalue(), vmin, vmax
 

