@@ -35,13 +35,13 @@ def image_scores(grids: np.ndarray, *, reduction: str, top_fraction: float, sigm
     g = np.asarray(grids, dtype=np.float32)
     if g.ndim != 3:
         raise ValueError(f"patch grids must be [B, G, G], got shape {g.shape}")
-    d = g.reshape(len(g), g.shape[1] * g.shape[2])                     # [B, G*G]
+    if len(g) == 0:                                                    # a batch with no readable image
+        return np.zeros(0, dtype=np.float32)
+    d = g.reshape(len(g), -1)                                          # [B, G*G]
     if reduction == "max":
         return d.max(axis=1)
     if reduction == "smoothed_max":
-        return np.array([smooth_map(x, sigma=sigma).max() for x in g], dtype=np.float32).reshape(len(g))
-    if d.shape[0] == 0:
-        return np.zeros(0, dtype=np.float32)
+        return np.array([smooth_map(x, sigma=sigma).max() for x in g], dtype=np.float32)
     k = max(1, math.ceil(top_fraction * d.shape[1]))
     top = np.partition(d, d.shape[1] - k, axis=1)[:, -k:]             # [B, k]
     return top.mean(axis=1)

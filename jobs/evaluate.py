@@ -17,10 +17,10 @@ from PIL import Image
 
 from anomaly_core import metrics
 from anomaly_core.config import ModelConfig
-from anomaly_core.images import IMAGE_EXTENSIONS
 from anomaly_core.scoring import decode_heatmap
 from jobs.analyst import connect
 from jobs.fit import run_fit
+from jobs.runtime import list_inputs
 from jobs.score import run_score
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,10 @@ def has_mask(dataset: Path, image: Path) -> bool:
 
 def load_mask(dataset: Path, image: Path, *, size: int) -> np.ndarray:
     """[size, size] bool ground truth of a test image; all False for test/good or when no mask exists."""
-    if not has_mask(dataset, image) or image.parent.name == "good":
+    path = mask_path(dataset, image)
+    if image.parent.name == "good" or not path.is_file():
         return np.zeros((size, size), dtype=bool)
-    m = Image.open(mask_path(dataset, image)).convert("L").resize((size, size), Image.NEAREST)
+    m = Image.open(path).convert("L").resize((size, size), Image.NEAREST)
     return np.asarray(m) > 127
 
 
@@ -55,8 +56,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root / sub} not found: evaluate expects the MVTec AD layout "
                                     f"(train/good, test/<type>, ground_truth/<type>/<stem>_mask.png)")
-    tests = sorted(p for p in (root / "test").rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    defective = [p for p in tests if p.parent.name != "good"]
+    defective = [p for p in map(Path, list_inputs(str(root / "test"))) if p.parent.name != "good"]
     unmasked = [p for p in defective if not has_mask(root, p)]
     if unmasked:                                     # say so before the fit, not after an hour of work
         log.warning("%d of %d defective test images have no mask under %s (e.g. %s): pixel metrics use the "

@@ -60,7 +60,7 @@ class Scorer:
                 heat[i], hmin[i], hmax[i] = encode_heatmap(result.maps[j])
                 px[i], py[i] = peak_location(result.maps[j], width=int(batch["width"][i]),
                                              height=int(batch["height"][i]))
-        verdict = np.where(~ok, "error", np.where(score >= cal.threshold, "anomalous", "normal"))
+        verdict = np.where(~ok, "error", np.where(self.model.is_anomalous(score), "anomalous", "normal"))
         return {
             "uri": batch["path"],
             "content_sha256": batch["content_sha256"],
