@@ -11,7 +11,7 @@ import logging
 import numpy as np
 
 from anomaly_core import storage
-from anomaly_core.images import ImageDecodeError, content_hash, decode_image, resize_square
+from anomaly_core.images import ImageDecodeError, content_hash, decode_resized
 from anomaly_core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ def read_batch(batch: dict[str, np.ndarray], *, input_size: int, options: Storag
 
 def decode_batch(batch: dict[str, np.ndarray], *, input_size: int) -> dict[str, np.ndarray]:
     """{"path": [B] str, "bytes": [B] bytes, optional "error": [B] str} -> adds pixels [B, S, S, 3] uint8,
-    S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 (0 if
-    unreadable), content_sha256 [B] str, error [B] str ("" when fine; a row that arrives with an error
-    keeps it). Drops "bytes"."""
+    S = input_size (the config's, tiles included; zeros where unreadable), width/height [B] int32 of the
+    original image in pixels (0 if unreadable), content_sha256 [B] str, error [B] str ("" when fine; a
+    row that arrives with an error keeps it). Drops "bytes"."""
     n = len(batch["path"])
     pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
@@ -52,13 +52,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, input_size: int) -> dict[str, 
             error.append(str(prior[i]))
             continue
         try:
-            img = decode_image(data)                                         # [H, W, 3] uint8
+            # a large JPEG is decoded reduced, never below input_size; width/height stay the original's
+            pixels[i], width[i], height[i] = decode_resized(data, size=input_size)
         except ImageDecodeError as e:
             error.append(str(e))
             log.warning("%s: %s", batch["path"][i], e)
             continue
-        height[i], width[i] = img.shape[:2]
-        pixels[i] = resize_square(img, input_size)
         error.append("")
     out = {k: v for k, v in batch.items() if k != "bytes"}
     out.update(pixels=pixels, width=width, height=height,

@@ -22,22 +22,57 @@ def content_hash(data: bytes) -> str:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> [H, W, 3] uint8 RGB.
+    """Encoded image bytes -> [H, W, 3] uint8 RGB, at full resolution.
 
     Grayscale, palette, alpha, CMYK and 16-bit images are converted; EXIF orientation is applied so the
-    array (and the heatmap) matches what image viewers show. Empty, truncated or non-image bytes raise
-    ImageDecodeError.
+    array (and the heatmap) matches what image viewers show. Empty, truncated or non-image bytes, and
+    images larger than PIL's decompression-bomb limit, raise ImageDecodeError.
     """
+    return _to_rgb(_open(data, draft_size=None)[0])
+
+
+def decode_resized(data: bytes, *, size: int) -> tuple[np.ndarray, int, int]:
+    """Encoded image bytes -> ([size, size, 3] uint8 RGB, width, height): resize_square(decode_image(data),
+    size), with the width and height in pixels of the full-resolution image that decode_image returns
+    (EXIF orientation applied).
+
+    A large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL's draft; see _draft_scale), so the
+    last step is still the same antialiased downscale, from fewer pixels (docs/benchmarks.md, "Decoding
+    large images"). Other formats decode in full. Raises ImageDecodeError as decode_image does.
+    """
+    image, scale = _open(data, draft_size=size)
+    return resize_square(_to_rgb(image), size), image.width * scale, image.height * scale
+
+
+def _draft_scale(width: int, height: int, size: int) -> int:
+    """The JPEG decode reduction for a width x height image resized to size x size: the largest of 8, 4, 2
+    that divides both sides and keeps both >= size, else 1. Exact division keeps the reduced image the
+    whole frame (libjpeg rounds a partial last block up into one more pixel, which would stretch the
+    frame), and never going below size keeps the final resize a downscale."""
+    return next((s for s in (8, 4, 2) if width % s == 0 and height % s == 0 and min(width, height) // s >= size), 1)
+
+
+def _open(data: bytes, *, draft_size: int | None) -> tuple[Image.Image, int]:
+    """Encoded bytes -> (decoded PIL image with EXIF orientation applied, scale): with draft_size, a JPEG is
+    decoded 1/scale of its size on each side (_draft_scale), else scale is 1."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data))               # checks the header's size against the bomb limit
+            scale = 1 if draft_size is None else _draft_scale(im.width, im.height, draft_size)
+            if scale > 1 and im.draft(None, (im.width // scale, im.height // scale)) is None:
+                scale = 1                                   # not a JPEG: draft did nothing
             im.load()                                   # decode now: truncated files fail here
             im = ImageOps.exif_transpose(im)
     except Exception as e:                              # PIL raises many types for bad input
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    return im, scale
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Decoded PIL image of any mode -> [H, W, 3] uint8 RGB (16-bit and float greyscale scaled to 8 bits)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
