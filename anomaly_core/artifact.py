@@ -4,6 +4,11 @@ A reader never sees half a model: locally it is written to a temporary sibling f
 place; on S3 the bank files are uploaded first and manifest.json last, so the manifest is the commit
 marker (and its checksums catch any file replaced underneath it). Remote models are copied once into a
 local cache keyed by model id ($ANOMALY_CACHE, default ~/.cache/anomaly-audit) for FAISS to read.
+
+A model folder is untrusted input (it may come from a shared bucket): before any file of it is fetched,
+every name in its manifest is checked (model id, file names, shards) so none can leave the cache, and its
+id is recomputed from its content. A caller that pins the id (`model_id=`) gets that model or an error;
+file checksums are verified before FAISS reads a byte.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,7 +35,63 @@ MANIFEST = "manifest.json"
 
 
 class ModelFileError(RuntimeError):
-    """A model directory is missing, incomplete or does not match its manifest."""
+    """A model directory is missing, incomplete, does not match its manifest, or is not the model asked for."""
+
+
+MODEL_ID = re.compile(r"[0-9a-f]{16}")                       # what save_model writes: 16 hex digits
+# a plain file name: no separator, not absolute, not "." or ".." (no leading dot), no drive or scheme
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+# the manifest fields that decide a model's scores and verdicts: its id is their hash
+ID_FIELDS = ("config", "weights", "files", "bank", "calibration")
+
+
+def content_id(manifest: dict) -> str:
+    """The model id: 16 hex digits of the sha256 of the manifest's ID_FIELDS (configuration, weights
+    identity, sha256 and size of every bank file, bank layout, calibrated threshold)."""
+    body = json.dumps({k: manifest.get(k) for k in ID_FIELDS}, sort_keys=True).encode()
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+def check_model_id(value, *, where: str) -> str:
+    """`value` if it is a model id as save_model writes it, else a ModelFileError naming it."""
+    if not (isinstance(value, str) and MODEL_ID.fullmatch(value)):
+        raise ModelFileError(f"{where}: model id {value!r} is not 16 lower-case hex digits as `anomaly fit` "
+                             f"writes them (e.g. 3f0c9a1b2c3d4e5f)")
+    return value
+
+
+def _check_file_name(name, *, where: str) -> str:
+    if not (isinstance(name, str) and FILE_NAME.fullmatch(name)) or name == MANIFEST:
+        raise ModelFileError(f"{where}: file name {name!r} is not a plain file name (letters, digits, '.', "
+                             f"'_', '-'; no separator, no leading dot, not {MANIFEST}); refusing the model")
+    return name
+
+
+def check_manifest(manifest: dict, uri: str, *, model_id: str | None = None) -> str:
+    """The id of the model whose manifest (read from `uri`) is `manifest`, once every name in it is safe
+    to use as a path and the id matches its content, and `model_id` when pinned; else ModelFileError.
+    Reads no file: a model refused here is neither fetched nor deserialized."""
+    where = storage.join(uri, MANIFEST)
+    stated = check_model_id(manifest.get("model_id"), where=where)
+    files, bank = manifest.get("files"), manifest.get("bank")
+    if not isinstance(files, dict) or not isinstance(bank, dict) or not isinstance(bank.get("shards"), list):
+        raise ModelFileError(f"{where}: 'files' and 'bank.shards' are missing or malformed; refit the model")
+    for name, meta in files.items():
+        _check_file_name(name, where=where)
+        if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and SHA256.fullmatch(meta["sha256"])):
+            raise ModelFileError(f"{where}: file {name!r} has no sha256 checksum; refit the model")
+    for name in bank["shards"]:
+        if _check_file_name(name, where=where) not in files:
+            raise ModelFileError(f"{where}: bank shard {name!r} has no checksum in 'files'; refusing the model")
+    computed = content_id(manifest)
+    if computed != stated:
+        raise ModelFileError(f"{where}: the manifest says model id {stated} but its content hashes to {computed}: "
+                             f"the manifest was edited after the fit; refit the model")
+    if model_id is not None and check_model_id(model_id, where="model_id (pinned)") != computed:
+        raise ModelFileError(f"{uri} holds model {computed}, not the pinned model {model_id}: the model at this "
+                             f"location was replaced or refitted; pin the new id only if that was intended")
+    return computed
 
 
 def _versions() -> dict:
@@ -67,22 +129,21 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
         shards = bank.save(tmp)
         files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in shards}
-        model_id = hashlib.sha256(
-            json.dumps([config.to_dict(), files, weights], sort_keys=True).encode()).hexdigest()[:16]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model_id": model_id,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(),
             "weights": weights,
-            "bank": {"size": bank.size, "dim": bank.dim, "metric": "cosine", "index": config.index,
+            "bank": {"size": bank.size, "dim": bank.dim, "metric": "cosine", "index": bank.kind,
                      "shards": shards},
             "calibration": calibration,
             "stats": stats,
             "versions": _versions(),
             "files": files,
         }
+        manifest = json.loads(json.dumps(manifest))      # the values exactly as a loader reads them back
+        manifest["model_id"] = content_id(manifest)
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         if dst is None:
             storage.delete(uri, options)                 # an overwritten model disappears whole first
@@ -116,27 +177,53 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ANOMALY_CACHE") or Path.home() / ".cache" / "anomaly-audit")
 
 
-def load_artifact(uri: str, options: StorageOptions | None = None) -> tuple[dict, MemoryBank]:
-    """(manifest, bank) of the model folder at `uri`, every file verified against the manifest's checksums
-    (anomaly_core.model.Model.load builds the model from them)."""
+def _verified(data_or_path: bytes | Path, meta: dict, uri: str) -> None:
+    digest = (hashlib.sha256(data_or_path).hexdigest() if isinstance(data_or_path, bytes)
+              else file_sha256(data_or_path))
+    if digest != meta["sha256"]:
+        raise ModelFileError(f"{uri} has sha256 {digest[:12]}... but the manifest says {meta['sha256'][:12]}...: "
+                             f"the file was modified or corrupted; refit")
+
+
+def fetch_model(uri: str, options: StorageOptions | None = None, *, model_id: str | None = None
+                ) -> tuple[dict, Path]:
+    """(manifest, local folder) of the model at `uri`, checked (check_manifest) and every file verified
+    against its sha256; nothing is deserialized. An s3:// model is copied into the cache folder named by
+    its id, each file verified in memory, then written to a temporary file renamed into place (a loader
+    beside it never reads half a file), the manifest last; a cached file already verified is kept. A
+    local model folder is verified where it is."""
     uri = str(uri)
     manifest = read_manifest(uri, options)
-    if storage.is_s3(uri):
-        path = cache_dir() / "models" / manifest["model_id"]
-        for name in manifest["files"]:
-            if not (path / name).is_file():
-                storage.write_bytes(str(path / name), storage.read_bytes(storage.join(uri, name), options))
-    else:
+    mid = check_manifest(manifest, uri, model_id=model_id)
+    if not storage.is_s3(uri):
         path = Path(storage.local_path(uri))
+        for name, meta in manifest["files"].items():
+            if not (path / name).is_file():
+                raise ModelFileError(f"{storage.join(uri, name)} is listed in the manifest but missing; "
+                                     f"the model is incomplete")
+            _verified(path / name, meta, storage.join(uri, name))
+        return manifest, path
+    path = cache_dir() / "models" / mid
     for name, meta in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
+        if (path / name).is_file() and file_sha256(path / name) == meta["sha256"]:
+            continue
+        try:
+            data = storage.read_bytes(storage.join(uri, name), options)
+        except FileNotFoundError:
             raise ModelFileError(f"{storage.join(uri, name)} is listed in the manifest but missing; "
-                                 f"the model is incomplete")
-        digest = file_sha256(f)
-        if digest != meta["sha256"]:
-            raise ModelFileError(f"{storage.join(uri, name)} has sha256 {digest[:12]}... but the manifest says "
-                                 f"{meta['sha256'][:12]}...: the file was modified or corrupted; refit")
+                                 f"the model is incomplete") from None
+        _verified(data, meta, storage.join(uri, name))
+        storage.write_bytes(str(path / name), data)                 # a temporary file renamed into place
+    storage.write_bytes(str(path / MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest, path
+
+
+def load_artifact(uri: str, options: StorageOptions | None = None, *, model_id: str | None = None
+                  ) -> tuple[dict, MemoryBank]:
+    """(manifest, bank) of the model folder at `uri` (anomaly_core.model.Model.load builds the model from
+    them). Names, id (`model_id` when pinned) and every file's checksum are verified before FAISS reads
+    any file (fetch_model)."""
+    manifest, path = fetch_model(uri, options, model_id=model_id)
     config = ModelConfig.from_dict(manifest["config"])
     bank = MemoryBank.load(path, manifest["bank"]["shards"], nprobe=config.nprobe, ef_search=config.ef_search)
     return manifest, bank

@@ -36,10 +36,18 @@ class StorageOptions:
     region: str | None = None         # None: $AWS_REGION, then $AWS_DEFAULT_REGION, else us-east-1
     anonymous: bool = False           # public buckets: unsigned requests, no credential lookup
     max_attempts: int = 5             # tries per request on transient errors (AWS standard retry strategy)
+    connect_timeout_s: float = 10.0   # seconds to open a connection before the attempt fails
+    request_timeout_s: float = 60.0   # seconds a request may go without receiving a byte before the attempt
+                                      # fails: a hung server ends a request after about max_attempts times this
+                                      # (5 minutes by default), as a transient error naming the URI
 
     def __post_init__(self):
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts={self.max_attempts} must be >= 1 (1 = no retry)")
+        for name in ("connect_timeout_s", "request_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value <= 3600):
+                raise ValueError(f"{name}={value!r} must be a number of seconds in (0, 3600], e.g. 10 or 60")
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint_url={self.endpoint_url!r} must start with http:// or https://, "
                              f"e.g. http://127.0.0.1:9000")
@@ -84,7 +92,7 @@ def _s3(options: StorageOptions) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(
         region=region, endpoint_override=endpoint, scheme=scheme, anonymous=options.anonymous,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
-        connect_timeout=10, request_timeout=60)
+        connect_timeout=options.connect_timeout_s, request_timeout=options.request_timeout_s)
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
@@ -102,8 +110,9 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 
 def explain(err: OSError, uri: str) -> OSError:
-    """A permanent S3 error as a StorageError naming the bucket and key and what to check; other errors
-    (network, throttling once retries are spent) come back unchanged with the URI added."""
+    """A permanent S3 error as a StorageError naming the bucket and key and what to check; a request that
+    timed out on every attempt as a TimeoutError; other errors (network, throttling once retries are
+    spent) come back unchanged with the URI added. Only StorageError is permanent."""
     text = str(err)
     bucket = uri[len("s3://"):].split("/", 1)[0] if is_s3(uri) else ""
     if "NO_SUCH_BUCKET" in text:
@@ -114,6 +123,9 @@ def explain(err: OSError, uri: str) -> OSError:
                             f"($AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY or $AWS_PROFILE) and the bucket policy")
     if isinstance(err, FileNotFoundError):
         return FileNotFoundError(f"{uri} not found")
+    if "curlCode: 28" in text:                       # curl's "Timeout was reached", once retries are spent
+        return TimeoutError(f"{uri}: the storage server did not answer in time (connect_timeout_s / "
+                            f"request_timeout_s, every attempt); a re-run resumes: {text}")
     return type(err)(f"{uri}: {text}") if type(err) is OSError else err
 
 

@@ -1,7 +1,8 @@
 """A real S3-compatible server for the tests: `moto_server` (moto[server]) as a child process on
 127.0.0.1, plus a TCP relay in front of it that can be cut and restored to take the endpoint down
 mid-run. (Stopping moto itself would lose its buckets, which live in its memory; the relay makes the
-server unreachable exactly as a crashed or partitioned server is, while the data survives.)"""
+server unreachable exactly as a crashed or partitioned server is, while the data survives.) The relay
+can also stall: connections stay open and requests get no answer, as behind a hung load balancer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.request
 
 
@@ -48,22 +50,35 @@ class MotoServer:
 
 class Relay:
     """TCP relay 127.0.0.1:port -> target port. cut() closes the listener and every open connection
-    (clients get 'connection refused'); restore() listens again on the same port."""
+    (clients get 'connection refused'); stall() keeps accepting connections and requests but forwards
+    nothing, in either direction (clients wait for an answer that never comes); restore() undoes both."""
 
     def __init__(self, target_port: int):
         self.target, self.port = target_port, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._trip: tuple[re.Pattern, int] | None = None
+        self._trip: tuple[re.Pattern, int, typing.Callable[[], None]] | None = None
+        self._stalled = threading.Event()
         self.restore()
 
     def cut_at(self, pattern: bytes, *, after: int) -> None:
         """Cut when a request matching the regex `pattern` arrives after `after` such requests went
         through (e.g. the 3rd completed upload to a staging prefix): a failure at a known point of a run."""
-        self._trip = (re.compile(pattern), after)
+        self._trip = (re.compile(pattern), after, self.cut)
+
+    def stall_at(self, pattern: bytes, *, after: int) -> None:
+        """As cut_at, but stall (that request and every later one) instead of cutting."""
+        self._trip = (re.compile(pattern), after, self.stall)
+
+    def stall(self) -> None:
+        self._stalled.set()
 
     def restore(self) -> None:
+        if self._stalled.is_set():
+            # the stalled connections have swallowed bytes: close them, so that clients reconnect cleanly
+            self._stalled.clear()
+            self._close_connections()
         if getattr(self, "_listener", None) is not None and self._listener.fileno() != -1:
             return                                           # listening already
         self._listener = socket.socket()
@@ -74,6 +89,9 @@ class Relay:
 
     def cut(self) -> None:
         self._listener.close()
+        self._close_connections()
+
+    def _close_connections(self) -> None:
         with self._lock:
             for c in self._conns:
                 try:
@@ -95,21 +113,24 @@ class Relay:
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-    def _tripped(self, data: bytes) -> bool:
+    def _tripped(self, data: bytes) -> typing.Callable[[], None] | None:
+        """The action to take when `data` trips the armed request, else None."""
         with self._lock:
             if self._trip is None or not self._trip[0].search(data):
-                return False
-            pattern, left = self._trip
-            self._trip = (pattern, left - 1) if left else None
-            return not left
+                return None
+            pattern, left, action = self._trip
+            self._trip = (pattern, left - 1, action) if left else None
+            return None if left else action
 
     def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         try:
             while data := src.recv(1 << 16):
-                if from_client and self._tripped(data):
-                    self.cut()
-                    return
-                dst.sendall(data)
+                if from_client and (action := self._tripped(data)) is not None:
+                    action()
+                    if action == self.cut:
+                        return
+                if not self._stalled.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

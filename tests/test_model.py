@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from anomaly_core.artifact import content_id
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model, score_features
@@ -69,6 +70,7 @@ def test_a_backbone_with_other_weights_is_refused(model, tmp_path):
     shutil.copytree(tmp_path / "m", tmp_path / "other")
     mf = json.loads((tmp_path / "other" / "manifest.json").read_text())
     mf["weights"]["state_sha256"] = "0" * 64
+    mf["model_id"] = content_id(mf)                      # a consistent model, fitted with other weights
     (tmp_path / "other" / "manifest.json").write_text(json.dumps(mf))
     with pytest.raises(ValueError, match="refit"):
         Model.load(tmp_path / "other").backbone(device="cpu")

@@ -7,7 +7,7 @@ import pytest
 from anomaly_core import storage
 from anomaly_core.storage import StorageError, StorageOptions
 from tests.helpers import make_bucket
-from tests.s3server import MotoServer
+from tests.s3server import MotoServer, Relay
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,26 @@ def test_options_are_checked():
         StorageOptions(endpoint_url="127.0.0.1:9000")
     with pytest.raises(ValueError, match="unsupported scheme"):
         storage.filesystem("gs://bucket/x")
+
+
+@pytest.mark.integration
+def test_a_stalled_server_is_retried_then_reported_as_a_timeout_naming_the_uri(s3_server, s3):
+    storage.write_bytes("s3://storage-tests/stall/key.png", b"image", s3)
+    relay = Relay(int(s3_server.direct_url.rsplit(":", 1)[1]))         # our own relay, stalled alone
+    stalled = StorageOptions(endpoint_url=relay.url, max_attempts=2, connect_timeout_s=1, request_timeout_s=1)
+    try:
+        assert storage.read_bytes("s3://storage-tests/stall/key.png", stalled) == b"image"
+        relay.stall()
+        for call in (lambda: storage.read_bytes("s3://storage-tests/stall/key.png", stalled),
+                     lambda: storage.write_bytes("s3://storage-tests/stall/new.png", b"x", stalled)):
+            with pytest.raises(TimeoutError, match="s3://storage-tests/stall/.*did not answer in time"):
+                call()
+        relay.restore()
+        assert storage.read_bytes("s3://storage-tests/stall/key.png", stalled) == b"image"
+    finally:
+        relay.cut()
+
+
+def test_timeouts_are_checked():
+    with pytest.raises(ValueError, match="connect_timeout_s=0 must be"):
+        StorageOptions(connect_timeout_s=0)
