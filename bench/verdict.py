@@ -48,6 +48,8 @@ from jobs.evaluate import REPORTED_RATES, load_mask  # noqa: E402
 # name -> image-score options (ModelConfig fields); every row shares its geometry's bank and hold-out
 REDUCTIONS = {
     "topk_mean 1%": {"reduction": "topk_mean"},
+    "topk_mean 0.5%": {"reduction": "topk_mean", "top_fraction": 0.005},
+    "topk_mean 0.25%": {"reduction": "topk_mean", "top_fraction": 0.0025},
     "max": {"reduction": "max"},
     "smoothed_max 0.5": {"reduction": "smoothed_max", "score_sigma": 0.5},
     "smoothed_max 1.0": {"reduction": "smoothed_max", "score_sigma": 1.0},
@@ -159,14 +161,15 @@ def main() -> None:
     ap.add_argument("--few-shot", default="", help="shot counts of the few-shot table, e.g. 1,2,4,8,16")
     ap.add_argument("--seeds", default="0,1,2", help="draws per shot count")
     ap.add_argument("--reduction", default="", help="few-shot image score (default: the config's)")
+    ap.add_argument("--top-fraction", type=float, help="few-shot topk_mean fraction (default: the config's)")
     ap.add_argument("--false-alarm-rate", type=float, help="few-shot target rate (default: the config's)")
     ap.add_argument("--cache", type=Path, help="folder for the backbone tokens of each set")
     ap.add_argument("--json", type=Path, help="also write every row, unrounded, to this file")
     a = ap.parse_args()
     rows = []
     if a.few_shot:
-        options = ({"reduction": a.reduction} if a.reduction else {}) | (
-            {"false_alarm_rate": a.false_alarm_rate} if a.false_alarm_rate else {})
+        options = {k: v for k, v in (("reduction", a.reduction), ("top_fraction", a.top_fraction),
+                                     ("false_alarm_rate", a.false_alarm_rate)) if v}
         print("| data set | good images | draws | image AUROC | verdict recall | false-alarm rate | rate bound |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for root in a.datasets:
