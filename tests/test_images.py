@@ -112,6 +112,12 @@ def test_images_not_drafted_decode_exactly_as_in_full(rng, encode_fn):
     assert (width, height) == (300, 200)
 
 
+def test_truncated_large_jpeg_raises_when_decoded_reduced(rng):
+    data = jpeg(photo_like(rng, 1200, 1600))
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_resized(data[: len(data) // 2], size=112)
+
+
 def test_decompression_bomb_is_refused_before_any_reduced_decode(rng, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1600 * 1200 // 4)  # scaled down to test sizes; 4x over it
     with pytest.raises(ImageDecodeError, match="DecompressionBomb"):
