@@ -1,12 +1,14 @@
 """An audit described by a YAML file: what `anomaly score --config` and `python -m jobs score --config` run.
 
     model: s3://models/metal-plate            # written by `anomaly fit`
+    model_id: "3f0c9a1b2c3d4e5f"              # optional, quoted: refuse any other model at that location
     archive: s3://archive/line-3/{date}/      # folder, s3:// prefix or manifest file; {date} = audit date
     output: s3://audits/metal-plate           # Parquet rows, partitioned by run_date
     date: yesterday                           # audit date: YYYY-MM-DD, today or yesterday (UTC); null: today
     resources: {batch_size: 16, actors: null, device: auto, rows_per_file: 1024}
-    storage: {endpoint_url: null, region: null, anonymous: false}
-    ray: {address: null}                      # null: $RAY_ADDRESS, else Ray in-process
+    storage: {endpoint_url: null, region: null, anonymous: false, connect_timeout_s: 10, request_timeout_s: 60}
+    ray: {address: null, shared_fs: false}    # null: $RAY_ADDRESS, else Ray in-process; shared_fs: local
+                                              # paths are mounted alike on every node
 
 cluster/audit.yaml is a complete example.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from anomaly_core.artifact import ModelFileError, check_model_id
 from anomaly_core.storage import StorageOptions
 
 
@@ -35,12 +38,13 @@ def resolve_date(value: str | None, *, today: dt.date | None = None) -> str:
         raise ValueError(f"date {value!r} must be YYYY-MM-DD (e.g. 2026-11-22), today or yesterday") from None
 
 
-SECTIONS = {"resources": ("batch_size", "actors", "device", "rows_per_file"), "ray": ("address",)}
+SECTIONS = {"resources": ("batch_size", "actors", "device", "rows_per_file"), "ray": ("address", "shared_fs")}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Audit:
     model: str                         # model URI
+    model_id: str | None = None        # the id the model must have (pinned); None: whatever model is there
     archive: str | list[str]           # image URIs to audit; "{date}" is replaced by the audit date
     output: str                        # output URI
     date: str | None = None            # audit date: YYYY-MM-DD, "today" or "yesterday" (UTC, at run time); None: today
@@ -49,6 +53,7 @@ class Audit:
     device: str = "auto"               # auto, cpu or cuda
     rows_per_file: int = 1024          # rows per committed Parquet file (what a killed run can lose)
     address: str | None = None         # Ray address; None: $RAY_ADDRESS, else in-process
+    shared_fs: bool = False            # local paths are on a file system every Ray node mounts alike
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def archive_for(self, date: str) -> str | list[str]:
@@ -75,12 +80,18 @@ def load_audit(path: str | Path) -> Audit:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of keys (model, archive, output, ...), got {type(raw).__name__}")
-    top = ("model", "archive", "output", "date", "storage", *SECTIONS)
+    top = ("model", "model_id", "archive", "output", "date", "storage", *SECTIONS)
     _known(str(path), raw, top)
     missing = [k for k in ("model", "archive", "output") if not raw.get(k)]
     if missing:
         raise ValueError(f"{path}: missing required key(s) {missing}")
-    values = {k: raw[k] for k in ("model", "archive", "output", "date") if k in raw}
+    values = {k: raw[k] for k in ("model", "model_id", "archive", "output", "date") if k in raw}
+    if values.get("model_id") is not None:
+        try:
+            check_model_id(str(values["model_id"]), where=f"{path} [model_id]")
+        except ModelFileError as e:
+            raise ValueError(str(e)) from None
+        values["model_id"] = str(values["model_id"])
     if values.get("date") is not None:
         values["date"] = str(values["date"])              # YAML reads 2026-11-22 as a date
         try:
@@ -95,6 +106,8 @@ def load_audit(path: str | Path) -> Audit:
         sub = raw.get(section) or {}
         _known(f"{path} [{section}]", sub, keys)
         values.update(sub)
+    if not isinstance(values.get("shared_fs", False), bool):
+        raise ValueError(f"{path} [ray]: shared_fs must be true or false, got {values['shared_fs']!r}")
     st = raw.get("storage") or {}
     _known(f"{path} [storage]", st, [f.name for f in dataclasses.fields(StorageOptions)])
     try:

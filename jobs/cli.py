@@ -102,16 +102,27 @@ def _storage_options(f):
         click.option("--region", default=None, help="S3 region (default: $AWS_REGION, else us-east-1)."),
         click.option("--anonymous/--no-anonymous", default=False,
                      help="Unsigned S3 requests (public buckets)."),
+        click.option("--connect-timeout", "connect_timeout_s", type=float, default=10.0, show_default=True,
+                     help="Seconds to open a connection to S3 before the attempt fails."),
+        click.option("--request-timeout", "request_timeout_s", type=float, default=60.0, show_default=True,
+                     help="Seconds an S3 request may go without receiving a byte before the attempt fails "
+                          "(5 attempts, so a hung server stops the job in about 5 minutes)."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
+STORAGE_KEYS = ("endpoint_url", "region", "anonymous", "connect_timeout_s", "request_timeout_s")
+
+SHARED_FS = click.option("--shared-fs", is_flag=True,
+                         help="Local paths are on a file system every Ray node mounts at the same path (without "
+                              "it, local paths are refused on a cluster of more than one node: use s3://).")
+
+
 def _storage(kw: dict) -> StorageOptions:
     try:
-        return StorageOptions(endpoint_url=kw.pop("endpoint_url"), region=kw.pop("region"),
-                              anonymous=kw.pop("anonymous"))
+        return StorageOptions(**{k: kw.pop(k) for k in STORAGE_KEYS})
     except ValueError as e:
         raise click.UsageError(str(e)) from None
 
@@ -159,6 +170,7 @@ def main() -> None:
 @_run_options
 @_storage_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing model.")
+@SHARED_FS
 @click.option("--memory-budget-mb", type=click.IntRange(min=80), default=None,
               help="Object-store memory for patch features when Ray starts in-process (the rest spills to "
                    "disk; the driver holds only coreset survivors). Default: Ray's, 30% of RAM.")
@@ -190,6 +202,10 @@ def fit(data, model, verbose, overwrite, **kw):
 @click.option("--replace", is_flag=True, help="Delete a finished run with the same id and score it again.")
 @click.option("--rows-per-file", type=int, default=1024, show_default=True,
               help="Rows per committed Parquet file (the work a killed run can lose).")
+@click.option("--model-id", default=None,
+              help="The id MODEL must have (as `anomaly fit` printed it); any other model there is refused "
+                   "before its files are read. Pin it for audits of a model in a shared bucket.")
+@SHARED_FS
 @click.pass_context
 def score(ctx, data, model, out, config_file, verbose, **kw):
     """Score every image in DATA with MODEL; write Parquet rows to OUT (folders or s3:// URIs).
@@ -202,11 +218,13 @@ def score(ctx, data, model, out, config_file, verbose, **kw):
         audit = load_audit(config_file)
         typed = {k for k in kw if ctx.get_parameter_source(k) in (click.core.ParameterSource.COMMANDLINE,
                                                                   click.core.ParameterSource.ENVIRONMENT)}
-        storage_keys = ("endpoint_url", "region", "anonymous")
-        options = dataclasses.replace(audit.storage, **{k: kw[k] for k in storage_keys if k in typed})
-        for k in storage_keys:
+        try:
+            options = dataclasses.replace(audit.storage, **{k: kw[k] for k in STORAGE_KEYS if k in typed})
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        for k in STORAGE_KEYS:
             kw.pop(k)
-        for key in ("batch_size", "actors", "device", "address", "rows_per_file"):
+        for key in ("batch_size", "actors", "device", "address", "rows_per_file", "model_id", "shared_fs"):
             if key not in typed:
                 kw[key] = getattr(audit, key)
         kw["run_date"] = resolve_date(kw["run_date"] or audit.date)

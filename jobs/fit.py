@@ -25,7 +25,16 @@ from anomaly_core.fit import fit_bank, images_per_block, mark_folds, patch_estim
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
-from jobs.runtime import default_actors, ensure_ray, list_inputs, model_stage, ray_map, read_decoded, track
+from jobs.runtime import (
+    check_paths_reach_every_node,
+    default_actors,
+    ensure_ray,
+    list_inputs,
+    model_stage,
+    ray_map,
+    read_decoded,
+    track,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +60,14 @@ def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | No
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
             actors: int | None = None, device: str = "auto", address: str | None = None,
             overwrite: bool = False, options: StorageOptions | None = None,
-            memory_budget_mb: int | None = None) -> dict:
+            memory_budget_mb: int | None = None, shared_fs: bool = False) -> dict:
     """Fit a model on the good images named by `data_uri` (folder, s3:// prefix or manifest file);
     returns the manifest written to `model_uri` (folder or s3:// prefix).
 
     memory_budget_mb: object-store memory for the feature blocks when Ray starts in this process (the
     rest spills to disk); also bounds what the driver may hold. None: Ray's default (30% of RAM).
+    shared_fs: local paths are on a file system every Ray node mounts at the same place; without it, local
+    paths are refused on a cluster of more than one node.
     """
     t0 = time.time()
     options = (options or StorageOptions()).resolved()       # workers use the driver's endpoint and region
@@ -69,6 +80,8 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     n_estimate = patch_estimate(len(uris) - len(held), config=config)
     check_budget(config, n_estimate, memory_budget_mb)
     ensure_ray(address, object_store_mb=memory_budget_mb)
+    if not shared_fs:
+        check_paths_reach_every_node({"training images": uris, "model": [model_uri]})
     n_actors, threads, gpus = default_actors(actors)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run

@@ -5,6 +5,7 @@ Layout under OUT (a local folder or an s3:// prefix):
     run_date=YYYY-MM-DD/<run_id>-<part>.parquet   published rows: what analysts read
     _staging/<run_id>/<part>.parquet              rows of a run still in progress
     _runs/<run_id>.json                           the run summary, written last: the run is complete
+    _runs/<run_id>.lease/<token>                  the lease of the one process writing the run
 
 Every file appears whole or not at all (storage.write_bytes) and is named by the images it holds, so a
 killed run leaves only complete files, a write task Ray retries rewrites its own files instead of adding
@@ -12,15 +13,26 @@ copies, and re-running the run scores just the images no file holds. `analyst.co
 `scores_dataset` read only runs whose summary exists (the commit marker), so a run being published or
 replaced is never seen half-done; a bare `read_parquet('OUT/run_date=*/*.parquet')` may see a run while
 its files are being moved.
+
+One writer per run: a run is written only under a lease (RunLease), so a second start of the same audit
+(a retried cron job) fails at once instead of scoring the same images twice. Every name taken from a
+listing (staged file, lease token) is checked before it becomes part of a path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import os
+import random
 import re
+import socket
+import threading
+import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +48,9 @@ log = logging.getLogger(__name__)
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 PART = r"-[0-9a-f]{32}\.parquet"                 # <run_id>-<hash of the file's image URIs>.parquet
+STAGED = re.compile(r"[0-9a-f]{32}\.parquet")    # a staged file: <hash of the file's image URIs>.parquet
 
 
 def check_run_id(run_id: str) -> str:
@@ -60,6 +74,8 @@ def summary_uri(out: str, run_id: str) -> str:
 
 
 def partition_uri(out: str, run_date: str) -> str:
+    if not RUN_DATE.fullmatch(run_date):
+        raise ValueError(f"run_date={run_date!r} must be YYYY-MM-DD (it names the output partition)")
     return storage.join(out, f"{PARTITION_COLUMN}={run_date}")
 
 
@@ -126,6 +142,10 @@ def publish(out: str, run_id: str, run_date: str, options: StorageOptions | None
     """Move the run's staged files into its partition, then drop the staging folder (with any temporary
     file a killed writer left); returns how many moved. Safe to repeat after a crash half-way."""
     staged = storage.list_files(staging_uri(out, run_id), options, suffixes=(".parquet",))
+    stray = [f for f in staged if not STAGED.fullmatch(f.rsplit("/", 1)[-1])]
+    if stray:
+        raise ValueError(f"{staging_uri(out, run_id)} holds files this job did not write (e.g. {stray[0]}); "
+                         f"remove them, or re-run with replace (--replace)")
     for f in staged:
         storage.move(f, storage.join(partition_uri(out, run_date), f"{run_id}-{f.rsplit('/', 1)[-1]}"), options)
     storage.delete(staging_uri(out, run_id), options)
@@ -178,3 +198,173 @@ def scores_dataset(out: str, options: StorageOptions | None = None) -> pads.Data
                         schema=schema, partitioning=pads.partitioning(
                             pa.schema([schema.field(PARTITION_COLUMN)]), flavor="hive"),
                         partition_base_dir=path)
+
+
+# ---- one writer per run ---------------------------------------------------------------------------------
+
+# A lease not renewed for LEASE_SECONDS belongs to a dead run and is taken over. The holder renews it every
+# RENEW_EVERY_S, so a live run keeps it unless storage is unreachable for the whole period (a request
+# gives up after about 5 minutes, StorageOptions), and hosts' clocks need agree only to within minutes. A
+# lease of a process that is gone from this host is taken over at once (a killed run re-run here).
+LEASE_SECONDS = 600.0
+RENEW_EVERY_S = 60.0
+TOKEN = re.compile(r"[0-9a-f]{16}")
+
+
+class RunBusyError(FileExistsError):
+    """Another process holds the lease of the run: it is being written now."""
+
+
+def lease_uri(out: str, run_id: str, token: str = "") -> str:
+    return storage.join(out, "_runs", f"{run_id}.lease", token)
+
+
+# tokens of the leases this process holds or is acquiring; another lease with this pid is a leftover of a
+# run of this process that could not release it (storage was down when it ended)
+_ACTIVE: set[str] = set()
+
+
+def _alive_here(lease: dict) -> bool:
+    """False when `lease` was taken on this host by a process that no longer exists, or by this process
+    for a run that has ended."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return True
+    if lease["pid"] == os.getpid():
+        return lease.get("token") in _ACTIVE
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                          # someone else's process: alive
+        pass
+    return True
+
+
+def describe(lease: dict) -> str:
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lease.get("acquired_at", 0)))
+    expires = time.strftime("%H:%M:%SZ", time.gmtime(lease.get("expires_at", 0)))
+    return (f"process {lease.get('pid')} on {lease.get('host')!r} (lease {lease.get('token')}, taken "
+            f"{started}, expires {expires} unless renewed)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunLease:
+    """The lease of one process on one run: an object `_runs/<run_id>.lease/<token>` holding its host,
+    pid and expiry. Acquire: drop leases that expired or whose process is gone from this host; fail at
+    once when another lease is held; else write ours as a candidate, list again and hold it only when it
+    is alone (two candidates that see each other both withdraw and retry after a random pause, so of two
+    simultaneous starts exactly one holds the lease and the other fails, naming it). Use it as a context
+    manager: a thread renews it while the run is alive, and it is released on exit."""
+
+    out: str
+    run_id: str
+    options: StorageOptions | None = None
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:16])
+    ttl_s: float = LEASE_SECONDS
+    renew_every_s: float = RENEW_EVERY_S
+    acquired_at: float = dataclasses.field(default_factory=time.time)
+    _stop: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def uri(self) -> str:
+        return lease_uri(self.out, self.run_id, self.token)
+
+    def _write(self, *, held: bool) -> None:
+        body = {"run_id": self.run_id, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                "acquired_at": self.acquired_at, "expires_at": time.time() + self.ttl_s, "held": held}
+        storage.write_bytes(self.uri, json.dumps(body).encode(), self.options)
+
+    def others(self) -> list[dict]:
+        """The live leases of the run other than this one; expired ones, and those of processes gone from
+        this host, are deleted (taken over)."""
+        live = []
+        for uri in storage.list_files(lease_uri(self.out, self.run_id), self.options):
+            token = uri.rsplit("/", 1)[-1]
+            if token == self.token:
+                continue
+            if not TOKEN.fullmatch(token):
+                log.warning("ignoring %s: not a lease this job writes", uri)
+                continue
+            try:
+                lease = json.loads(storage.read_bytes(uri, self.options))
+            except FileNotFoundError:                 # released since the listing
+                continue
+            except ValueError:
+                log.warning("ignoring %s: not a lease this job writes", uri)
+                continue
+            if lease.get("expires_at", 0) < time.time() or not _alive_here(lease):
+                log.warning("run %s: taking over the lease of %s", self.run_id, describe(lease))
+                storage.delete(uri, self.options)
+                continue
+            live.append(lease)
+        return live
+
+    def acquire(self, *, tries: int = 20) -> RunLease:
+        _ACTIVE.add(self.token)
+        try:
+            return self._acquire(tries)
+        except BaseException:
+            _ACTIVE.discard(self.token)
+            raise
+
+    def _acquire(self, tries: int) -> RunLease:
+        for _ in range(tries):
+            if held := [o for o in self.others() if o.get("held")]:
+                raise RunBusyError(self._busy(held[0]))
+            self._write(held=False)
+            others = self.others()
+            if not others:
+                self._write(held=True)
+                return self
+            storage.delete(self.uri, self.options)           # withdraw, and let the other one go first
+            if held := [o for o in others if o.get("held")]:
+                raise RunBusyError(self._busy(held[0]))
+            time.sleep(random.uniform(0.05, 0.5))
+        raise RunBusyError(f"run {self.run_id} in {self.out}: other processes keep starting it; "
+                           f"start it once (e.g. one cron entry)")
+
+    def _busy(self, other: dict) -> str:
+        return (f"run {self.run_id} in {self.out} is being written by {describe(other)}; wait for it to "
+                f"finish (a lease left by a killed run expires {self.ttl_s / 60:.0f} min after its last "
+                f"renewal, or at once when re-run on the same host)")
+
+    def renew(self) -> None:
+        self._write(held=True)
+
+    def check(self) -> None:
+        """Raise RunBusyError unless this process still holds the lease (before publishing and committing)."""
+        try:
+            lease = json.loads(storage.read_bytes(self.uri, self.options))
+        except FileNotFoundError:
+            lease = {}
+        if lease.get("expires_at", 0) < time.time():
+            raise RunBusyError(f"run {self.run_id} in {self.out}: this process lost its lease (not renewed "
+                               f"within {self.ttl_s:.0f} s; another process may have taken the run over); "
+                               f"not committing. Re-run to finish the run")
+
+    def release(self) -> None:
+        _ACTIVE.discard(self.token)
+        storage.delete(self.uri, self.options)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_every_s):
+            try:
+                self.renew()
+            except OSError as e:                      # storage trouble: the next renewal may succeed
+                log.warning("run %s: could not renew the lease %s: %s", self.run_id, self.uri, e)
+
+    def __enter__(self) -> RunLease:
+        self.acquire()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.release()
+        except OSError as e:                          # e.g. the outage that ended the run: the lease expires
+            log.warning("run %s: could not release the lease %s (it expires by itself): %s",
+                        self.run_id, self.uri, e)

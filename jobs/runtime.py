@@ -48,6 +48,24 @@ def ensure_ray(address: str | None = None, *, object_store_mb: int | None = None
     ctx.print_on_execution_start = False             # the execution plan and dataset id: in its log file
 
 
+def check_paths_reach_every_node(paths: dict[str, list[str]], *, nodes: list[dict] | None = None) -> None:
+    """Refuse local paths on a cluster of more than one node: a local path names a different disk on each
+    node, so an archive on the driver's disk alone would become a `not found` error row for every image
+    read elsewhere, in an audit marked complete. paths: role (archive, model, output) -> URIs; nodes:
+    the cluster's nodes as ray.nodes() reports them (None: ask Ray). Callers skip this check where the
+    user declared a shared file system."""
+    alive = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    local = {role: [u for u in uris if not storage.is_s3(u)] for role, uris in paths.items()}
+    local = {role: uris for role, uris in local.items() if uris}
+    if len(alive) > 1 and local:
+        named = "; ".join(f"{role} {uris[0]}" + (f" and {len(uris) - 1} more" if len(uris) > 1 else "")
+                          for role, uris in local.items())
+        raise ValueError(f"the Ray cluster has {len(alive)} nodes and these paths are local ({named}): each node "
+                         f"would read or write its own disk. Use s3:// URIs, or pass --shared-fs (shared_fs: "
+                         f"true in the audit file's ray section) if every node mounts that file system at the "
+                         f"same path")
+
+
 def resources() -> tuple[int, int]:
     """(CPUs, GPUs) the cluster reports."""
     r = ray.cluster_resources()

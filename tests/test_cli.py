@@ -105,3 +105,21 @@ def test_progress_without_a_terminal_is_plain_log_lines(monkeypatch, caplog):
     assert line.bar is None                              # pytest's stderr is no terminal
     messages = [r.getMessage() for r in caplog.records if r.name == "jobs.console"]
     assert messages[0].startswith("score: 3/4 images") and "ETA" in messages[0]
+
+
+def test_score_pins_the_model_and_takes_storage_limits_from_the_line_or_the_audit_file(tmp_path, monkeypatch):
+    import jobs.score
+    seen = {}
+    monkeypatch.setattr(jobs.score, "run_score", lambda data, model, out, **kw: seen.update(kw) or {})
+    result = run("score", "a", "m", "o", "--model-id", "3f0c9a1b2c3d4e5f", "--shared-fs", "--request-timeout", "5")
+    assert result.exit_code == 0, result.output
+    assert (seen["model_id"], seen["shared_fs"], seen["options"].request_timeout_s) == ("3f0c9a1b2c3d4e5f", True, 5)
+    audit = tmp_path / "audit.yaml"
+    audit.write_text('model: m\nmodel_id: "3f0c9a1b2c3d4e5f"\narchive: a\noutput: o\n'
+                     'storage: {connect_timeout_s: 3}\nray: {shared_fs: true}\n')
+    seen.clear()
+    assert run("score", "--config", audit, "--request-timeout", "7").exit_code == 0
+    assert (seen["model_id"], seen["shared_fs"]) == ("3f0c9a1b2c3d4e5f", True)
+    assert (seen["options"].connect_timeout_s, seen["options"].request_timeout_s) == (3, 7)
+    result = run("score", "a", "m", "o", "--request-timeout", "0")
+    assert result.exit_code == 2 and "request_timeout_s=0.0 must be" in result.stderr

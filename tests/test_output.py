@@ -1,4 +1,12 @@
-"""jobs/output.py without Ray: staged commits, names, publishing, what readers see."""
+"""jobs/output.py without Ray: staged commits, names, publishing, what readers see, one writer per run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +27,8 @@ def rows(uris, *, run_id="r1", run_date="2026-11-22", errors=False) -> pa.Table:
             cols[f.name] = pa.array([""] * n, pa.string())
         elif pa.types.is_binary(f.type):
             cols[f.name] = pa.nulls(n) if errors else pa.array([b"png"] * n, pa.binary())
+        elif pa.types.is_list(f.type):
+            cols[f.name] = pa.nulls(n, f.type)
         else:
             cols[f.name] = pa.array(np.zeros(n), f.type)
     cols.update(uri=pa.array(uris), run_id=pa.array([run_id] * n), run_date=pa.array([run_date] * n),
@@ -66,3 +76,98 @@ def test_a_run_never_claims_the_files_of_a_run_whose_id_it_prefixes(tmp_path):
 def test_run_ids_that_would_hide_or_nest_files_are_refused(bad):
     with pytest.raises(ValueError, match="use letters, digits"):
         output.check_run_id(bad)
+
+
+def test_staged_files_this_job_did_not_write_are_not_published(tmp_path):
+    out = str(tmp_path)
+    storage.write_bytes(storage.join(output.staging_uri(out, "r1"), "not-ours.parquet"), b"x")
+    with pytest.raises(ValueError, match="did not write"):
+        output.publish(out, "r1", "2026-11-22")
+
+
+@pytest.mark.parametrize("bad", ["../2026-11-22", "2026-11-22/x", "yesterday"])
+def test_a_partition_value_that_is_not_a_date_is_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="must be YYYY-MM-DD"):
+        output.partition_uri(str(tmp_path), bad)
+
+
+# ---- one writer per run -----------------------------------------------------------------------------------
+
+def foreign_lease(out: str, run_id: str, *, host: str, pid: int, expires_in: float) -> str:
+    """A lease as another process writes it; returns its token."""
+    token = "0123456789abcdef"
+    storage.write_bytes(output.lease_uri(out, run_id, token), json.dumps({
+        "run_id": run_id, "token": token, "host": host, "pid": pid, "acquired_at": time.time() - 60,
+        "expires_at": time.time() + expires_in, "held": True}).encode())
+    return token
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_writer_fails_at_once_naming_the_first(tmp_path):
+    with output.RunLease(out=str(tmp_path), run_id="r1"):
+        with pytest.raises(output.RunBusyError, match=f"run r1 .* is being written by process {os.getpid()} "
+                                                      f"on '{socket.gethostname()}'"):
+            output.RunLease(out=str(tmp_path), run_id="r1").acquire()
+    with output.RunLease(out=str(tmp_path), run_id="r1"):          # released on exit: the next one gets it
+        pass
+    assert storage.list_files(output.lease_uri(str(tmp_path), "r1")) == []
+
+
+def test_a_live_lease_of_another_host_is_respected(tmp_path):
+    foreign_lease(str(tmp_path), "r1", host="other-node", pid=1, expires_in=300)
+    with pytest.raises(output.RunBusyError, match="process 1 on 'other-node'"):
+        output.RunLease(out=str(tmp_path), run_id="r1").acquire()
+
+
+@pytest.mark.parametrize("host, pid, expires_in", [
+    ("other-node", 1, -1),                            # a killed run elsewhere: once its lease expired
+    (socket.gethostname(), "dead", 300),              # a killed run on this host: at once
+    (socket.gethostname(), "self", 300),              # a failed run of this process that could not release it
+])
+def test_a_lease_left_by_a_killed_run_is_taken_over(tmp_path, host, pid, expires_in):
+    pid = {"dead": dead_pid(), "self": os.getpid()}.get(pid, pid)
+    old = foreign_lease(str(tmp_path), "r1", host=host, pid=pid, expires_in=expires_in)
+    with output.RunLease(out=str(tmp_path), run_id="r1") as lease:
+        tokens = [u.rsplit("/", 1)[-1] for u in storage.list_files(output.lease_uri(str(tmp_path), "r1"))]
+        assert tokens == [lease.token] and old not in tokens
+
+
+def test_of_simultaneous_starts_exactly_one_holds_the_lease(tmp_path):
+    leases = [output.RunLease(out=str(tmp_path), run_id="r1") for _ in range(4)]
+    start = threading.Barrier(len(leases))
+    outcome = {}
+
+    def race(lease):
+        start.wait()
+        try:
+            outcome[lease.token] = lease.acquire()
+        except output.RunBusyError as e:
+            outcome[lease.token] = e
+    threads = [threading.Thread(target=race, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [v for v in outcome.values() if isinstance(v, output.RunLease)]
+    assert len(winners) == 1 and all("is being written by" in str(v) for v in outcome.values() if v not in winners)
+    assert storage.list_files(output.lease_uri(str(tmp_path), "r1")) == [winners[0].uri]
+
+
+def test_a_held_lease_is_renewed_and_a_lost_one_stops_the_commit(tmp_path):
+    with output.RunLease(out=str(tmp_path), run_id="r1", ttl_s=30, renew_every_s=0.05) as lease:
+        first = json.loads(storage.read_bytes(lease.uri))["expires_at"]
+        deadline = time.time() + 30
+        while json.loads(storage.read_bytes(lease.uri))["expires_at"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert json.loads(storage.read_bytes(lease.uri))["expires_at"] > first
+        lease.check()
+        lease._stop.set()                          # renewals stop; another process takes the run over
+        lease._thread.join()
+        storage.delete(lease.uri)
+        with pytest.raises(output.RunBusyError, match="lost its lease"):
+            lease.check()

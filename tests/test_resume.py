@@ -1,6 +1,7 @@
 """A score run killed part-way (SIGKILL, no chance to clean up) and run again finishes the audit:
 every image exactly once, the committed part not scored twice; a finished audit is left alone."""
 
+import json
 import os
 import shutil
 import signal
@@ -73,3 +74,23 @@ def test_a_finished_audit_is_not_run_again_unless_replaced(archive, fitted_model
     assert replaced["run_id"] == first["run_id"] and (replaced["images"], replaced["duplicates"]) == (10, 0)
     assert replaced["scored_now"] == 10 and replaced["finished_at"] >= first["finished_at"]
     assert output.read_summary(out, first["run_id"]) == replaced
+
+
+def test_two_starts_of_one_audit_at_once_one_scores_the_other_fails_naming_it(archive, fitted_model_dir, tmp_path,
+                                                                              ray_local):
+    out, date = tmp_path / "out", "2026-11-26"
+    argv = [sys.executable, "-m", "jobs", "score", str(archive / "line=L0"), str(fitted_model_dir[0]), str(out),
+            "--batch-size", "2", "--run-date", date]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}          # each its own in-process Ray
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]                                                # a cron job retried at once
+    outputs = [p.communicate(timeout=600) for p in procs]
+    results = [(p.returncode, stdout, stderr) for p, (stdout, stderr) in zip(procs, outputs, strict=True)]
+    assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
+    (_, winner, _), (_, _, loser) = sorted(results)
+    summary = json.loads(winner.splitlines()[-1])
+    assert "Error: run " + summary["run_id"] in loser and "is being written by process" in loser, loser[-2000:]
+    uris = [u for (u,) in duckdb.execute(
+        f"SELECT uri FROM read_parquet('{out}/run_date={date}/*.parquet') ORDER BY uri").fetchall()]
+    assert uris == storage.list_files(str(archive / "line=L0")) and summary["duplicates"] == 0
+    assert storage.list_files(output.lease_uri(str(out), summary["run_id"])) == []      # released

@@ -1,5 +1,6 @@
 """Fit and score end to end through a real S3 server (moto_server on 127.0.0.1): archive, model and
-Parquet all in buckets, read back with DuckDB; failures of the store mid-run; no credential leaks."""
+Parquet all in buckets, read back with DuckDB; failures of the store mid-run (cut, stalled); pinned
+models; no credential leaks."""
 
 import logging
 import os
@@ -9,11 +10,12 @@ import sys
 import pytest
 
 from anomaly_core import storage
+from anomaly_core.artifact import ModelFileError
 from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageError, StorageOptions
 from jobs.analyst import connect
 from jobs.fit import run_fit
-from jobs.score import run_score
+from jobs.score import PinnedScorer, run_score
 from tests.helpers import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
 
 # fits and scores through Ray against a moto S3 server
@@ -121,3 +123,33 @@ def test_no_credential_is_written_to_models_outputs_or_logs(s3_model, s3, caplog
             data = storage.read_bytes(uri, s3)
             assert TEST_SECRET.encode() not in data and b"test-key-id" not in data, uri
     assert TEST_SECRET not in caplog.text
+
+
+def test_a_pinned_audit_scores_with_that_model_and_refuses_any_other_before_reading_it(s3_model, s3, tmp_path,
+                                                                                       monkeypatch):
+    uri, manifest = s3_model
+    monkeypatch.setenv("ANOMALY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelFileError, match=f"holds model {manifest['model_id']}, not the pinned model 0{{15}}1"):
+        run_score("s3://archive/brick/test", uri, "s3://audits/pinned", model_id="0" * 15 + "1", options=s3)
+    with pytest.raises(ModelFileError, match="not the pinned model"):       # what each scoring actor does
+        PinnedScorer(model_path=uri, model_id="0" * 15 + "1", options=s3)
+    assert not (tmp_path / "cache").exists()                          # no bank file was fetched
+    summary = run_score("s3://archive/brick/test/good", uri, "s3://audits/pinned", batch_size=4,
+                        model_id=manifest["model_id"], run_date="2026-11-22", options=s3)
+    assert summary["model_id"] == manifest["model_id"] and summary["errors"] == 0
+
+
+def test_a_stalled_server_stops_the_job_naming_the_uri_and_records_no_row(s3_model, s3_server):
+    out, date = "s3://audits/stalled", "2026-11-26"
+    # short limits, so that each stalled read gives up after 2 attempts of 2 s
+    short = StorageOptions(endpoint_url=s3_server.url, max_attempts=2, connect_timeout_s=1, request_timeout_s=2)
+    s3_server.stall_at(rb"^GET /archive/brick/test/\S+\.png", after=3)    # the 4th image read gets no answer
+    try:
+        with pytest.raises(TimeoutError, match=r"s3://archive/brick/test/\S+\.png: the storage server did not "):
+            run_score("s3://archive/brick/test", s3_model[0], out, batch_size=2, rows_per_file=2, run_date=date,
+                      options=short)
+    finally:
+        s3_server.restore()
+    summary = run_score("s3://archive/brick/test", s3_model[0], out, batch_size=2, rows_per_file=2, run_date=date,
+                        options=short)
+    assert (summary["images"], summary["errors"], summary["duplicates"]) == (10, 0, 0)
