@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from anomaly_core.augment import AUGMENTATIONS
 from anomaly_core.backbone import BACKBONES, PATCH_SIZE
-from anomaly_core.index import INDEX_KINDS
+from anomaly_core.index import INDEX_CHOICES
 from anomaly_core.patches import POSITION_DIM
 from anomaly_core.scoring import REDUCTIONS
 
@@ -102,10 +102,12 @@ class ModelConfig:
     # brings the cover radius back to plain greedy's (magnetic_tile: 0.1561 against 0.1553, docs/benchmarks.md).
     coreset_refine: float = option(
         0.1, "Fraction of the bank chosen last, from the worst-covered patches of every partition.")
-    # Memory-bank index: "flat" (exact, default), or approximate "hnsw", "ivf", "ivfpq" (docs/benchmarks.md: measured
-    # cost in AUROC and gain in speed).
+    # Memory-bank index: "auto" (default: exact "flat" while its search costs at most about 20% of the forward
+    # on the device the fit targets, "hnsw" beyond; anomaly_core.index.choose_index, docs/benchmarks.md "Bank
+    # size"), or "flat", "hnsw", "ivf", "ivfpq" as given (docs/benchmarks.md: measured cost in AUROC and speed).
     index: str = option(
-        "flat", "Memory-bank index: exact flat, or approximate HNSW / IVF / IVF-PQ.", choices=INDEX_KINDS)
+        "auto", "Memory-bank index: auto (exact flat for banks whose search is cheap on the fit's device, HNSW "
+                "beyond), or exact flat, or approximate HNSW / IVF / IVF-PQ.", choices=INDEX_CHOICES)
     # Vectors per bank shard (one file each): 2^20 x 384 float32 = 1.5 GiB, loadable on any worker.
     shard_size: int = option(1 << 20, "Vectors per bank shard file.")
     # Inverted lists probed per query by "ivf"/"ivfpq"; candidate list size of "hnsw" searches.

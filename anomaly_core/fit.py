@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
 import numpy as np
+import torch
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.coreset import MapFn, composable_coreset, identity, local_map
-from anomaly_core.index import MemoryBank
+from anomaly_core.coreset import MapFn, composable_coreset, coreset_size, identity, local_map
+from anomaly_core.index import AUTO_FLAT_MAX, MemoryBank, choose_index
 from anomaly_core.scoring import image_scores, patch_distances
 from anomaly_core.threshold import Calibration, calibrate, quantile_images
 
@@ -49,6 +50,9 @@ class FitStats:
     unreadable: list[tuple[str, str]] = field(default_factory=list)   # (name, error) of skipped images
     feature_seconds: float = 0.0    # wall time of feature extraction (set by the caller that ran it)
     fit_seconds: float = 0.0        # wall time of the whole fit (set by the caller)
+    # index kind of the bank: config.index, or what index="auto" chose for the bank size (choose_index);
+    # None: models fitted before it was recorded (their config.index is the kind)
+    index: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,16 +205,19 @@ def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: 
 
 
 def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estimate: int,
-             map_fn: MapFn = local_map, block_of: Callable = identity) -> tuple[MemoryBank, Calibration, FitStats]:
+             map_fn: MapFn = local_map, block_of: Callable = identity,
+             search_device: str = "cpu") -> tuple[MemoryBank, Calibration, FitStats]:
     """Memory bank and calibration from feature blocks, which stay where they are: every pass over them
     goes through `map_fn` (default: a loop here; the fit job: Ray tasks on the object store).
 
     plan: the SplitPlan whose folds the blocks carry. n_estimate: expected patches of the final bank
     (patch_estimate; sets the coreset's round-1 share). block_of: turns an element of `blocks` into the
-    block dict (the fit job's are Arrow blocks).
+    block dict (the fit job's are Arrow blocks). search_device: where the model will be scored ("cpu" or
+    "cuda"), which sets the bank size up to which index="auto" stays exact (choose_index).
     Returns the bank, the threshold calibrated at config.false_alarm_rate, and the fit's statistics.
     """
     t0 = time.perf_counter()
+    kind = index_kind(config, n_estimate=n_estimate, search_device=search_device)
 
     def fitted(leave_out: int | None, estimate: int):
         core = composable_coreset(
@@ -218,7 +225,7 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
             dim=config.feature_dim, projection_dim=config.projection_dim, oversample=config.coreset_oversample,
             refine=config.coreset_refine, seed=config.seed,
             points_of=_compose(partial(bank_patches, leave_out=leave_out), block_of), map_fn=map_fn)
-        return core, MemoryBank.build(core.features, kind=config.index, shard_size=config.shard_size,
+        return core, MemoryBank.build(core.features, kind=kind, shard_size=config.shard_size,
                                       seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
 
     def calibrated(fold: int, bank: MemoryBank) -> list[_BlockCalibration]:
@@ -256,8 +263,21 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                      n_train_patches=core.n_points, bank_size=bank.size, cover_radius=core.cover_radius,
                      coreset_seconds=round(t_core, 2), calibration_images=[p for c in parts for p in c.paths],
                      position_consistency=round(consistency, 4),
-                     unreadable=[u for c in one_pass for u in c.unreadable])
+                     unreadable=[u for c in one_pass for u in c.unreadable], index=kind)
     return bank, cal, stats
+
+
+def index_kind(config: ModelConfig, *, n_estimate: int, search_device: str) -> str:
+    """The bank's index kind: config.index, or for "auto" the choice for the final bank's expected size
+    (ceil(coreset_ratio x n_estimate) or coreset_size), logged. Cross-fitted calibration banks, smaller,
+    take the same kind, so the threshold comes from the search the scorer runs."""
+    if config.index != "auto":
+        return config.index
+    size = coreset_size(n_estimate, ratio=config.coreset_ratio, size=config.coreset_size)
+    kind = choose_index(size, device=search_device)
+    log.info("index auto: %s for a bank of about %d vectors scored on %s (exact up to %d there)", kind, size,
+             search_device, AUTO_FLAT_MAX[torch.device(search_device).type])
+    return kind
 
 
 def _compose(f: Callable, g: Callable) -> Callable:

@@ -3,15 +3,24 @@
 The bank is a list of shards of at most `shard_size` vectors each (one file each in the model), so no
 single file or device has to hold it whole; a query's nearest neighbour is the best over all shards,
 which for exact ("flat") shards is exactly the nearest neighbour of the whole bank.
+
+Where it is searched is a property of the process, not of the model: `MemoryBank.place` puts an exact
+bank on the scorer's device. On a GPU that is FAISS's GPU index where the installed FAISS has one, else
+`TorchFlatSearch` (chunked matrix products, the bank resident in GPU memory); on the CPU it is FAISS.
+`search_path` says which, and placing logs it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
 
 # kind -> what it is; approximate kinds trade recall for speed (docs/benchmarks.md: measured cost)
 INDEX_KINDS = {
@@ -20,6 +29,34 @@ INDEX_KINDS = {
     "ivf": "inverted lists, 4*sqrt(n) lists, exact vectors (approximate)",
     "ivfpq": "inverted lists + product quantisation, 8 bits per 8 dimensions (approximate, 16x smaller)",
 }
+# What a config may ask for: a kind, or "auto" (fit picks one from the bank size: choose_index).
+INDEX_CHOICES = {"auto": "flat up to AUTO_FLAT_MAX vectors on the target device, hnsw beyond", **INDEX_KINDS}
+
+# Largest bank that index="auto" searches exactly, per device type of the scorer: up to there exact search
+# costs at most about 20% of the backbone forward at the default 392 px (28 x 28 patches, 768-d), beyond it
+# HNSW, whose cost hardly grows with the bank and which kept image AUROC on magnetic_tile.
+# cpu: measured by bench/banksize.py (docs/benchmarks.md, "Bank size"): FAISS flat at 10k vectors already
+#   costs about 0.2x of a CPU forward, and the cost grows linearly with the bank.
+# cuda: exact search runs as an fp16 matrix product on the GPU (TorchFlatSearch): 784 x M x 768 x 2 flop
+#   per image against a forward of about 3.5 ms (283 images/s on an H100, docs/benchmarks.md, "GPU"); at an
+#   assumed 400 Tflop/s a 1M bank costs 3 ms per image, so 20% of the forward is reached near 250k vectors.
+#   An estimate until bench/banksize.py runs on a GPU.
+AUTO_FLAT_MAX = {"cpu": 10_000, "cuda": 250_000}
+
+SEARCH_ENGINES = ("auto", "faiss", "torch")
+# Share of the free GPU memory an exact bank may take when placed (the backbone's activations need the rest).
+DEVICE_MEMORY_SHARE = 0.5
+# Bytes of one block of similarities [query chunk, bank chunk] of the chunked exact search.
+WORKSPACE_BYTES = 256 << 20
+
+
+def choose_index(bank_size: int, *, device: str) -> str:
+    """The index kind `index="auto"` gives a bank of `bank_size` vectors scored on `device` ("cpu",
+    "cuda" or "cuda:N"): "flat" up to AUTO_FLAT_MAX of that device type, "hnsw" beyond."""
+    kind = torch.device(device).type
+    if kind not in AUTO_FLAT_MAX:
+        raise ValueError(f"device={device!r}: index='auto' knows the devices {sorted(AUTO_FLAT_MAX)}")
+    return "flat" if bank_size <= AUTO_FLAT_MAX[kind] else "hnsw"
 
 
 def _build_shard(f: np.ndarray, *, kind: str, seed: int) -> faiss.Index:
@@ -53,6 +90,96 @@ def set_search_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+def flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """[n, D] float32 vectors of an exact shard; None for approximate kinds (their search is their own)."""
+    return index.reconstruct_n(0, index.ntotal) if isinstance(index, faiss.IndexFlat) else None
+
+
+class TorchFlatSearch:
+    """Exact cosine 1-NN as chunked matrix products on a torch device, the bank resident there.
+
+    Each query chunk is multiplied with each bank chunk of each shard ([q, c] similarities, at most
+    `workspace_bytes`), so a bank of any number of shards needs no allocation larger than one shard. In a
+    reduced precision (float16 on a GPU) the chunk's best entry is chosen in that precision and its
+    similarity recomputed in float32 from the float32 query, so a distance differs from FAISS's only by the
+    bank's rounding, or where two entries tie within the reduced precision.
+    """
+
+    def __init__(self, shards: list[np.ndarray], *, device: str | torch.device, dtype: torch.dtype,
+                 workspace_bytes: int = WORKSPACE_BYTES, bank_chunk: int = 65536):
+        """shards: [n_i, D] float32 unit rows each."""
+        self.device, self.dtype = torch.device(device), dtype
+        self.shards = [torch.from_numpy(np.ascontiguousarray(s)).to(self.device, dtype) for s in shards]
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])[:-1].tolist()
+        self.bank_chunk = max(1, min(bank_chunk, max(len(s) for s in shards)))
+        self.query_chunk = max(1, workspace_bytes // (self.bank_chunk * self.shards[0].element_size()))
+
+    @staticmethod
+    def bytes_needed(n: int, d: int, *, dtype: torch.dtype, workspace_bytes: int = WORKSPACE_BYTES) -> int:
+        """Device memory of a bank of n x d vectors in `dtype` plus the search's workspace."""
+        return n * d * torch.empty(0, dtype=dtype).element_size() + 2 * workspace_bytes
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """queries: [N, D] float32 unit rows -> ([N] float32 cosine distance, [N] int64 index into the
+        bank, shards in order) of each query's nearest entry."""
+        q32 = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)   # [N, D]
+        best = torch.full((len(q32),), -math.inf, device=self.device)                           # [N] float32
+        index = torch.full((len(q32),), -1, dtype=torch.int64, device=self.device)             # [N]
+        for qs in range(0, len(q32), self.query_chunk):
+            q = q32[qs:qs + self.query_chunk]                                                   # [q, D]
+            qc = q.to(self.dtype)
+            b, ix = best[qs:qs + len(q)], index[qs:qs + len(q)]                                  # views
+            for shard, offset in zip(self.shards, self.offsets, strict=True):
+                for cs in range(0, len(shard), self.bank_chunk):
+                    chunk = shard[cs:cs + self.bank_chunk]                                      # [c, D]
+                    j = (qc @ chunk.T).argmax(dim=1)                                            # [q]
+                    sim = (q * chunk[j].float()).sum(dim=1)                                     # [q] float32
+                    better = sim > b
+                    b.copy_(torch.where(better, sim, b))
+                    ix.copy_(torch.where(better, j + (offset + cs), ix))
+        # 1 - <x, x> can round slightly below 0 for an exact match
+        return (1.0 - best).clamp_(0.0, 2.0).cpu().numpy(), index.cpu().numpy()
+
+
+class FaissGpuSearch:
+    """Exact search with FAISS's GPU flat index (a faiss-gpu build), vectors stored as float16."""
+
+    def __init__(self, shards: list[faiss.Index], *, device: torch.device):
+        self.resources = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True
+        self.shards = [faiss.index_cpu_to_gpu(self.resources, device.index or 0, s, options) for s in shards]
+
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return faiss_search(self.shards, queries)
+
+
+def faiss_has_gpu() -> bool:
+    """Whether the installed FAISS is a GPU build that sees a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def faiss_search(shards: list[faiss.Index], queries: np.ndarray, *,
+                 batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """queries: [N, D] float32 unit rows -> ([N] float32 cosine distance, [N] int64 bank index, -1 where an
+    approximate index found nothing) of the best entry over all shards."""
+    n = len(queries)
+    best = np.full(n, -np.inf, dtype=np.float32)                                   # [N] best similarity
+    index = np.full(n, -1, dtype=np.int64)
+    offset = 0
+    for shard in shards:
+        for start in range(0, n, batch_size):
+            sim, label = shard.search(queries[start:start + batch_size], 1)          # [n, 1] each
+            better = sim[:, 0] > best[start:start + batch_size]
+            best[start:start + batch_size][better] = sim[better, 0]
+            index[start:start + batch_size][better] = label[better, 0] + offset
+        offset += shard.ntotal
+    # rounding can make 1 - <x, x> slightly negative for an exact match; an IVF probe that finds
+    # nothing returns -inf similarity, i.e. the largest distance
+    return np.clip(1.0 - best, 0.0, 2.0), index
+
+
 class MemoryBank:
     """Sharded index; distance = 1 - cosine similarity, in [0, 2]."""
 
@@ -65,6 +192,8 @@ class MemoryBank:
                 s.nprobe = nprobe
             if isinstance(s, faiss.IndexHNSW):
                 s.hnsw.efSearch = ef_search
+        self._engine: TorchFlatSearch | FaissGpuSearch | None = None      # None: FAISS on the CPU
+        self.search_path = f"faiss cpu {self.kind}"
 
     @classmethod
     def build(cls, features: np.ndarray, *, kind: str = "flat", shard_size: int = 1 << 20, seed: int = 0,
@@ -86,19 +215,68 @@ class MemoryBank:
     def dim(self) -> int:
         return int(self.shards[0].d)
 
-    def nearest(self, queries: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-        """queries: [N, D] float32 L2-normalised -> [N] float32 cosine distance to the nearest entry."""
+    @property
+    def kind(self) -> str:
+        """The INDEX_KINDS name of the shards (all shards of a bank are built alike)."""
+        shard = self.shards[0]
+        for kind, cls in (("flat", faiss.IndexFlat), ("hnsw", faiss.IndexHNSW), ("ivfpq", faiss.IndexIVFPQ),
+                          ("ivf", faiss.IndexIVF)):
+            if isinstance(shard, cls):
+                return kind
+        raise TypeError(f"bank shard of unknown type {type(shard).__name__}")
+
+    def place(self, device: str | torch.device, *, engine: str = "auto", dtype: torch.dtype | None = None,
+              memory_budget: int | None = None) -> MemoryBank:
+        """Choose where this process searches the bank; returns self. Logs the choice (`search_path`).
+
+        engine "auto": FAISS on a CPU device; on a GPU, an exact bank goes to FAISS's GPU index when the
+        installed FAISS has one, else to TorchFlatSearch. "torch": TorchFlatSearch on any device (the
+        GPU code path, testable on the CPU). "faiss": FAISS on the CPU. dtype: of the resident bank
+        (default float16 on a GPU, float32 on the CPU). memory_budget: bytes the resident bank and its
+        workspace may take (default DEVICE_MEMORY_SHARE of the GPU's free memory; unbounded on the CPU).
+        An approximate bank, or one over the budget, is searched by FAISS on the CPU, with a warning.
+        """
+        if engine not in SEARCH_ENGINES:
+            raise ValueError(f"engine={engine!r} is unknown; choose one of {list(SEARCH_ENGINES)}")
+        dev = torch.device(device)
+        self._engine, self.search_path = None, f"faiss cpu {self.kind}"
+        if engine == "faiss" or (engine == "auto" and dev.type == "cpu"):
+            log.info("bank: %d x %d vectors, index %s, searched by %s", self.size, self.dim, self.kind,
+                     self.search_path)
+            return self
+        if self.kind != "flat":
+            log.warning("bank: index %s has no exact search on %s; FAISS searches it on the CPU (fit with "
+                        "--index flat or auto to search on the device)", self.kind, dev)
+            return self
+        dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        need = TorchFlatSearch.bytes_needed(self.size, self.dim, dtype=dtype)
+        if memory_budget is None and dev.type == "cuda":
+            memory_budget = int(torch.cuda.mem_get_info(dev)[0] * DEVICE_MEMORY_SHARE)
+        if memory_budget is not None and need > memory_budget:
+            log.warning("bank: %d x %d vectors need %.2f GiB on %s but %.2f GiB are available to it; FAISS "
+                        "searches it on the CPU instead (slower; an hnsw bank keeps the search cost flat)",
+                        self.size, self.dim, need / 2 ** 30, dev, memory_budget / 2 ** 30)
+            return self
+        if engine == "auto" and faiss_has_gpu():
+            self._engine = FaissGpuSearch(self.shards, device=dev)
+            self.search_path = f"faiss gpu {dev} float16 flat"
+        else:
+            self._engine = TorchFlatSearch([flat_vectors(s) for s in self.shards], device=dev, dtype=dtype)
+            self.search_path = f"torch {dev} {str(dtype).removeprefix('torch.')} flat"
+        log.info("bank: %d x %d vectors, index flat, searched by %s", self.size, self.dim, self.search_path)
+        return self
+
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """queries: [N, D] float32 L2-normalised -> ([N] float32 cosine distance to the nearest entry,
+        [N] int64 its index in the bank, shards in order), by this process's search path (place)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {q.shape}")
-        best = np.full(q.shape[0], -np.inf, dtype=np.float32)                   # [N] best similarity
-        for shard in self.shards:
-            for start in range(0, q.shape[0], batch_size):
-                sim, _ = shard.search(q[start:start + batch_size], 1)            # [n, 1]
-                np.maximum(best[start:start + batch_size], sim[:, 0], out=best[start:start + batch_size])
-        # rounding can make 1 - <x, x> slightly negative for an exact match; an IVF probe that finds
-        # nothing returns -inf similarity, i.e. the largest distance
-        return np.clip(1.0 - best, 0.0, 2.0)
+        return faiss_search(self.shards, q) if self._engine is None else self._engine.search(q)
+
+    def nearest(self, queries: np.ndarray) -> np.ndarray:
+        """queries: [N, D] float32 L2-normalised -> [N] float32 cosine distance to the nearest entry."""
+        return self.search(queries)[0]
 
     def serialize(self) -> list[np.ndarray]:
         """The shards as [bytes] uint8 arrays (to ship to workers; deserialize inverts)."""

@@ -1,7 +1,7 @@
 """The method as one object: fit on good images, score images, save and load.
 
     model = Model.fit(good_pixels, config=ModelConfig())        # [N, S, S, 3] uint8, S = config.input_size
-    result = model.score(pixels)                                 # ScoreResult: scores, verdicts, maps
+    result = model.score(pixels)                                 # ScoreResult: scores, grids, maps
     model.save("models/plate")                                   # or "s3://bucket/models/plate"
     model = Model.load("models/plate")
 
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
-from anomaly_core.align import align_images, unalign_maps
+from anomaly_core.align import align_images
 from anomaly_core.artifact import load_artifact, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor, augment_batch
@@ -32,7 +33,7 @@ from anomaly_core.fit import (
     split_calibration,
 )
 from anomaly_core.index import MemoryBank
-from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
+from anomaly_core.scoring import image_maps, image_scores, patch_distances
 from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import Calibration
 
@@ -42,21 +43,29 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ScoreResult:
     """Scores of a batch of B images."""
-    scores: np.ndarray       # [B] float32 image anomaly scores (Model.is_anomalous gives the verdicts)
-    distances: np.ndarray    # [B, G, G] float32 patch distances (G = grid_size; the aligned frame if aligned)
-    maps: np.ndarray         # [B, S, S] float32 anomaly maps in the image's frame (S = input_size)
+    scores: np.ndarray             # [B] float32 image anomaly scores (Model.is_anomalous gives the verdicts)
+    distances: np.ndarray          # [B, G, G] float32 patch distances (G = grid_size; the aligned frame if aligned)
+    maps: np.ndarray | None        # [B, S, S] float32 anomaly maps in the image's frame (S = input_size); None
+                                   # when not asked for (the score job builds them on the device instead)
+    poses: np.ndarray | None = None    # [B, 3] poses the grids were scored in (anomaly_core.align), if aligned
 
 
 def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
-                   foreground: np.ndarray | None = None) -> ScoreResult:
+                   foreground: np.ndarray | None = None, poses: np.ndarray | None = None, maps: bool = True,
+                   device: str | torch.device = "cpu") -> ScoreResult:
     """Descriptors [B, G*G, D] unit rows and foreground [B, G*G] bool (None: everywhere) -> ScoreResult
-    against `bank` (Model.score_features with the model's own bank; benchmarks pass banks of their own)."""
+    against `bank` (Model.score_features with the model's own bank; benchmarks pass banks of their own).
+    poses: [B, 3] when the descriptors are of aligned images (maps are turned back by them). maps: build
+    the maps (image_maps, on `device`)."""
     b, g = len(features), config.grid_size
     dist = patch_distances(features, bank, foreground=foreground)                        # [B, G*G]
     grid = dist.reshape(b, g, g)                                                         # [B, G, G]
     scores = image_scores(grid, **config.score_options)                                  # [B]
-    return ScoreResult(scores=scores, distances=grid,
-                       maps=anomaly_maps(grid, out_size=config.input_size, sigma=config.map_sigma))
+    amaps = None
+    if maps:
+        amaps = image_maps(torch.from_numpy(grid).to(device), out_size=config.input_size, sigma=config.map_sigma,
+                           poses=poses).cpu().numpy()
+    return ScoreResult(scores=scores, distances=grid, maps=amaps, poses=poses)
 
 
 class Model:
@@ -94,8 +103,10 @@ class Model:
         t_feat = time.perf_counter() - t0
         model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
                                  foreground=rows["foreground"], paths=rows["path"], copy=rows["copy"],
-                                 weights=extractor.backbone.identity)
+                                 weights=extractor.backbone.identity,
+                                 search_device=extractor.backbone.device.type)
         model._extractor = extractor
+        model.bank.place(extractor.backbone.device)
         model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
                               fit_seconds=round(time.perf_counter() - t0, 2))
         return model
@@ -103,23 +114,27 @@ class Model:
     @classmethod
     def fit_features(cls, features: np.ndarray, *, config: ModelConfig, plan: SplitPlan | None = None,
                      foreground: np.ndarray | None = None, paths: Sequence[str] | None = None,
-                     copy: np.ndarray | None = None, weights: dict | None = None) -> Model:
+                     copy: np.ndarray | None = None, weights: dict | None = None,
+                     search_device: str = "cpu") -> Model:
         """Fit on descriptors [N, P, D] float32 of good images (FeatureExtractor's; augmented copies as rows
         of their own, marked by copy [N] int, 0 = the image itself). plan: which rows calibrate (its fold
         is per row; None: split_calibration of the paths); foreground: [N, P] bool (None: everywhere);
-        paths: [N] names (None: "0".."N-1"); weights: the backbone's identity record (needed to save)."""
+        paths: [N] names (None: "0".."N-1"); weights: the backbone's identity record (needed to save);
+        search_device: where the model will be scored (sets what index="auto" chooses; fit_bank)."""
         names = [str(i) for i in range(len(features))] if paths is None else [str(p) for p in paths]
         plan = plan or split_calibration(names, config=config)
         blocks = feature_blocks(features, plan.fold, images_per_block=images_per_block(config),
                                 foreground=foreground, paths=names, copy=copy)
         n_bank_rows = len(names) if plan.crossfit else int((plan.fold != 0).sum())
         bank, calibration, stats = fit_bank(blocks, config=config, plan=plan,
-                                            n_estimate=n_bank_rows * config.grid_size ** 2)
+                                            n_estimate=n_bank_rows * config.grid_size ** 2,
+                                            search_device=search_device)
         return cls(config=config, bank=bank, calibration=calibration, weights=weights, stats=stats)
 
     # ---- scoring ---------------------------------------------------------------------------------------
     def backbone(self, *, device: str = "auto", num_threads: int | None = None) -> FeatureExtractor:
-        """The model's feature extractor, loaded on the first call (later calls return it as it is).
+        """The model's feature extractor, loaded on the first call (later calls return it as it is), with
+        the bank placed for search on the same device (MemoryBank.place, which logs the search path).
         Refuses weights whose tensors differ from those the model was fitted with."""
         if self._extractor is None:
             extractor = FeatureExtractor(config=self.config, device=device, num_threads=num_threads)
@@ -129,20 +144,28 @@ class Model:
                                  f"{self.config.weights!r} now loads tensors with sha256 {got[:12]}...; "
                                  f"install the same weights or refit")
             self._extractor = extractor
+            self.bank.place(extractor.backbone.device)
         return self._extractor
 
-    def score(self, pixels: np.ndarray) -> ScoreResult:
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone runs, and the bank is searched and the maps are built (the CPU until loaded)."""
+        return self._extractor.backbone.device if self._extractor is not None else torch.device("cpu")
+
+    def score(self, pixels: np.ndarray, *, maps: bool = True) -> ScoreResult:
         """Images [B, S, S, 3] uint8 (S = config.input_size) -> their ScoreResult. Aligned first when the
-        config says so; the maps are turned back to each image's own frame."""
+        config says so; the maps are in each image's own frame. maps=False: scores and grids only."""
         if self.config.align:
             aligned, poses = align_images(pixels)                                # [B, S, S, 3], [B, 3]
-            result = self.score_features(*self.backbone().describe(aligned))
-            return replace(result, maps=unalign_maps(result.maps, poses))
-        return self.score_features(*self.backbone().describe(pixels))
+            return self.score_features(*self.backbone().describe(aligned), poses=poses, maps=maps)
+        return self.score_features(*self.backbone().describe(pixels), maps=maps)
 
-    def score_features(self, features: np.ndarray, foreground: np.ndarray | None = None) -> ScoreResult:
-        """Descriptors [B, G*G, D] and foreground [B, G*G] bool (None: everywhere) -> ScoreResult."""
-        return score_features(features, self.bank, config=self.config, foreground=foreground)
+    def score_features(self, features: np.ndarray, foreground: np.ndarray | None = None, *,
+                       poses: np.ndarray | None = None, maps: bool = True) -> ScoreResult:
+        """Descriptors [B, G*G, D] and foreground [B, G*G] bool (None: everywhere) -> ScoreResult; poses
+        [B, 3] when the descriptors are of aligned images."""
+        return score_features(features, self.bank, config=self.config, foreground=foreground, poses=poses,
+                              maps=maps, device=self.device)
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
         """Image scores [B] -> verdicts [B] bool: at or above the calibrated threshold."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+# 2: the heatmap is stored as its patch-distance grid (heatmap_grid, heatmap_size, heatmap_sigma,
+#    heatmap_pose); the PNG columns of version 1 stay, null unless the score job is asked for them.
+SCHEMA_VERSION = "2"
 METADATA_KEY = b"anomaly.schema_version"
 
 # (name, type, unit, meaning); the order is the column order in the files.
@@ -22,9 +24,16 @@ COLUMNS = [
     ("score_normalised", pa.float32(), "", "0 = mean calibration (normal) image score, 1 = the threshold"),
     ("verdict", pa.string(), "", "`anomalous` (score >= threshold), `normal` or `error`"),
     ("threshold", pa.float32(), "cosine distance", "the model's calibrated threshold"),
-    ("heatmap_png", pa.binary(), "PNG", "8-bit grayscale anomaly map, input_size x input_size; null on error"),
-    ("heatmap_min", pa.float32(), "cosine distance", "score at PNG value 0"),
-    ("heatmap_max", pa.float32(), "cosine distance", "score at PNG value 255"),
+    ("heatmap_grid", pa.binary(), "float16 cosine distance",
+     "patch distances, G x G float16 little-endian, row-major (2 G^2 bytes); null on error"),
+    ("heatmap_size", pa.int32(), "px", "side S of the map rebuilt from the grid (the input size); 0 on error"),
+    ("heatmap_sigma", pa.float32(), "px", "Gaussian sigma of that map's smoothing; NaN on error"),
+    ("heatmap_pose", pa.list_(pa.float32()), "px, px, rad",
+     "(row, column, angle) of the pose the grid was scored in (models fitted with --align), else null"),
+    ("heatmap_png", pa.binary(), "PNG",
+     "8-bit grayscale anomaly map, S x S; null unless scored with --heatmap-png (always set in version 1)"),
+    ("heatmap_min", pa.float32(), "cosine distance", "score at PNG value 0; null without heatmap_png"),
+    ("heatmap_max", pa.float32(), "cosine distance", "score at PNG value 255; null without heatmap_png"),
     ("peak_x", pa.int32(), "px", "column of the strongest point, original image pixels (-1 on error)"),
     ("peak_y", pa.int32(), "px", "row of the strongest point, original image pixels (-1 on error)"),
     ("model_id", pa.string(), "", "content hash of the model that scored the image"),
@@ -35,6 +44,9 @@ COLUMNS = [
 ]
 
 PARTITION_COLUMN = "run_date"
+# What anomaly_core.decode_heatmap reads from a row.
+HEATMAP_COLUMNS = ("heatmap_grid", "heatmap_size", "heatmap_sigma", "heatmap_pose", "heatmap_png", "heatmap_min",
+                   "heatmap_max")
 
 
 def output_schema(*, include_partition: bool = False) -> pa.Schema:
@@ -46,5 +58,5 @@ def output_schema(*, include_partition: bool = False) -> pa.Schema:
 def markdown_table() -> str:
     """The documentation table (docs/schema.md embeds exactly this)."""
     rows = ["| column | type | unit | meaning |", "| --- | --- | --- | --- |"]
-    rows += [f"| {n} | {t} | {u} | {m} |" for n, t, u, m in COLUMNS]
+    rows += [f"| {n} | `{t}` | {u} | {m} |" for n, t, u, m in COLUMNS]
     return "\n".join(rows)

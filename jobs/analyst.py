@@ -32,10 +32,15 @@ def connect(out: str, options: StorageOptions | None = None) -> duckdb.DuckDBPyC
     return con
 
 
+def fetch(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> list[dict]:
+    """Rows of a query as {column: value} dicts (what anomaly_core.decode_heatmap takes)."""
+    cur = con.execute(sql, params or None)
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+
 def run_query(con: duckdb.DuckDBPyConnection, name: str, **params) -> list[dict]:
     queries = load_queries()
     if name not in queries:
         raise KeyError(f"query {name!r} is unknown; choose one of {list(queries)}")
-    cur = con.execute(queries[name], params or None)
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    return fetch(con, queries[name], params)

@@ -43,8 +43,9 @@ GROUP BY run_date
 ORDER BY run_date;
 
 -- name: image_heatmap
--- One image's heatmap (decode with anomaly_core.decode_heatmap(heatmap_png, heatmap_min, heatmap_max)).
-SELECT uri, run_date, score, verdict, heatmap_png, heatmap_min, heatmap_max, width, height
+-- One image's heatmap: anomaly_core.decode_heatmap(row) rebuilds the map from these columns (schema.md).
+SELECT uri, run_date, score, verdict, heatmap_grid, heatmap_size, heatmap_sigma, heatmap_pose, heatmap_png,
+       heatmap_min, heatmap_max, width, height
 FROM scores
 WHERE uri = $uri
 ORDER BY run_time DESC

@@ -202,6 +202,9 @@ def fit(data, model, verbose, overwrite, **kw):
 @click.option("--replace", is_flag=True, help="Delete a finished run with the same id and score it again.")
 @click.option("--rows-per-file", type=int, default=1024, show_default=True,
               help="Rows per committed Parquet file (the work a killed run can lose).")
+@click.option("--heatmap-png", is_flag=True,
+              help="Also store each heatmap as an 8-bit PNG (heatmap_png): rows about 20x larger than with "
+                   "the stored grid alone, and PNG encoding on the workers.")
 @click.option("--model-id", default=None,
               help="The id MODEL must have (as `anomaly fit` printed it); any other model there is refused "
                    "before its files are read. Pin it for audits of a model in a shared bucket.")

@@ -1,8 +1,9 @@
 """Evaluate on an MVTec-AD-layout folder: fit on train/good, score test/, compute the metrics.
 
-Pixel metrics are computed at the model's input resolution (input_size x input_size): heatmaps as
-written to Parquet are decoded back, ground-truth masks are resized to that grid with nearest-neighbour
-sampling (as the PatchCore reference code evaluates at its input size).
+Pixel metrics are computed at the model's input resolution (input_size x input_size): heatmaps are
+rebuilt from the rows written to Parquet (anomaly_core.decode_heatmap), ground-truth masks are resized
+to that grid with nearest-neighbour sampling (as the PatchCore reference code evaluates at its input
+size).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from PIL import Image
 
 from anomaly_core import metrics
 from anomaly_core.config import ModelConfig
+from anomaly_core.schema import HEATMAP_COLUMNS
 from anomaly_core.scoring import decode_heatmap
-from jobs.analyst import connect
+from jobs.analyst import connect, fetch
 from jobs.fit import run_fit
 from jobs.runtime import list_inputs
 from jobs.score import run_score
@@ -71,15 +73,14 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     summary = run_score(str(root / "test"), str(out_dir / "model"), str(scores_dir), batch_size=batch_size,
                         actors=actors, device=device, address=address)
     con = connect(str(scores_dir))
-    rows = con.execute("SELECT uri, score, heatmap_png, heatmap_min, heatmap_max, status FROM scores "
-                       "ORDER BY uri").fetchall()
-    bad = [r[0] for r in rows if r[5] != "ok"]
+    rows = fetch(con, f"SELECT uri, score, status, {', '.join(HEATMAP_COLUMNS)} FROM scores ORDER BY uri")
+    bad = [r["uri"] for r in rows if r["status"] != "ok"]
     if bad:
         raise RuntimeError(f"{len(bad)} test images could not be scored, e.g. {bad[:3]}")
-    paths = [Path(r[0]) for r in rows]
+    paths = [Path(r["uri"]) for r in rows]
     labels = np.array([p.parent.name != "good" for p in paths])
-    scores = np.array([r[1] for r in rows], dtype=np.float64)
-    maps = np.stack([decode_heatmap(r[2], r[3], r[4]) for r in rows])             # [N, S, S]
+    scores = np.array([r["score"] for r in rows], dtype=np.float64)
+    maps = np.stack([decode_heatmap(r) for r in rows])                            # [N, S, S]
     masked = np.array([has_mask(root, p) for p in paths])                         # [N] bool
     pixel = masked & labels
     masks = np.stack([load_mask(root, p, size=config.input_size) for p in paths])  # [N, S, S]

@@ -100,7 +100,7 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     t_feat = time.time() - t0
     log.info("fit: features of %d images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
     bank, cal, stats = fit_bank(blocks, config=config, plan=plan, n_estimate=n_estimate, map_fn=ray_map,
-                                block_of=numpy_block)
+                                block_of=numpy_block, search_device="cuda" if gpus else "cpu")
     del blocks
     for path, error in stats.unreadable:
         log.warning("skipped unreadable training image %s: %s", path, error)

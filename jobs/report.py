@@ -22,8 +22,9 @@ from PIL import Image  # noqa: E402
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.images import ImageDecodeError, decode_image  # noqa: E402
+from anomaly_core.schema import HEATMAP_COLUMNS  # noqa: E402
 from anomaly_core.scoring import decode_heatmap  # noqa: E402
-from jobs.analyst import connect  # noqa: E402
+from jobs.analyst import connect, fetch  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,15 @@ def _thumb(arr: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
-def _pair(uri: str, png: bytes, lo: float, hi: float, threshold: float) -> tuple[str, str] | None:
-    """(original, overlay) thumbnails as data URIs; None when the original cannot be read any more."""
+def _pair(row: dict, threshold: float) -> tuple[str, str] | None:
+    """(original, overlay) thumbnails of an output row as data URIs; None when the original cannot be
+    read any more."""
     try:
-        image = decode_image(Path(uri).read_bytes())
+        image = decode_image(Path(row["uri"]).read_bytes())
     except (OSError, ImageDecodeError) as e:
-        log.warning("report: cannot read %s for its thumbnail: %s", uri, e)
+        log.warning("report: cannot read %s for its thumbnail: %s", row["uri"], e)
         return None
-    return _png_b64(_thumb(image)), _png_b64(_thumb(overlay(image, decode_heatmap(png, lo, hi),
-                                                             threshold=threshold)))
+    return _png_b64(_thumb(image)), _png_b64(_thumb(overlay(image, decode_heatmap(row), threshold=threshold)))
 
 
 def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
@@ -110,15 +111,16 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
         ax.set_ylabel("images")
         ax.legend()
         parts.append(f"<h2>Score distribution</h2><img alt='score histogram' src='{_fig_b64(fig)}'>")
-    worst = con.execute("SELECT uri, score, score_normalised, verdict, heatmap_png, heatmap_min, heatmap_max "
-                        "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top]).fetchall()
+    worst = fetch(con, f"SELECT uri, score, score_normalised, verdict, {', '.join(HEATMAP_COLUMNS)} "
+                       "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top])
     cards = []
-    for uri, score, norm, verdict, png, lo, hi in worst:
-        pair = _pair(uri, png, lo, hi, threshold)
+    for row in worst:
+        pair = _pair(row, threshold)
         imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
                 else "<p class='missing'>original image no longer readable</p>")
-        cards.append(f"<div class='card'>{imgs}<p><b>{score:.4f}</b> (normalised {norm:.2f}, {verdict})<br>"
-                     f"<code>{html.escape(uri)}</code></p></div>")
+        cards.append(f"<div class='card'>{imgs}<p><b>{row['score']:.4f}</b> (normalised "
+                     f"{row['score_normalised']:.2f}, {row['verdict']})<br>"
+                     f"<code>{html.escape(row['uri'])}</code></p></div>")
     parts.append(f"<h2>Top {len(worst)} anomalies</h2><div class='grid'>{''.join(cards)}</div>")
     if errors:
         items = "".join(f"<tr><td><code>{html.escape(u)}</code></td><td>{html.escape(e)}</td></tr>"
@@ -170,7 +172,8 @@ def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "auto") -> dict:
-    """Score one image in-process (no Ray) and write image | overlay side by side as a PNG."""
+    """Score one image in-process (no Ray) and write image | overlay side by side as a PNG; the map is
+    rebuilt from the row's stored grid, as report and analysts rebuild it."""
     from anomaly_core.decode import decode_batch
     from jobs.scorer import Scorer
     scorer = Scorer(model_path=model_dir, device=device)
@@ -181,7 +184,7 @@ def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "
     if row["status"] != "ok":
         raise ValueError(f"{image_path}: {row['error']}")
     image = decode_image(data)
-    heat = decode_heatmap(row["heatmap_png"], row["heatmap_min"], row["heatmap_max"])
+    heat = decode_heatmap(row)
     side = np.concatenate([image, overlay(image, heat, threshold=float(row["threshold"]))], axis=1)
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(side).save(out_png)

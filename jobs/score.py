@@ -61,7 +61,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
               actors: int | None = None, device: str = "auto", address: str | None = None,
               run_id: str | None = None, run_date: str | None = None, replace: bool = False,
               rows_per_file: int = 1024, model_id: str | None = None, shared_fs: bool = False,
-              options: StorageOptions | None = None) -> dict:
+              heatmap_png: bool = False, options: StorageOptions | None = None) -> dict:
     """Score every image named by `data_uri` with the model at `model_uri`; returns the run summary,
     which is also written to OUT/_runs/<run_id>.json.
 
@@ -69,6 +69,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     default: today.
     replace: delete a finished (or partial) run with the same id and score it again from nothing.
     rows_per_file: rows per committed Parquet file, the unit of work a killed run can lose.
+    heatmap_png: also store each map as a PNG (jobs.scorer.Scorer), beside the grid.
     model_id: the id the model must have (16 hex digits, as `fit` printed it); a model at `model_uri`
     with another id is refused before any of its files is read. None: whatever model is there.
     shared_fs: local paths are on a file system every Ray node mounts at the same place; without it, local
@@ -113,7 +114,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
             ds = ds.map_batches(PinnedScorer, fn_constructor_kwargs={
                 "model_path": model_uri, "model_id": model_id, "device": "cuda" if gpus else device,
                 "num_threads": threads, "run_id": run_id, "run_time": now.isoformat(timespec="seconds"),
-                "run_date": run_date, "options": options},
+                "run_date": run_date, "options": options, "heatmap_png": heatmap_png},
                 batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus,
                 batch_format="numpy")
             ds = track(ds, total=len(todo), label="score")

@@ -3,20 +3,28 @@
 Heavy set-up (model, bank, backbone) happens once in `__init__`, as in Ray's batch-inference pattern;
 the same callable runs without Ray in tests, `anomaly show` and the benchmarks. The method itself is
 anomaly_core.model.Model; this module adds what belongs to an audit: run id and time, the product and
-line columns, the encoded heatmap, error rows.
+line columns, the stored heatmap, error rows.
+
+On a GPU the bank search, the maps and their peaks run on the GPU (Model.backbone places the bank there);
+what comes back to the host per image is its score, its G x G grid, its peak and, only when asked for,
+its PNG.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
+import torch
 
 from anomaly_core.index import set_search_threads
 from anomaly_core.model import Model
-from anomaly_core.scoring import encode_heatmap, peak_location
+from anomaly_core.scoring import encode_grid, encode_heatmap_png, image_maps, peak_locations
 from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import normalise
+
+log = logging.getLogger(__name__)
 
 _PATH_LABEL = {key: re.compile(rf"(?:^|/){key}=([^/]+)/") for key in ("product", "line")}
 
@@ -33,33 +41,48 @@ class Scorer:
     "error" and the error text; the others are scored by the model."""
 
     def __init__(self, *, model_path: str, device: str = "auto", num_threads: int | None = None,
-                 run_id: str = "", run_time: str = "", run_date: str = "", options: StorageOptions | None = None):
+                 run_id: str = "", run_time: str = "", run_date: str = "", options: StorageOptions | None = None,
+                 heatmap_png: bool = False):
         """model_path: local folder or s3:// URI; num_threads: torch and FAISS threads of this process
         (None: leave both as they are); run_time: ISO-8601 UTC start of the run;
-        run_date: the audit date (partition key), by default the date of run_time."""
+        run_date: the audit date (partition key), by default the date of run_time;
+        heatmap_png: also write each map as a PNG (heatmap_png, heatmap_min, heatmap_max; CPU work)."""
         self.model = Model.load(model_path, options)
         self.model.backbone(device=device, num_threads=num_threads)       # loads it, checks the weights
         if num_threads:                    # the bank search gets the threads the backbone gets
             set_search_threads(num_threads)
         self.run_id, self.run_time, self.run_date = run_id, run_time, run_date or run_time[:10]
+        self.heatmap_png = heatmap_png
+        log.info("scorer: model %s, backbone on %s, bank index %s searched by %s, heatmaps as %s",
+                 self.model.model_id, self.model.device, self.model.bank.kind, self.model.bank.search_path,
+                 "grids and PNGs" if heatmap_png else "grids")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cal = self.model.calibration
+        cal, cfg = self.model.calibration, self.model.config
         n = len(batch["path"])
         ok = batch["error"] == ""
         score = np.full(n, np.nan, dtype=np.float32)
-        heat = np.empty(n, dtype=object)
+        grid = np.full(n, None, dtype=object)
+        pose = np.full(n, None, dtype=object)
+        png = np.full(n, None, dtype=object)
         hmin = np.full(n, np.nan, dtype=np.float32)
         hmax = np.full(n, np.nan, dtype=np.float32)
         px = np.full(n, -1, dtype=np.int32)
         py = np.full(n, -1, dtype=np.int32)
         if ok.any():
-            result = self.model.score(batch["pixels"][ok])                     # [b] scores, [b, S, S] maps
-            for j, i in enumerate(np.flatnonzero(ok)):
-                score[i] = result.scores[j]
-                heat[i], hmin[i], hmax[i] = encode_heatmap(result.maps[j])
-                px[i], py[i] = peak_location(result.maps[j], width=int(batch["width"][i]),
-                                             height=int(batch["height"][i]))
+            idx = np.flatnonzero(ok)
+            result = self.model.score(batch["pixels"][ok], maps=False)           # [b] scores, [b, G, G] grids
+            maps = image_maps(torch.from_numpy(result.distances).to(self.model.device), out_size=cfg.input_size,
+                              sigma=cfg.map_sigma, poses=result.poses)         # [b, S, S], on the device
+            score[idx] = result.scores
+            px[idx], py[idx] = peak_locations(maps, widths=batch["width"][ok], heights=batch["height"][ok])
+            for j, i in enumerate(idx):
+                grid[i] = encode_grid(result.distances[j])
+                if result.poses is not None:
+                    pose[i] = result.poses[j].astype(np.float32).tolist()
+            if self.heatmap_png:
+                for j, amap in enumerate(maps.cpu().numpy()):
+                    png[idx[j]], hmin[idx[j]], hmax[idx[j]] = encode_heatmap_png(amap)
         verdict = np.where(~ok, "error", np.where(self.model.is_anomalous(score), "anomalous", "normal"))
         return {
             "uri": batch["path"],
@@ -74,7 +97,11 @@ class Scorer:
             "score_normalised": normalise(score, cal),
             "verdict": verdict.astype(object),
             "threshold": np.full(n, cal.threshold, dtype=np.float32),
-            "heatmap_png": heat,
+            "heatmap_grid": grid,
+            "heatmap_size": np.where(ok, cfg.input_size, 0).astype(np.int32),
+            "heatmap_sigma": np.where(ok, cfg.map_sigma, np.nan).astype(np.float32),
+            "heatmap_pose": pose,
+            "heatmap_png": png,
             "heatmap_min": hmin,
             "heatmap_max": hmax,
             "peak_x": px,

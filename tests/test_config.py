@@ -50,5 +50,6 @@ def test_every_field_says_what_it_does_for_the_command_line():
 
 
 def test_a_name_outside_its_registry_lists_the_registry():
-    with pytest.raises(ValueError, match=r"index='annoy' is unknown; choose one of \['flat', 'hnsw', 'ivf', 'ivfpq'\]"):
+    with pytest.raises(ValueError,
+                       match=r"index='annoy' is unknown; choose one of \['auto', 'flat', 'hnsw', 'ivf', 'ivfpq'\]"):
         ModelConfig(index="annoy")

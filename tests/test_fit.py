@@ -104,3 +104,30 @@ def test_position_consistency_is_the_between_position_share_of_the_variance(rng)
     d = rng.random((7, 5))
     between, within = d.mean(axis=0).var(), d.var(axis=0).mean()
     assert consistency(d) == pytest.approx(between / (between + within))
+
+
+def fit_on_random(rng, config: ModelConfig, **kw):
+    f = unit_rows(rng, 6 * 4, 384).reshape(6, 4, 384)
+    plan = split_calibration([f"i{k}" for k in range(6)], config=config)
+    blocks = feature_blocks(f, plan.fold, images_per_block=4, paths=[f"i{k}" for k in range(6)])
+    return fit_bank(blocks, config=config, plan=plan, n_estimate=6 * 4, **kw)
+
+
+def test_auto_index_keeps_a_small_bank_exact_and_records_the_kind(rng):
+    assert CROSSFIT.index == "auto"                                                  # the default
+    bank, _, stats = fit_on_random(rng, CROSSFIT)
+    assert bank.kind == stats.index == "flat"
+
+
+def test_auto_index_builds_hnsw_beyond_the_target_devices_threshold(rng, monkeypatch):
+    from anomaly_core import index
+    monkeypatch.setitem(index.AUTO_FLAT_MAX, "cpu", 20)                             # the bank holds 24
+    bank, _, stats = fit_on_random(rng, CROSSFIT)
+    assert bank.kind == stats.index == "hnsw"
+    bank, _, stats = fit_on_random(rng, CROSSFIT, search_device="cuda")             # exact search is cheap there
+    assert bank.kind == stats.index == "flat"
+
+
+def test_an_explicit_index_is_built_whatever_the_bank_size(rng):
+    bank, _, stats = fit_on_random(rng, dataclasses.replace(CROSSFIT, index="hnsw"))
+    assert bank.kind == stats.index == "hnsw"

@@ -1,15 +1,25 @@
+import logging
+
 import faiss
 import numpy as np
 import pytest
+import torch
 
-from anomaly_core.index import MemoryBank, set_search_threads
+from anomaly_core.index import (
+    AUTO_FLAT_MAX,
+    MemoryBank,
+    TorchFlatSearch,
+    choose_index,
+    faiss_search,
+    set_search_threads,
+)
 from tests.helpers import unit_rows
 
 
 def test_nearest_is_brute_force_cosine_distance(rng):
     bank, q = unit_rows(rng, 300, 32), unit_rows(rng, 1000, 32)
     want = 1 - (q @ bank.T).max(1)
-    got = MemoryBank.build(bank).nearest(q, batch_size=128)          # several batches
+    got, _ = faiss_search(MemoryBank.build(bank).shards, q, batch_size=128)     # several batches
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -77,3 +87,102 @@ def test_search_threads_override_omp_num_threads():
 def test_search_threads_must_be_positive():
     with pytest.raises(ValueError, match="got 0"):
         set_search_threads(0)
+
+
+def real_shaped(rng, n_bank: int, n_query: int, d: int = 384, *, clusters: int = 64):
+    """Bank and queries shaped like patch features: unit rows around shared directions (normal patches
+    lie near many bank entries, so nearest neighbours are close calls, as in real banks)."""
+    centres = unit_rows(rng, clusters, d)
+
+    def around(n):
+        x = centres[rng.integers(0, clusters, n)] + 0.6 * unit_rows(rng, n, d)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return around(n_bank), around(n_query)
+
+
+def unambiguous(bank: np.ndarray, q: np.ndarray, margin: float) -> np.ndarray:
+    """[N] bool: the best entry beats the second by more than `margin` in similarity."""
+    top2 = np.sort(q @ bank.T, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > margin
+
+
+def test_torch_search_equals_faiss_flat_on_random_data(rng):
+    bank, q = unit_rows(rng, 700, 32), unit_rows(rng, 500, 32)
+    faiss_bank = MemoryBank.build(bank)
+    want_d, want_i = faiss_bank.search(q)
+    engine = TorchFlatSearch([bank[:300], bank[300:]], device="cpu", dtype=torch.float32,
+                             workspace_bytes=64 * 100 * 4, bank_chunk=100)     # 64 queries x 100 entries
+    got_d, got_i = engine.search(q)
+    np.testing.assert_allclose(got_d, want_d, atol=1e-5)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(want_i, (q @ bank.T).argmax(1))                # brute force
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_placed_bank_equals_faiss_flat_on_real_shaped_data(dtype, atol, rng):
+    """Two images' worth of 28 x 28 patches against a bank of three shards, on the path a GPU scorer
+    takes (float16 is the GPU's precision), run on the CPU."""
+    bank, q = real_shaped(rng, 3000, 2 * 784)
+    want_d, want_i = MemoryBank.build(bank, shard_size=1024).search(q)
+    placed = MemoryBank.build(bank, shard_size=1024).place("cpu", engine="torch", dtype=dtype)
+    assert placed.search_path == f"torch cpu {str(dtype).removeprefix('torch.')} flat"
+    got_d, got_i = placed.search(q)
+    np.testing.assert_allclose(got_d, want_d, atol=atol)
+    clear = unambiguous(bank, q, margin=2 * atol)
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(got_i[clear], want_i[clear])
+
+
+def test_cpu_device_searches_with_faiss_and_says_so(rng, caplog):
+    bank = MemoryBank.build(unit_rows(rng, 50, 8))
+    with caplog.at_level(logging.INFO, logger="anomaly_core.index"):
+        bank.place("cpu")
+    assert bank.search_path == "faiss cpu flat" and "faiss cpu flat" in caplog.text
+
+
+def test_bank_over_the_memory_budget_falls_back_to_faiss_with_a_warning(rng, caplog):
+    bank, q = unit_rows(rng, 200, 16), unit_rows(rng, 20, 16)
+    placed = MemoryBank.build(bank)
+    with caplog.at_level(logging.WARNING, logger="anomaly_core.index"):
+        placed.place("cpu", engine="torch", memory_budget=1024)
+    assert placed.search_path == "faiss cpu flat"
+    assert "FAISS searches it on the CPU instead" in caplog.text and "200 x 16" in caplog.text
+    np.testing.assert_allclose(placed.nearest(q), 1 - (q @ bank.T).max(1), atol=1e-5)
+
+
+def test_approximate_bank_stays_on_faiss_with_a_warning(rng, caplog):
+    bank = MemoryBank.build(unit_rows(rng, 500, 16), kind="hnsw")
+    with caplog.at_level(logging.WARNING, logger="anomaly_core.index"):
+        bank.place("cpu", engine="torch")
+    assert bank.search_path == "faiss cpu hnsw" and "index hnsw" in caplog.text
+
+
+def test_unknown_engine_lists_choices(rng):
+    with pytest.raises(ValueError, match="torch"):
+        MemoryBank.build(unit_rows(rng, 5, 8)).place("cpu", engine="cupy")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_kind_is_read_from_the_shards(kind, rng):
+    assert MemoryBank.build(unit_rows(rng, 400, 16), kind=kind).kind == kind
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_index_is_flat_up_to_the_device_threshold_then_hnsw(device):
+    limit = AUTO_FLAT_MAX[device]
+    assert choose_index(limit, device=device) == "flat"
+    assert choose_index(limit + 1, device=device) == "hnsw"
+
+
+def test_auto_index_names_the_devices_it_knows():
+    with pytest.raises(ValueError, match="cpu"):
+        choose_index(10, device="mps")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_placement_equals_faiss_flat(rng):
+    bank, q = real_shaped(rng, 3000, 2 * 784)
+    want = MemoryBank.build(bank).nearest(q)
+    placed = MemoryBank.build(bank).place("cuda")
+    assert "cuda" in placed.search_path
+    np.testing.assert_allclose(placed.nearest(q), want, atol=2e-3)

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from anomaly_core import decode_heatmap, metrics
+from anomaly_core.schema import HEATMAP_COLUMNS
 from jobs.cli import main
 from jobs.score import run_score
 
@@ -68,14 +69,14 @@ def test_output_columns_and_heatmap_decoding(scored, model):
     cols = {r[0] for r in duckdb.execute(
         f"DESCRIBE SELECT * FROM read_parquet('{out}/**/*.parquet', hive_partitioning=1)").fetchall()}
     assert {"uri", "content_sha256", "width", "height", "score", "score_normalised", "verdict", "threshold",
-            "heatmap_png", "heatmap_min", "heatmap_max", "peak_x", "peak_y", "model_id", "run_id",
-            "run_time", "run_date", "status", "error"} <= cols
-    uri, png, lo, hi, model_id, run_id = rows(
-        out, "SELECT uri, heatmap_png, heatmap_min, heatmap_max, model_id, run_id FROM {T} "
-             "WHERE status = 'ok' ORDER BY score DESC LIMIT 1")[0]
-    heat = decode_heatmap(png, lo, hi)
-    assert heat.shape == (112, 112) and heat.max() == pytest.approx(hi, rel=1e-3)
-    assert model_id == model[1]["model_id"] and run_id == summary["run_id"]
+            "heatmap_grid", "heatmap_size", "heatmap_sigma", "heatmap_pose", "heatmap_png", "peak_x", "peak_y",
+            "model_id", "run_id", "run_time", "run_date", "status", "error"} <= cols
+    row = dict(zip(["model_id", "run_id", *HEATMAP_COLUMNS], rows(
+        out, f"SELECT model_id, run_id, {', '.join(HEATMAP_COLUMNS)} FROM {{T}} "
+             "WHERE status = 'ok' ORDER BY score DESC LIMIT 1")[0], strict=True))
+    heat = decode_heatmap(row)
+    assert heat.shape == (112, 112) and np.isfinite(heat).all() and row["heatmap_png"] is None
+    assert row["model_id"] == model[1]["model_id"] and row["run_id"] == summary["run_id"]
 
 
 def test_cli_fit_rejects_bad_config_before_starting(texture_dataset, tmp_path):
@@ -132,6 +133,10 @@ def test_tiled_augmented_fit_and_score_through_ray(ray_local, texture_dataset, t
     stats = manifest["stats"]
     assert (stats["n_train_images"], stats["n_calibration_images"]) == (8, 2)
     assert stats["n_train_patches"] == 8 * 4 * cfg.grid_size ** 2             # 4 flips of each bank image
-    run_score(str(texture_dataset / "test"), str(tmp_path / "m"), str(tmp_path / "out"), batch_size=4)
-    (png, lo, hi), = rows(tmp_path / "out", "SELECT heatmap_png, heatmap_min, heatmap_max FROM {T} LIMIT 1")
-    assert decode_heatmap(png, lo, hi).shape == (cfg.input_size, cfg.input_size) == (84, 84)
+    run_score(str(texture_dataset / "test"), str(tmp_path / "m"), str(tmp_path / "out"), batch_size=4,
+              heatmap_png=True)
+    (values,) = rows(tmp_path / "out", f"SELECT {', '.join(HEATMAP_COLUMNS)} FROM {{T}} LIMIT 1")
+    row = dict(zip(HEATMAP_COLUMNS, values, strict=True))
+    from_grid, from_png = decode_heatmap(row), decode_heatmap(row | {"heatmap_grid": None})
+    assert from_grid.shape == (cfg.input_size, cfg.input_size) == (84, 84)
+    assert np.abs(from_grid - from_png).max() <= (row["heatmap_max"] - row["heatmap_min"]) / 510 + 1e-3

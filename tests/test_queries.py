@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from anomaly_core import decode_heatmap
+from anomaly_core.scoring import decode_grid, image_maps
 from jobs.analyst import connect, load_queries, run_query
 
 # every test reads the nightly audits scored through Ray
@@ -48,8 +49,11 @@ def test_score_drift_compares_two_nights(con):
     assert rows[0]["mean_score"] == pytest.approx(rows[1]["mean_score"])   # same archive, same model
 
 
-def test_image_heatmap_decodes_to_scores(con):
+def test_image_heatmap_rebuilds_the_map_from_its_grid(con):
     uri = run_query(con, "tonight_anomalies", run_date="2026-11-22")[0]["uri"]
     (row,) = run_query(con, "image_heatmap", uri=uri)
-    heat = decode_heatmap(row["heatmap_png"], row["heatmap_min"], row["heatmap_max"])
-    assert heat.shape == (112, 112) and np.isfinite(heat).all() and heat.max() <= row["heatmap_max"] + 1e-6
+    grid = decode_grid(row["heatmap_grid"])                                        # [G, G] float16 values
+    heat = decode_heatmap(row)
+    assert heat.shape == (row["heatmap_size"],) * 2 == (112, 112) and row["heatmap_png"] is None
+    np.testing.assert_allclose(heat, image_maps(grid[None], out_size=112, sigma=row["heatmap_sigma"])[0])
+    assert grid.min() - 1e-6 <= heat.min() <= heat.max() <= grid.max() + 1e-6      # averages of the grid
