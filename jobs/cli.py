@@ -1,4 +1,4 @@
-"""`anomaly` command line: fit, score, evaluate, report, show, demo.
+"""`anomaly` command line: fit, score, evaluate, report, show, export, demo.
 
 Without --address (or $RAY_ADDRESS) each command starts Ray in this process; with it, the work runs on
 that cluster. `python -m jobs <command>` runs the same commands (what `ray job submit` runs).
@@ -278,6 +278,25 @@ def show(image, model_dir, out, device, verbose):
     from jobs.report import write_show
     out = out or f"{Path(image).stem}_overlay.png"
     click.echo(json.dumps(write_show(image, model_dir, out, device=device)))
+
+
+@main.command()
+@click.argument("model_dir", metavar="MODEL")
+@click.argument("out", metavar="OUT.onnx")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset of the graph (14 or later).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the backbone and the bank in the graph (input and outputs stay uint8/float32).")
+@_storage_options
+@VERBOSE
+def export(model_dir, out, opset, dtype, verbose, **kw):
+    """Write MODEL (folder or s3:// prefix) as one ONNX graph: image [N, S, S, 3] uint8 RGB resized with
+    resize_square -> score [N], grid [N, G, G], map [N, S, S] float32; threshold and model id in its
+    metadata (docs/export.md). Options the graph cannot express (align, foreground mask, ivfpq) are refused."""
+    from anomaly_core.export import export_model
+    from anomaly_core.model import Model
+    result = export_model(Model.load(model_dir, _storage(kw)), out, opset=opset, dtype=dtype)
+    click.echo(json.dumps({"onnx": result.path, "external_data": result.external_data, "bytes": result.bytes,
+                           "bank_size": result.bank_size, **result.metadata}))
 
 
 @main.command(uses_ray=True)
