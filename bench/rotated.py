@@ -4,9 +4,10 @@ its ground-truth mask turned about the image centre by its own angle, drawn unif
     python bench/rotated.py ../shared/data/mpdd_metal_plate ROTATED_DIR --seed 0
     anomaly evaluate ROTATED_DIR --out OUT --augment rotations
 
-Corners that come from outside the frame are filled with the median colour of the image's border (the
-background of these sets is plain, so the fill looks like more background; reflecting the image instead
-would paste mirrored pieces of the part into the corners). Masks turn with the same
+Images turn as `--augment turns8` turns bank images (anomaly_core.augment.turn_images): bilinear, the
+corners from outside the frame filled with the median colour of the image's border (the background of
+these sets is plain, so the fill looks like more background; reflecting the image instead would paste
+mirrored pieces of the part into the corners). Masks turn with the same
 angle, nearest-neighbour, so they stay binary. Images keep their names and format (PNG), so the copy has
 the same layout and labels; each image's angle is listed in ROTATED_DIR/angles.json. Used for the
 rotated-parts rows of docs/ablation.md: the upright set and its turned copy, fitted and scored the same way.
@@ -21,24 +22,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from anomaly_core.augment import turn_images  # noqa: E402
 from bench.features import list_images  # noqa: E402
-
-
-def rotate(image: np.ndarray, *, degrees: float, order: int) -> np.ndarray:
-    """[H, W] or [H, W, C] uint8 -> the same shape turned counter-clockwise by `degrees` about the centre;
-    order 1 (bilinear) for images, 0 (nearest) for masks (filled with 0)."""
-    planes = image[..., None] if image.ndim == 2 else image                      # [H, W, C]
-    border = np.concatenate([planes[0], planes[-1], planes[:, 0], planes[:, -1]])  # [2H + 2W, C]
-    fill = np.median(border, axis=0) if order else np.zeros(planes.shape[-1])     # [C]
-    out = np.stack([ndimage.rotate(planes[..., c].astype(np.float32), degrees, reshape=False, order=order,
-                                   mode="constant", cval=float(fill[c])) for c in range(planes.shape[-1])],
-                   axis=-1)
-    out = out.round().clip(0, 255).astype(np.uint8)
-    return out[..., 0] if image.ndim == 2 else out
 
 
 def main() -> None:
@@ -58,14 +46,14 @@ def main() -> None:
         image = np.asarray(Image.open(path).convert("RGB"))
         target = (args.out / rel).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rotate(image, degrees=degrees, order=1)).save(target)
+        Image.fromarray(turn_images(image[None], degrees=degrees)[0]).save(target)
         kind = rel.parts[1]
         mask = args.dataset / "ground_truth" / kind / f"{path.stem}_mask.png"
         if rel.parts[0] == "test" and mask.exists():
             m = np.asarray(Image.open(mask).convert("L"))
             mask_out = args.out / "ground_truth" / kind / mask.name
             mask_out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rotate(m, degrees=degrees, order=0)).save(mask_out)
+            Image.fromarray(turn_images(m[None, ..., None], degrees=degrees, order=0)[0, ..., 0]).save(mask_out)
     (args.out / "angles.json").write_text(json.dumps(angles, indent=1))
     print(f"{len(angles)} images turned into {args.out}")
 

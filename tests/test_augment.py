@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from anomaly_core.augment import augment_images
+from anomaly_core.augment import augment_images, turn_images
 from anomaly_core.config import ModelConfig
 
 
@@ -70,3 +70,29 @@ def test_a_rotated_part_is_normal_to_a_bank_that_saw_its_rotations():
 def test_augmenting_aligned_parts_is_refused_as_pointless():
     with pytest.raises(ValueError, match="align"):
         ModelConfig(augment="rotations", align=True)
+
+
+def test_turns8_adds_the_diagonals_to_the_exact_quarter_turns(rng):
+    img = rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    out = augment_images(img, name="turns8")
+    assert out.shape == (8, 8, 8, 3)
+    for i, quarter in ((0, 0), (2, 1), (4, 2), (6, 3)):                     # 0, 90, 180, 270 degrees
+        np.testing.assert_array_equal(out[i], np.rot90(img[0], k=quarter))
+
+
+def test_a_diagonal_turn_fills_the_corners_with_the_border_colour():
+    img = np.full((1, 32, 32, 3), 40, dtype=np.uint8)
+    img[:, 12:20, 12:20] = 200                                               # a square part on a plain ground
+    turned = turn_images(img, degrees=45)
+    assert turned[0, 0, 0].tolist() == [40, 40, 40]                          # a corner from outside the frame
+    assert turned[0, 16, 16].tolist() == [200, 200, 200]                     # the part turns about the centre
+    assert abs((turned[0, ..., 0] > 120).sum() - 64) <= 8                    # its area, up to interpolation
+
+
+def test_two_diagonal_turns_make_a_quarter_turn_of_a_smooth_image():
+    yy, xx = np.mgrid[:33, :33].astype(np.float32)
+    img = (128 + 60 * np.sin(yy / 5) * np.cos(xx / 7))[None, ..., None].astype(np.uint8)   # [1, 33, 33, 1]
+    twice = turn_images(turn_images(img, degrees=45), degrees=45)
+    centre = slice(8, 25)                                                    # inside the disc that stays in frame
+    diff = np.abs(twice[0, centre, centre].astype(int) - np.rot90(img[0], k=1)[centre, centre])
+    assert diff.mean() < 2
