@@ -35,13 +35,14 @@ INDEX_CHOICES = {"auto": "flat up to AUTO_FLAT_MAX vectors on the target device,
 # Largest bank that index="auto" searches exactly, per device type of the scorer: up to there exact search
 # costs at most about 20% of the backbone forward at the default 392 px (28 x 28 patches, 768-d), beyond it
 # HNSW, whose cost hardly grows with the bank and which kept image AUROC on magnetic_tile.
-# cpu: measured by bench/banksize.py (docs/benchmarks.md, "Bank size"): FAISS flat at 10k vectors already
-#   costs about 0.2x of a CPU forward, and the cost grows linearly with the bank.
+# cpu: measured by bench/banksize.py (docs/benchmarks.md, "Bank size"): FAISS flat on 2 cores costs 0.34x
+#   of the forward at 10k vectors (0.32x at 12.5k in bench/throughput.py's bank), about linear in the bank
+#   there, so 20% is reached near 6k; HNSW cost 0.19x at 10k and 0.30x at 100k, against flat's 2.4x.
 # cuda: exact search runs as an fp16 matrix product on the GPU (TorchFlatSearch): 784 x M x 768 x 2 flop
 #   per image against a forward of about 3.5 ms (283 images/s on an H100, docs/benchmarks.md, "GPU"); at an
 #   assumed 400 Tflop/s a 1M bank costs 3 ms per image, so 20% of the forward is reached near 250k vectors.
 #   An estimate until bench/banksize.py runs on a GPU.
-AUTO_FLAT_MAX = {"cpu": 10_000, "cuda": 250_000}
+AUTO_FLAT_MAX = {"cpu": 6_000, "cuda": 250_000}
 
 SEARCH_ENGINES = ("auto", "faiss", "torch")
 # Share of the free GPU memory an exact bank may take when placed (the backbone's activations need the rest).

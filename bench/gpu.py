@@ -7,8 +7,9 @@ For each tile setting and index kind: fit a model in-process on `--train` genera
 (jobs.demo) with the backbone on the GPU (the bank grows with it: 10% of the patches), then score
 `--images` parts with `Scorer` (the callable the Ray score actors run), and time
   - the bare backbone forward (FeatureExtractor.tokens: tiles cut, forward under bf16 autocast, stitched),
-  - the descriptors (tokens + describe_tokens), the bank search (FAISS, CPU) and the maps,
-  - the whole Scorer step on decoded batches (+ PNG heatmaps and rows), and decoding on its own.
+  - the descriptors (tokens + describe_tokens), the bank search (where MemoryBank.place puts it: the
+    GPU for exact banks) and the maps with their peaks (on the backbone's device),
+  - the whole Scorer step on decoded batches (+ stored grids and rows), and decoding on its own.
 Agreement: the same images through the CPU backbone (float32) and the GPU one (bf16 autocast), same
 weights: cosine of each patch token, and image scores against the same bank relative to the threshold.
 Runs on a CPU-only machine too (then the agreement part is skipped).
@@ -35,7 +36,7 @@ from anomaly_core.decode import decode_batch  # noqa: E402
 from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
 from anomaly_core.index import INDEX_KINDS  # noqa: E402
 from anomaly_core.model import Model  # noqa: E402
-from anomaly_core.scoring import anomaly_maps  # noqa: E402
+from anomaly_core.scoring import image_maps, peak_locations  # noqa: E402
 from bench.features import median_seconds  # noqa: E402
 from jobs.demo import _texture, add_defect, make_part  # noqa: E402
 from jobs.scorer import Scorer  # noqa: E402
@@ -84,9 +85,10 @@ def run(cfg: ModelConfig, *, device: str, n_train: int, n_images: int, batch_siz
                                                        input_size=cfg.input_size) for c in chunks],
         "bare backbone forward": lambda: [ex.tokens(px[c]) for c in chunks],
         "descriptors (forward + describe)": lambda: [ex.describe(px[c]) for c in chunks],
-        f"bank search (FAISS {cfg.index}, CPU)": lambda: bank.nearest(feats.reshape(-1, feats.shape[-1])),
-        "maps (upsample + smooth)": lambda: anomaly_maps(dist.reshape(-1, g, g), out_size=cfg.input_size,
-                                                         sigma=cfg.map_sigma),
+        f"bank search ({bank.search_path})": lambda: bank.nearest(feats.reshape(-1, feats.shape[-1])),
+        "maps (upsample + smooth) and peaks": lambda: peak_locations(
+            image_maps(torch.from_numpy(dist.reshape(-1, g, g)).to(ex.backbone.device), out_size=cfg.input_size,
+                       sigma=cfg.map_sigma), widths=np.full(n_images, 1000), heights=np.full(n_images, 1000)),
         "Scorer step (decoded batch -> rows)": lambda: [scorer({k: v[c] for k, v in decoded.items()})
                                                         for c in chunks],
     }

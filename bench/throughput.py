@@ -1,10 +1,14 @@
 """Score throughput against the bare backbone, measured in one run on this machine.
 
-    python bench/throughput.py [--data DIR] [--images 96] [--batch-size 16]
+    python bench/throughput.py [--data DIR] [--images 96] [--train 20] [--batch-size 16]
 
-Three figures, same images, same batch size:
+The model is fitted (the fit job, defaults) on `--train` good images: DIR/train/good, the first N in
+name order, or generated brick parts without DIR. A real fit of 200 images gives a bank of about 12.5k
+vectors at the defaults, and the search cost grows with it, so the figures depend on --train; the bank
+size and the index `auto` chose are printed. Three figures, same images, same batch size:
   1. bare backbone forward (already decoded, resized uint8 arrays; the limit),
-  2. the score step in-process (decode + features + kNN + maps + PNG heatmaps; jobs.scorer.Scorer),
+  2. the score step in-process (decode + features + kNN + maps + peaks + stored grids;
+     jobs.scorer.Scorer),
   3. the Ray score job end to end (read files -> Parquet), excluding Ray start-up but including actor start.
 """
 
@@ -32,10 +36,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="MVTec-layout folder (default: generated brick parts)")
     ap.add_argument("--images", type=int, default=96, help="images to score")
+    ap.add_argument("--train", type=int, default=20, help="good images the bank is fitted on")
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    data = a.data or make_dataset(work / "data", n_train=20, n_good=a.images // 2, n_defect=a.images // 2)
+    data = a.data or make_dataset(work / "data", n_train=a.train, n_good=a.images // 2, n_defect=a.images // 2)
+    good = sorted(p for p in (data / "train" / "good").rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if len(good) < a.train:
+        raise SystemExit(f"--train {a.train}: {data / 'train' / 'good'} holds {len(good)} images")
+    train = work / "train"
+    train.mkdir()
+    for f in good[:a.train]:
+        shutil.copy(f, train / f.name)
     files = sorted(p for p in (data / "test").rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     files = files[:a.images]
     archive = work / "archive"
@@ -44,7 +56,7 @@ def main() -> None:
         shutil.copy(f, archive / f"{i:05d}{f.suffix}")
     cfg = ModelConfig()
     ensure_ray(None)
-    run_fit(str(data / "train" / "good"), str(work / "model"), config=cfg)
+    manifest = run_fit(str(train), str(work / "model"), config=cfg)
 
     batch = decode_batch({"path": np.array([str(f) for f in files], dtype=object),
                           "bytes": np.array([f.read_bytes() for f in files], dtype=object)},
@@ -68,8 +80,9 @@ def main() -> None:
     summary = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)
     job_ips = summary["images_per_second"]
 
-    print(f"images={len(files)} image_size={cfg.image_size} tiles={cfg.tiles} blocks={cfg.blocks} batch={bs} "
-          f"bank={scorer.model.bank.size}")
+    print(f"images={len(files)} train={a.train} image_size={cfg.image_size} tiles={cfg.tiles} blocks={cfg.blocks} "
+          f"batch={bs} bank={scorer.model.bank.size} index={manifest['stats']['index']} "
+          f"search={scorer.model.bank.search_path}")
     print(f"| bare backbone forward | {backbone_ips:.2f} img/s | 1.00 |")
     print(f"| score step in-process | {step_ips:.2f} img/s | {step_ips / backbone_ips:.2f} |")
     print(f"| Ray score job, files -> Parquet | {job_ips:.2f} img/s | {job_ips / backbone_ips:.2f} |")

@@ -82,3 +82,10 @@ def test_product_and_line_come_from_hive_folders():
     uri = "s3://archive/product=plate/line=3/2026-11-22/a.png"
     assert (path_label(uri, "product"), path_label(uri, "line")) == ("plate", "3")
     assert path_label("s3://archive/a.png", "line") == ""
+
+
+def test_each_scorer_logs_its_device_index_and_search_path(model_dir, caplog):
+    with caplog.at_level("INFO", logger="jobs.scorer"):
+        scorer = Scorer(model_path=str(model_dir), device="cpu")
+    assert scorer.model.bank.search_path == "faiss cpu flat"
+    assert "backbone on cpu, bank index flat searched by faiss cpu flat" in caplog.text
