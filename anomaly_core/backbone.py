@@ -54,6 +54,23 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
+def normalised_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, blocks: tuple[int, ...]) -> torch.Tensor:
+    """The backbone's torch step: pixels [B, S, S, 3] uint8 RGB tensor -> [B, (S/14)^2, D * len(blocks)] float32,
+    each row L2-normalised (row-major patch order). `model` is the truncated timm ViT; it runs in its
+    parameters' dtype (or under the caller's autocast). Backbone.patch_features runs it on numpy batches;
+    anomaly_core.export traces it into an ONNX graph."""
+    x = pixels.permute(0, 3, 1, 2).float().div(255.0)                              # [B, 3, S, S]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = ((x - mean) / std).to(next(model.parameters()).dtype)
+    outs = model.forward_intermediates(x, indices=list(blocks), norm=False, output_fmt="NLC",
+                                       intermediates_only=True)
+    # each: [B, G*G, D] patch tokens (prefix tokens dropped); normalise per block, then jointly, so
+    # every block weighs the same in the cosine distance.
+    feats = [torch.nn.functional.normalize(o.float(), dim=-1) for o in outs]
+    return torch.nn.functional.normalize(torch.cat(feats, dim=-1), dim=-1)
+
+
 class Backbone:
     """Frozen DINOv2 truncated after the last block used.
 
@@ -82,8 +99,6 @@ class Backbone:
         self.identity = identity
         model.prune_intermediate_layers(list(self.blocks), prune_norm=True, prune_head=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         log.info("backbone %s blocks=%s on %s, weights %s", name, self.blocks, self.device, identity)
 
     @property
@@ -100,14 +115,7 @@ class Backbone:
         if images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
             raise ValueError(f"images must be [B, {s}, {s}, 3] uint8, got {images.shape} {images.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)       # [B, S, S, 3] uint8
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)                            # [B, 3, S, S]
-        x = (x - self._mean) / self._std
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             enabled=self.device.type == "cuda"):
-            outs = self.model.forward_intermediates(
-                x, indices=list(self.blocks), norm=False, output_fmt="NLC", intermediates_only=True)
-        # each: [B, G*G, D] patch tokens (prefix tokens dropped); normalise per block, then jointly, so
-        # every block weighs the same in the cosine distance.
-        feats = [torch.nn.functional.normalize(o.float(), dim=-1) for o in outs]
-        f = torch.nn.functional.normalize(torch.cat(feats, dim=-1), dim=-1)      # [B, G*G, D*nb]
+            f = normalised_tokens(self.model, x, blocks=self.blocks)              # [B, G*G, D*nb]
         return f.cpu().numpy()
