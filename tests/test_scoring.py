@@ -153,3 +153,11 @@ def test_row_without_grid_reads_its_png():
 def test_row_without_any_heatmap_says_how_to_rescore():
     with pytest.raises(ValueError, match="--replace"):
         decode_heatmap({"uri": "a.png", "status": "ok", "heatmap_grid": None, "heatmap_png": None})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_maps_on_the_gpu_equal_those_on_the_cpu(rng):
+    grids = rng.random((2, 28, 28)).astype(np.float32)
+    on_gpu = anomaly_maps(torch.from_numpy(grids).cuda(), out_size=392, sigma=7.0)
+    assert on_gpu.device.type == "cuda"
+    np.testing.assert_allclose(on_gpu.cpu().numpy(), anomaly_maps(grids, out_size=392, sigma=7.0), atol=1e-5)
