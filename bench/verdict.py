@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
+from anomaly_core.align import align_images  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
 from anomaly_core.images import decode_image, resize_square  # noqa: E402
@@ -56,19 +57,27 @@ REDUCTIONS = {
 }
 
 
+def read_pixels(paths: list[Path], cfg: ModelConfig) -> np.ndarray:
+    """[N, S, S, 3] uint8: the images resized to the config's input size, as the jobs decode them."""
+    return np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths])
+
+
 def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tuple[list[Path], np.ndarray]:
-    """Paths and backbone tokens [N, G*G, D] float32 unit rows of train/good or test/."""
+    """Paths and backbone tokens [N, G*G, D] float32 unit rows of train/good or test/ (turned to their
+    canonical pose first when cfg.align)."""
     paths = list_images(root / "train" / "good") if split == "train" else list_images(root / "test")
-    f = cache / f"{root.name}_t{cfg.tiles}_{split}.npy" if cache else None
+    suffix = "_aligned" if cfg.align else ""
+    f = cache / f"{root.name}_t{cfg.tiles}_{split}{suffix}.npy" if cache else None
     if f is not None and f.exists():
         tok = np.load(f).astype(np.float32)
     else:
         ex, out, t0 = FeatureExtractor(config=cfg), [], time.perf_counter()
         for i in range(0, len(paths), 8):
-            px = np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths[i:i + 8]])
-            out.append(ex.tokens(px))                                                  # [b, G*G, D]
+            px = read_pixels(paths[i:i + 8], cfg)                                      # [b, S, S, 3]
+            out.append(ex.tokens(align_images(px)[0] if cfg.align else px))            # [b, G*G, D]
         tok = np.concatenate(out)
-        print(f"  {root.name} {split}: tokens of {len(paths)} images in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"  {root.name} {split}{suffix}: tokens of {len(paths)} images in {time.perf_counter() - t0:.0f}s",
+              flush=True)
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             np.save(f, tok.astype(np.float16))
@@ -137,8 +146,11 @@ def few_shot_rows(root: Path, shots: list[int], seeds: list[int], cache: Path | 
                 scores = score_features(f_test, bank, config=cfg, foreground=fg_test).scores
                 row = {"image_auroc": metrics.auroc(labels, scores)}
             else:
-                model = Model.fit_features(f_train[pick], config=cfg, foreground=fg_train[pick],
-                                           paths=[str(train_paths[i]) for i in pick])
+                names = [str(train_paths[i]) for i in pick]
+                if cfg.n_augment > 1 or cfg.align:     # copies and poses are made from pixels: fit from them
+                    model = Model.fit(read_pixels([train_paths[i] for i in pick], cfg), config=cfg, names=names)
+                else:
+                    model = Model.fit_features(f_train[pick], config=cfg, foreground=fg_train[pick], paths=names)
                 scores = model.score_features(f_test, fg_test).scores
                 recall, far = verdict(scores, labels, model.calibration.threshold)
                 row = {"image_auroc": metrics.auroc(labels, scores), "recall": recall, "false_alarms": far,
@@ -163,13 +175,17 @@ def main() -> None:
     ap.add_argument("--reduction", default="", help="few-shot image score (default: the config's)")
     ap.add_argument("--top-fraction", type=float, help="few-shot topk_mean fraction (default: the config's)")
     ap.add_argument("--false-alarm-rate", type=float, help="few-shot target rate (default: the config's)")
+    ap.add_argument("--augment", default="", help="few-shot bank augmentation, e.g. rotations or turns8 (the fits "
+                                                  "then run the backbone on the copies)")
+    ap.add_argument("--align", action="store_true", help="few-shot fits and test images turned to a canonical pose")
     ap.add_argument("--cache", type=Path, help="folder for the backbone tokens of each set")
     ap.add_argument("--json", type=Path, help="also write every row, unrounded, to this file")
     a = ap.parse_args()
     rows = []
     if a.few_shot:
         options = {k: v for k, v in (("reduction", a.reduction), ("top_fraction", a.top_fraction),
-                                     ("false_alarm_rate", a.false_alarm_rate)) if v}
+                                     ("false_alarm_rate", a.false_alarm_rate), ("augment", a.augment),
+                                     ("align", a.align)) if v}
         print("| data set | good images | draws | image AUROC | verdict recall | false-alarm rate | rate bound |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for root in a.datasets:
