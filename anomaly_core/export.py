@@ -40,7 +40,7 @@ from anomaly_core.backbone import normalised_tokens
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.patches import position_code
-from anomaly_core.scoring import smoothing_matrix, upsampling_matrix
+from anomaly_core.scoring import reduce_grids, smoothing_matrix, upsampling_matrix
 from anomaly_core.tiling import cut_tiles, stitch_tiles
 
 log = logging.getLogger(__name__)
@@ -117,23 +117,6 @@ def neighbourhood_matrix(grid: int, size: int) -> np.ndarray:
                                     mode="reflect").astype(np.float32)
 
 
-def image_scores_torch(grids: torch.Tensor, *, reduction: str, top_fraction: float,
-                       smoothing: torch.Tensor) -> torch.Tensor:
-    """anomaly_core.scoring.image_scores in torch ops that export to ONNX: grids [B, G, G] float32 ->
-    [B] float32 (TopK + mean, ReduceMax, or ReduceMax of the grid smoothed as smooth_map does it,
-    smoothing [G, G] float32 = smoothing_matrix(G, sigma))."""
-    b, g = grids.shape[0], grids.shape[1]
-    flat = grids.reshape(b, g * g)
-    if reduction == "max":
-        return flat.amax(dim=1)
-    if reduction == "smoothed_max":
-        return (smoothing @ grids @ smoothing.T).reshape(b, g * g).amax(dim=1)
-    if reduction == "topk_mean":
-        k = max(1, math.ceil(top_fraction * g * g))
-        return flat.topk(k, dim=1).values.mean(dim=1)
-    raise ValueError(f"reduction={reduction!r} cannot be exported; the graph knows topk_mean, max, smoothed_max")
-
-
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Exact cosine 1-NN: queries [..., D] and bank [M, D] unit rows (same dtype) -> [...] float32 distance
     1 - max similarity, clipped to [0, 2] as anomaly_core.index.faiss_search does."""
@@ -192,8 +175,8 @@ class ScoringGraph(torch.nn.Module):
         n, g = image.shape[0], cfg.grid_size
         f = self.describe(self.tokens(image))                                       # [N, G*G, D]
         grid = nearest_distance(f.to(self.bank.dtype), self.bank).reshape(n, g, g)  # [N, G, G] float32
-        score = image_scores_torch(grid, reduction=cfg.reduction, top_fraction=cfg.top_fraction,
-                                   smoothing=self.grid_smoothing)                   # [N]
+        score = reduce_grids(grid, reduction=cfg.reduction, top_fraction=cfg.top_fraction,
+                             smoothing=self.grid_smoothing)                   # [N]
         a = self.map_operator                                                       # [S, G]
         amap = a @ grid @ a.T                                                       # [N, S, S]
         return score, grid, amap

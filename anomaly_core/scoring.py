@@ -31,10 +31,12 @@ def patch_distances(features: np.ndarray, bank, *, foreground: np.ndarray | None
     return dist if foreground is None else np.where(foreground, dist, np.float32(0))
 
 
-def image_scores(grids: np.ndarray, *, reduction: str, top_fraction: float, sigma: float) -> np.ndarray:
+def image_scores(grids: np.ndarray | torch.Tensor, *, reduction: str, top_fraction: float,
+                 sigma: float) -> np.ndarray | torch.Tensor:
     """Image anomaly score from its patch grid.
 
-    grids: [B, G, G] float32 nearest-neighbour distances. Returns [B] float32.
+    grids: [B, G, G] float nearest-neighbour distances. Returns [B] float32, a numpy array for a numpy
+    input, else a tensor on the input's device.
     "topk_mean": mean of the ceil(top_fraction * G^2) largest (AnomalyDINO, arXiv 2405.14529 §3);
     "max": the largest (PatchCore without its reweighting);
     "smoothed_max": the largest after a Gaussian of `sigma` patches over the grid (edges repeated): a
@@ -42,19 +44,27 @@ def image_scores(grids: np.ndarray, *, reduction: str, top_fraction: float, sigm
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is unknown; choose one of {list(REDUCTIONS)}")
-    g = np.asarray(grids, dtype=np.float32)
+    g = _tensor(grids)
     if g.ndim != 3:
-        raise ValueError(f"patch grids must be [B, G, G], got shape {g.shape}")
-    if len(g) == 0:                                                    # a batch with no readable image
-        return np.zeros(0, dtype=np.float32)
-    d = g.reshape(len(g), -1)                                          # [B, G*G]
+        raise ValueError(f"patch grids must be [B, G, G], got shape {tuple(g.shape)}")
+    smoothing = smoothing_matrix(g.shape[1], float(sigma)).float().to(g.device)          # [G, G]
+    with torch.inference_mode():
+        return _like(reduce_grids(g, reduction=reduction, top_fraction=top_fraction, smoothing=smoothing), grids)
+
+
+def reduce_grids(grids: torch.Tensor, *, reduction: str, top_fraction: float,
+                 smoothing: torch.Tensor) -> torch.Tensor:
+    """image_scores' reductions in torch ops that also trace to ONNX (anomaly_core.export): grids
+    [B, G, G] float32 -> [B] float32; smoothing [G, G] float32 = smoothing_matrix(G, sigma), used by
+    "smoothed_max" only. The caller checks the reduction's name."""
+    b, g = grids.shape[0], grids.shape[1]
+    flat = grids.reshape(b, g * g)                                                   # [B, G*G]
     if reduction == "max":
-        return d.max(axis=1)
+        return flat.amax(dim=1)
     if reduction == "smoothed_max":
-        return smooth_map(g, sigma=sigma).reshape(len(g), -1).max(axis=1)
-    k = max(1, math.ceil(top_fraction * d.shape[1]))
-    top = np.partition(d, d.shape[1] - k, axis=1)[:, -k:]             # [B, k]
-    return top.mean(axis=1)
+        return (smoothing @ grids @ smoothing.T).reshape(b, g * g).amax(dim=1)
+    k = max(1, math.ceil(top_fraction * g * g))
+    return flat.topk(k, dim=1).values.mean(dim=1)                                   # [B]
 
 
 def _tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from anomaly_core.export import (
     bank_vectors,
     export_model,
     exportable,
-    image_scores_torch,
     nearest_distance,
     stitch_index,
     tile_index,
@@ -27,7 +26,7 @@ from anomaly_core.export import (
 from anomaly_core.features import describe_tokens
 from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model
-from anomaly_core.scoring import image_scores, smoothing_matrix
+from anomaly_core.scoring import image_scores, reduce_grids, smoothing_matrix
 from anomaly_core.tiling import cut_tiles, stitch_tiles
 from jobs.cli import main
 from tests.helpers import unit_rows
@@ -92,8 +91,8 @@ def test_descriptor_steps_equal_describe_tokens(rng, neighbourhood, position_wei
 def test_image_score_reductions_equal_image_scores(rng, reduction):
     grids = rng.random((3, 6, 6), dtype=np.float32)
     opts = {"reduction": reduction, "top_fraction": 0.1, "sigma": 0.5}
-    got = image_scores_torch(torch.from_numpy(grids), reduction=reduction, top_fraction=0.1,
-                             smoothing=smoothing_matrix(6, 0.5).float()).numpy()
+    got = reduce_grids(torch.from_numpy(grids), reduction=reduction, top_fraction=0.1,
+                       smoothing=smoothing_matrix(6, 0.5).float()).numpy()
     np.testing.assert_allclose(got, image_scores(grids, **opts), atol=1e-6)
 
 
