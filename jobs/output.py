@@ -329,8 +329,12 @@ class RunLease:
                 f"finish (a lease left by a killed run expires {self.ttl_s / 60:.0f} min after its last "
                 f"renewal, or at once when re-run on the same host)")
 
-    def renew(self) -> None:
+    def renew(self) -> bool:
+        """Extend the lease; False when it is gone (taken over after it expired), which check() reports."""
+        if not storage.exists(self.uri, self.options):
+            return False
         self._write(held=True)
+        return True
 
     def check(self) -> None:
         """Raise RunBusyError unless this process still holds the lease (before publishing and committing)."""
@@ -350,7 +354,10 @@ class RunLease:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_every_s):
             try:
-                self.renew()
+                if not self.renew():
+                    log.error("run %s: the lease %s was taken over; this run will not commit", self.run_id,
+                              self.uri)
+                    return
             except OSError as e:                      # storage trouble: the next renewal may succeed
                 log.warning("run %s: could not renew the lease %s: %s", self.run_id, self.uri, e)
 

@@ -134,8 +134,13 @@ class Relay:
         except OSError:
             pass
         finally:
+            # the first direction to end closes both sockets (the other one's recv then ends too), so a
+            # long run does not accumulate descriptors
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
+            with self._lock:
+                self._conns = [c for c in self._conns if c not in (src, dst)]

@@ -166,8 +166,9 @@ def test_a_held_lease_is_renewed_and_a_lost_one_stops_the_commit(tmp_path):
             time.sleep(0.05)
         assert json.loads(storage.read_bytes(lease.uri))["expires_at"] > first
         lease.check()
-        lease._stop.set()                          # renewals stop; another process takes the run over
+        lease._stop.set()                          # the renewal thread pauses (no race with the lines below)
         lease._thread.join()
-        storage.delete(lease.uri)
+        storage.delete(lease.uri)                  # expired and taken over by another process
+        assert not lease.renew() and not storage.exists(lease.uri)        # renewal does not bring it back
         with pytest.raises(output.RunBusyError, match="lost its lease"):
             lease.check()
