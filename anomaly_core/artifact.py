@@ -30,7 +30,7 @@ from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import file_sha256
 
 FORMAT = "anomaly-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: the model id covers the bank layout and the calibration too
 MANIFEST = "manifest.json"
 
 

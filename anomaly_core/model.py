@@ -193,9 +193,10 @@ class Model:
         return self.manifest
 
     @classmethod
-    def load(cls, uri: str, options: StorageOptions | None = None) -> Model:
-        """Load a model folder (local or s3://), every file checked against the manifest."""
-        manifest, bank = load_artifact(uri, options)
+    def load(cls, uri: str, options: StorageOptions | None = None, *, model_id: str | None = None) -> Model:
+        """Load a model folder (local or s3://), every file checked against the manifest; model_id: the id
+        it must have (a pinned model), checked before any bank file is read."""
+        manifest, bank = load_artifact(uri, options, model_id=model_id)
         return cls(config=ModelConfig.from_dict(manifest["config"]), bank=bank,
                    calibration=Calibration(**manifest["calibration"]), weights=manifest["weights"],
                    stats=FitStats.from_dict(manifest["stats"]), manifest=manifest)

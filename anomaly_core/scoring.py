@@ -69,7 +69,7 @@ def reduce_grids(grids: torch.Tensor, *, reduction: str, top_fraction: float,
 
 def _tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A float32 tensor of x: numpy arrays on the CPU, tensors where they are."""
-    return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float32))
+    return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def _like(t: torch.Tensor, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

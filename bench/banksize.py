@@ -40,6 +40,7 @@ from anomaly_core.images import IMAGE_EXTENSIONS  # noqa: E402
 from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.model import score_features  # noqa: E402
 from anomaly_core.scoring import image_maps, peak_locations  # noqa: E402
+from bench.features import median_seconds  # noqa: E402
 from bench.gpu import png_parts, raw_batch  # noqa: E402
 
 
@@ -68,15 +69,9 @@ def repeat_with_noise(base: np.ndarray, n: int, *, seed: int, noise: float = 0.0
 
 
 def seconds(fn, *, repeat: int) -> float:
-    """Median wall time of fn() over `repeat` runs, after one warm-up when repeat > 1."""
-    if repeat > 1:
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    """Median wall time of fn() over `repeat` runs (bench.features.median_seconds), warmed up by one run
+    only when repeat > 1: a single timed pass of a 1M bank is all this machine affords."""
+    return median_seconds(fn, warm_up=fn if repeat > 1 else (lambda: None), reps=repeat)
 
 
 def score_step(ex: FeatureExtractor, bank: MemoryBank, px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -346,6 +346,12 @@ class RunLease:
             raise RunBusyError(f"run {self.run_id} in {self.out}: this process lost its lease (not renewed "
                                f"within {self.ttl_s:.0f} s; another process may have taken the run over); "
                                f"not committing. Re-run to finish the run")
+        # a renewal racing a takeover can leave our file beside the new holder's: the other one wins
+        holders = [o for o in self.others() if o.get("held")]
+        if holders:
+            raise RunBusyError(f"run {self.run_id} in {self.out}: process {holders[0].get('pid')} on "
+                               f"{holders[0].get('host')!r} holds the run's lease too (taken over while this "
+                               f"process could not renew); not committing. Re-run to finish the run")
 
     def release(self) -> None:
         _ACTIVE.discard(self.token)

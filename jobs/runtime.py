@@ -61,9 +61,10 @@ def check_paths_reach_every_node(paths: dict[str, list[str]], *, nodes: list[dic
         named = "; ".join(f"{role} {uris[0]}" + (f" and {len(uris) - 1} more" if len(uris) > 1 else "")
                           for role, uris in local.items())
         raise ValueError(f"the Ray cluster has {len(alive)} nodes and these paths are local ({named}): each node "
-                         f"would read or write its own disk. Use s3:// URIs, or pass --shared-fs (shared_fs: "
-                         f"true in the audit file's ray section) if every node mounts that file system at the "
-                         f"same path")
+                         f"would read or write its own disk. Use s3:// URIs, or pass --shared-fs to `anomaly fit` / "
+                         f"`anomaly score` (shared_fs: true in the audit file's ray section) if every node mounts "
+                         f"that file system at the same path; `anomaly evaluate` and `anomaly demo` work on local "
+                         f"folders and need a single-node Ray")
 
 
 def resources() -> tuple[int, int]:

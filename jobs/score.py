@@ -21,7 +21,7 @@ import logging
 import time
 
 from anomaly_core import storage
-from anomaly_core.artifact import check_manifest, fetch_model, read_manifest
+from anomaly_core.artifact import check_manifest, read_manifest
 from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageOptions
 from jobs import output
@@ -49,12 +49,11 @@ def audit_run_id(data_uri: str | list[str], model_id: str, run_date: str) -> str
 
 
 class PinnedScorer(Scorer):
-    """The Scorer on exactly the model `model_id`: the actor fetches it into its node's cache (refusing
-    any other id before a bank file is read) and loads that verified local copy."""
+    """The Scorer on exactly the model `model_id`: the load refuses any other id before a bank file is
+    read, and scores with the files it verified (an s3:// model from its checked cache copy)."""
 
     def __init__(self, *, model_path: str, model_id: str, options: StorageOptions | None = None, **kwargs):
-        _, local = fetch_model(model_path, options, model_id=model_id)
-        super().__init__(model_path=str(local), options=options, **kwargs)
+        super().__init__(model_path=model_path, model_id=model_id, options=options, **kwargs)
 
 
 def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_size: int = 16,

@@ -42,12 +42,13 @@ class Scorer:
 
     def __init__(self, *, model_path: str, device: str = "auto", num_threads: int | None = None,
                  run_id: str = "", run_time: str = "", run_date: str = "", options: StorageOptions | None = None,
-                 heatmap_png: bool = False):
+                 heatmap_png: bool = False, model_id: str | None = None):
         """model_path: local folder or s3:// URI; num_threads: torch and FAISS threads of this process
         (None: leave both as they are); run_time: ISO-8601 UTC start of the run;
         run_date: the audit date (partition key), by default the date of run_time;
-        heatmap_png: also write each map as a PNG (heatmap_png, heatmap_min, heatmap_max; CPU work)."""
-        self.model = Model.load(model_path, options)
+        heatmap_png: also write each map as a PNG (heatmap_png, heatmap_min, heatmap_max; CPU work);
+        model_id: the id the model must have (pinned), checked by the load itself before a bank file is read."""
+        self.model = Model.load(model_path, options, model_id=model_id)
         self.model.backbone(device=device, num_threads=num_threads)       # loads it, checks the weights
         if num_threads:                    # the bank search gets the threads the backbone gets
             set_search_threads(num_threads)

@@ -26,7 +26,6 @@ from anomaly_core.export import (
 from anomaly_core.features import describe_tokens
 from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model
-from anomaly_core.scoring import image_scores, reduce_grids, smoothing_matrix
 from anomaly_core.tiling import cut_tiles, stitch_tiles
 from jobs.cli import main
 from tests.helpers import unit_rows
@@ -85,15 +84,6 @@ def test_descriptor_steps_equal_describe_tokens(rng, neighbourhood, position_wei
     tokens = unit_rows(rng, 2 * cfg.grid_size ** 2, 8).reshape(2, -1, 8)
     got = graph.describe(torch.from_numpy(tokens)).numpy()
     np.testing.assert_allclose(got, describe_tokens(tokens, config=cfg)[0], atol=1e-6)
-
-
-@pytest.mark.parametrize("reduction", ["topk_mean", "max", "smoothed_max"])
-def test_image_score_reductions_equal_image_scores(rng, reduction):
-    grids = rng.random((3, 6, 6), dtype=np.float32)
-    opts = {"reduction": reduction, "top_fraction": 0.1, "sigma": 0.5}
-    got = reduce_grids(torch.from_numpy(grids), reduction=reduction, top_fraction=0.1,
-                       smoothing=smoothing_matrix(6, 0.5).float()).numpy()
-    np.testing.assert_allclose(got, image_scores(grids, **opts), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
