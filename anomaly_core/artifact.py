@@ -48,8 +48,10 @@ ID_FIELDS = ("config", "weights", "files", "bank", "calibration")
 
 def content_id(manifest: dict) -> str:
     """The model id: 16 hex digits of the sha256 of the manifest's ID_FIELDS (configuration, weights
-    identity, sha256 and size of every bank file, bank layout, calibrated threshold)."""
-    body = json.dumps({k: manifest.get(k) for k in ID_FIELDS}, sort_keys=True).encode()
+    identity, sha256 and size of every bank file, bank layout, calibrated threshold) and of the training
+    images' size range (stats.input_sizes, which decides which images get no normal verdict)."""
+    fields = {k: manifest.get(k) for k in ID_FIELDS} | {"input_sizes": (manifest.get("stats") or {}).get("input_sizes")}
+    body = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(body).hexdigest()[:16]
 
 

@@ -29,7 +29,8 @@ class FeatureExtractor:
 
     Called on a decoded batch (anomaly_core.decode) it returns {"path", "error", "features" [B, P, D]
     float32, "foreground" [B, P] bool}, P = grid_size^2, images pose-aligned first when the config says
-    so ("copy" is kept when the batch has one, anomaly_core.features.augment_batch); unreadable rows keep
+    so ("copy", "width" and "height" are kept when the batch has them: augment_batch's copy index, the
+    original size the fit records); unreadable rows keep
     their error, all-zero features and no foreground, so the fit job can report them and leave them out
     of the bank.
     """
@@ -61,7 +62,7 @@ class FeatureExtractor:
             px = batch["pixels"][ok]                                               # [b, S, S, 3]
             feats[ok], fg[ok] = self.describe(align_images(px)[0] if self.config.align else px)
         out = {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
-        return out | ({"copy": batch["copy"]} if "copy" in batch else {})
+        return out | {k: batch[k] for k in ("copy", "width", "height") if k in batch}
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, name: str, held: frozenset[str]) -> dict[str, np.ndarray]:

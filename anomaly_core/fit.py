@@ -21,6 +21,7 @@ import torch
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, coreset_size, identity, local_map
+from anomaly_core.images import size_range
 from anomaly_core.index import AUTO_FLAT_MAX, MemoryBank, choose_index
 from anomaly_core.scoring import image_scores, patch_distances
 from anomaly_core.threshold import Calibration, calibrate, quantile_images
@@ -53,6 +54,9 @@ class FitStats:
     # index kind of the bank: config.index, or what index="auto" chose for the bank size (choose_index);
     # None: models fitted before it was recorded (their config.index is the kind)
     index: str | None = None
+    # original sizes of the training images (anomaly_core.images.size_range); the scorer gives no normal
+    # verdict far outside them. None: unknown (fitted from pixels or features without sizes)
+    input_sizes: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,8 +135,9 @@ def patch_estimate(n_bank_images: int, *, config: ModelConfig) -> int:
 
 def mark_folds(batch: dict[str, np.ndarray], *, folds: dict[str, int]) -> dict[str, np.ndarray]:
     """FeatureExtractor output -> a feature block: adds "fold" [B] int16 (SplitPlan.folds_of; -1 for the
-    others) and keeps "copy" [B] int16 (augment_batch's; all 0 when absent)."""
-    out = {k: batch[k] for k in ("path", "error", "features", "foreground")}
+    others) and keeps "copy" [B] int16 (augment_batch's; all 0 when absent) and the original "width" and
+    "height" [B] when the batch has them."""
+    out = {k: batch[k] for k in ("path", "error", "features", "foreground", "width", "height") if k in batch}
     out["fold"] = np.array([folds.get(str(p), -1) for p in batch["path"]], dtype=np.int16)
     out["copy"] = batch["copy"] if "copy" in batch else np.zeros(len(batch["path"]), dtype=np.int16)
     return out
@@ -183,6 +188,7 @@ class _BlockCalibration:
     paths: list[str]                    # their names
     n_images: int                       # readable original images in the block
     unreadable: list[tuple[str, str]]   # (name, error)
+    sizes: np.ndarray                   # [n, 2] int (width, height) of the readable originals; [0, 2] unknown
 
 
 def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig,
@@ -201,7 +207,9 @@ def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: 
     return _BlockCalibration(
         scores=scores, distance_sum=dist.sum(axis=0), distance_sq=(dist ** 2).sum(axis=0),
         paths=[str(p) for p in block["path"][sel]], n_images=int(original.sum()),
-        unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)])
+        unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)],
+        sizes=(np.stack([block["width"][original], block["height"][original]], axis=1).astype(np.int64)
+               if "width" in block else np.zeros((0, 2), dtype=np.int64)))
 
 
 def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estimate: int,
@@ -258,12 +266,14 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                     config.false_alarm_rate, cal.expected_rate, cal.expected_rate_90)
     one_pass = parts[:len(blocks)]                               # every block seen once (the first fold's pass)
     n_images = sum(c.n_images for c in one_pass)
+    sizes = np.concatenate([c.sizes for c in one_pass])                     # [n, 2] (width, height)
     stats = FitStats(n_images=n_images, n_train_images=n_images - (0 if plan.crossfit else int(scores.size)),
                      n_calibration_images=int(scores.size), calibration_split=plan.name,
                      n_train_patches=core.n_points, bank_size=bank.size, cover_radius=core.cover_radius,
                      coreset_seconds=round(t_core, 2), calibration_images=[p for c in parts for p in c.paths],
                      position_consistency=round(consistency, 4),
-                     unreadable=[u for c in one_pass for u in c.unreadable], index=kind)
+                     unreadable=[u for c in one_pass for u in c.unreadable], index=kind,
+                     input_sizes=size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None)
     return bank, cal, stats
 
 

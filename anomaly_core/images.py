@@ -92,3 +92,40 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     seen, at the cost of squashing non-square images.
     """
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))
+
+
+# Images the model was not fitted for get no normal verdict (jobs.scorer: status "warning", verdict
+# "review"). The resize to the input size hides how far an image is from the training images, so the
+# original size is compared with theirs:
+MIN_SIDE = 32         # px: under it the resize invents most of what the backbone sees, whatever the fit
+SIDE_FACTOR = 2.0     # a side over 2x beyond the training sides' range shows the part at another scale
+ASPECT_FACTOR = 1.25  # aspect (width / height) over 1.25x beyond the training range: resize_square then
+                      # squashes the part differently from every training image (4:3 among squares: 1.33)
+
+
+def size_range(widths: np.ndarray, heights: np.ndarray) -> dict:
+    """Original sizes [N] int px of the training images -> {"min_side", "max_side" (px), "min_aspect",
+    "max_aspect" (width / height)}: what the model was fitted for (recorded in its manifest)."""
+    w, h = np.asarray(widths, dtype=np.float64), np.asarray(heights, dtype=np.float64)
+    if w.size == 0 or w.shape != h.shape or (w <= 0).any() or (h <= 0).any():
+        raise ValueError(f"size_range needs [N] positive widths and heights, got {w.shape} and {h.shape}")
+    aspect = w / h
+    return {"min_side": int(np.minimum(w, h).min()), "max_side": int(np.maximum(w, h).max()),
+            "min_aspect": round(float(aspect.min()), 4), "max_aspect": round(float(aspect.max()), 4)}
+
+
+def size_mismatch(width: int, height: int, sizes: dict | None) -> str:
+    """Why an image of `width` x `height` original px is outside what the model was fitted for (`sizes`
+    from size_range; None: only the absolute MIN_SIDE applies), or "" when it is not."""
+    if min(width, height) < MIN_SIDE:
+        return f"image is {width} x {height} px, under {MIN_SIDE} px on a side: too small to inspect"
+    if sizes is None:
+        return ""
+    aspect = width / height
+    if min(width, height) < sizes["min_side"] / SIDE_FACTOR or max(width, height) > sizes["max_side"] * SIDE_FACTOR:
+        return (f"image is {width} x {height} px; the model was fitted on sides of {sizes['min_side']}-"
+                f"{sizes['max_side']} px (more than {SIDE_FACTOR:g}x off: another scale of the part)")
+    if aspect < sizes["min_aspect"] / ASPECT_FACTOR or aspect > sizes["max_aspect"] * ASPECT_FACTOR:
+        return (f"image aspect {aspect:.2f} (width / height); the model was fitted on "
+                f"{sizes['min_aspect']:.2f}-{sizes['max_aspect']:.2f} (the resize would distort the part)")
+    return ""

@@ -32,6 +32,7 @@ from anomaly_core.fit import (
     mark_folds,
     split_calibration,
 )
+from anomaly_core.images import size_range
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_maps, image_scores, patch_distances
 from anomaly_core.storage import StorageOptions
@@ -81,10 +82,12 @@ class Model:
     # ---- fitting ---------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, pixels: np.ndarray, *, config: ModelConfig, names: Sequence[str] | None = None,
-            device: str = "auto", batch_size: int = 16) -> Model:
+            device: str = "auto", batch_size: int = 16, sizes: np.ndarray | None = None) -> Model:
         """Fit on good images [N, S, S, 3] uint8 (S = config.input_size; anomaly_core.images.resize_square
         makes them). names: [N] (default "0".."N-1"); they decide the hold-out split, as URIs do in the
-        fit job (split_calibration). Augmented copies (config.augment) are made of the bank images only."""
+        fit job (split_calibration). Augmented copies (config.augment) are made of the bank images only.
+        sizes: [N, 2] int (width, height) of the images before the resize, recorded so that scoring gives
+        no normal verdict to images far outside them (anomaly_core.images.size_mismatch); None: unknown."""
         t0 = time.perf_counter()
         n = len(pixels)
         names = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
@@ -108,7 +111,8 @@ class Model:
         model._extractor = extractor
         model.bank.place(extractor.backbone.device)
         model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
-                              fit_seconds=round(time.perf_counter() - t0, 2))
+                              fit_seconds=round(time.perf_counter() - t0, 2),
+                              input_sizes=None if sizes is None else size_range(*np.asarray(sizes).T))
         return model
 
     @classmethod

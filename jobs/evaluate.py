@@ -74,7 +74,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
                         actors=actors, device=device, address=address)
     con = connect(str(scores_dir))
     rows = fetch(con, f"SELECT uri, score, status, {', '.join(HEATMAP_COLUMNS)} FROM scores ORDER BY uri")
-    bad = [r["uri"] for r in rows if r["status"] != "ok"]
+    bad = [r["uri"] for r in rows if r["status"] == "error"]          # warnings are scored: they count
     if bad:
         raise RuntimeError(f"{len(bad)} test images could not be scored, e.g. {bad[:3]}")
     paths = [Path(r["uri"]) for r in rows]

@@ -170,6 +170,7 @@ def count_rows(t: pa.Table) -> dict:
     return {"images": t.num_rows,
             "anomalous": int(pc.sum(pc.equal(t["verdict"], "anomalous")).as_py() or 0),
             "errors": int(pc.sum(pc.equal(t["status"], "error")).as_py() or 0),
+            "warnings": int(pc.sum(pc.equal(t["status"], "warning")).as_py() or 0),
             "duplicates": t.num_rows - len(pc.unique(t["uri"]))}
 
 

@@ -92,6 +92,7 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
     scores = np.array([r[3] for r in ok], dtype=np.float64)
     n_anom = sum(r[4] == "anomalous" for r in ok)
     errors = [(r[0], r[2]) for r in rows if r[1] == "error"]
+    warnings = [(r[0], r[2], r[3]) for r in rows if r[1] == "warning"]
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>Output <code>{html.escape(str(scores_dir))}</code>; runs "
              f"{', '.join(sorted({html.escape(str(r[6])) for r in rows}))}; model "
@@ -102,6 +103,7 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
              f"<tr><th>images</th><td>{len(rows)}</td></tr><tr><th>scored</th><td>{len(ok)}</td></tr>"
              f"<tr><th>anomalous</th><td>{n_anom} ({n_anom / max(len(ok), 1):.1%})</td></tr>"
              f"<tr><th>errors</th><td>{len(errors)}</td></tr>"
+             f"<tr><th>to review (not fitted for)</th><td>{len(warnings)}</td></tr>"
              f"<tr><th>threshold</th><td>{threshold:.4f}</td></tr></table>"]
     if ok:
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -126,6 +128,11 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
         items = "".join(f"<tr><td><code>{html.escape(u)}</code></td><td>{html.escape(e)}</td></tr>"
                         for u, e in errors)
         parts.append(f"<h2>Images with errors</h2><table><tr><th>image</th><th>error</th></tr>{items}</table>")
+    if warnings:
+        items = "".join(f"<tr><td><code>{html.escape(u)}</code></td><td>{s:.4f}</td><td>{html.escape(e)}</td></tr>"
+                        for u, e, s in warnings)
+        parts.append("<h2>Images the model was not fitted for (verdict: review)</h2><table><tr><th>image</th>"
+                     f"<th>score</th><th>why</th></tr>{items}</table>")
     if labels:
         parts.append(_ground_truth_section(ok, labels, threshold))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

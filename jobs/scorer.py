@@ -18,6 +18,7 @@ import re
 import numpy as np
 import torch
 
+from anomaly_core.images import size_mismatch
 from anomaly_core.index import set_search_threads
 from anomaly_core.model import Model
 from anomaly_core.scoring import encode_grid, encode_heatmap_png, image_maps, peak_locations
@@ -84,7 +85,12 @@ class Scorer:
             if self.heatmap_png:
                 for j, amap in enumerate(maps.cpu().numpy()):
                     png[idx[j]], hmin[idx[j]], hmax[idx[j]] = encode_heatmap_png(amap)
-        verdict = np.where(~ok, "error", np.where(self.model.is_anomalous(score), "anomalous", "normal"))
+        # an image far from the training images' sizes is scored, but the model gives it no verdict
+        odd = np.array([size_mismatch(int(w), int(h), self.model.stats.input_sizes) if good else ""
+                        for w, h, good in zip(batch["width"], batch["height"], ok, strict=True)], dtype=object)
+        warn = odd != ""
+        verdict = np.where(~ok, "error", np.where(warn, "review",
+                                                  np.where(self.model.is_anomalous(score), "anomalous", "normal")))
         return {
             "uri": batch["path"],
             "content_sha256": batch["content_sha256"],
@@ -92,8 +98,8 @@ class Scorer:
             "height": batch["height"],
             "product": np.array([path_label(str(u), "product") for u in batch["path"]], dtype=object),
             "line": np.array([path_label(str(u), "line") for u in batch["path"]], dtype=object),
-            "status": np.where(ok, "ok", "error").astype(object),
-            "error": batch["error"],
+            "status": np.where(~ok, "error", np.where(warn, "warning", "ok")).astype(object),
+            "error": np.where(warn, odd, batch["error"]).astype(object),
             "score": score,
             "score_normalised": normalise(score, cal),
             "verdict": verdict.astype(object),

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly_core.images import ImageDecodeError, _draft_scale, decode_image, decode_resized, resize_square
+from anomaly_core.images import (
+    ImageDecodeError,
+    _draft_scale,
+    decode_image,
+    decode_resized,
+    resize_square,
+    size_mismatch,
+    size_range,
+)
 
 
 def encode(arr, fmt="PNG", mode=None):
@@ -122,3 +130,23 @@ def test_decompression_bomb_is_refused_before_any_reduced_decode(rng, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1600 * 1200 // 4)  # scaled down to test sizes; 4x over it
     with pytest.raises(ImageDecodeError, match="DecompressionBomb"):
         decode_resized(jpeg(photo_like(rng, 1200, 1600)), size=112)
+
+
+def test_size_range_records_the_sides_and_aspects_of_the_training_images():
+    got = size_range(np.array([640, 800, 600]), np.array([480, 600, 600]))
+    assert got == {"min_side": 480, "max_side": 800, "min_aspect": 1.0, "max_aspect": round(4 / 3, 4)}
+
+
+def test_images_far_from_the_training_sizes_are_named_with_the_reason():
+    sizes = size_range(np.array([640, 800]), np.array([480, 600]))          # 4:3 parts, sides 480-800 px
+    assert size_mismatch(700, 520, sizes) == ""                               # within the range
+    assert size_mismatch(400, 300, sizes) == ""                               # 300 > 480 / 2: same scale, roughly
+    assert "too small" in size_mismatch(31, 4000, sizes)                      # a strip: under 32 px on a side
+    assert "480-800 px" in size_mismatch(200, 150, sizes)                     # over 2x smaller than any
+    assert "480-800 px" in size_mismatch(2000, 1500, sizes)                   # over 2x larger than any
+    assert "aspect" in size_mismatch(800, 800, sizes)                         # square among 4:3: 1.33x off
+
+
+def test_without_a_recorded_range_only_tiny_images_are_named():
+    assert size_mismatch(4000, 1, None).startswith("image is 4000 x 1 px")
+    assert size_mismatch(4000, 100, None) == ""

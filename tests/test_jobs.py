@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from anomaly_core import decode_heatmap, metrics
+from anomaly_core.artifact import content_id
 from anomaly_core.schema import HEATMAP_COLUMNS
 from jobs.cli import main
 from jobs.score import run_score
@@ -140,3 +141,11 @@ def test_tiled_augmented_fit_and_score_through_ray(ray_local, texture_dataset, t
     from_grid, from_png = decode_heatmap(row), decode_heatmap(row | {"heatmap_grid": None})
     assert from_grid.shape == (cfg.input_size, cfg.input_size) == (84, 84)
     assert np.abs(from_grid - from_png).max() <= (row["heatmap_max"] - row["heatmap_min"]) / 510 + 1e-3
+
+
+def test_the_fit_job_records_the_training_images_sizes_in_the_model_id(fitted_model_dir):
+    _, manifest = fitted_model_dir
+    assert manifest["stats"]["input_sizes"] == {"min_side": 112, "max_side": 112, "min_aspect": 1.0, "max_aspect": 1.0}
+    edited = json.loads(json.dumps(manifest))
+    edited["stats"]["input_sizes"]["max_side"] = 4000                        # widen what gets a verdict
+    assert content_id(edited) != manifest["model_id"]

@@ -89,3 +89,16 @@ def test_each_scorer_logs_its_device_index_and_search_path(model_dir, caplog):
         scorer = Scorer(model_path=str(model_dir), device="cpu")
     assert scorer.model.bank.search_path == "faiss cpu flat"
     assert "backbone on cpu, bank index flat searched by faiss cpu flat" in caplog.text
+
+
+def test_images_the_model_was_not_fitted_for_are_scored_but_never_called_normal(tmp_path):
+    path = tmp_path / "sized"
+    Model.fit(parts(8, 0), config=CFG, device="cpu", sizes=np.full((8, 2), 56)).save(path)
+    part = parts(1, 5)[0]                                                    # [56, 56, 3], like the training parts
+    tiny, strip = part[:20, :20], part[:14, :]                               # under 32 px; and 56 x 14 px
+    big = np.repeat(np.repeat(part, 3, axis=0), 3, axis=1)                   # 168 px: 3x the training side
+    rows = Scorer(model_path=str(path), device="cpu")(batch_of([part, tiny, strip, big]))
+    assert list(rows["status"]) == ["ok", "warning", "warning", "warning"]
+    assert list(rows["verdict"]) == ["normal", "review", "review", "review"]
+    assert np.isfinite(rows["score"]).all() and all(g is not None for g in rows["heatmap_grid"])
+    assert rows["error"][0] == "" and "under 32 px" in rows["error"][1] and "56-56 px" in rows["error"][3]
