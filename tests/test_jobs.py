@@ -143,6 +143,7 @@ def test_tiled_augmented_fit_and_score_through_ray(ray_local, texture_dataset, t
     assert np.abs(from_grid - from_png).max() <= (row["heatmap_max"] - row["heatmap_min"]) / 510 + 1e-3
 
 
+@pytest.mark.integration
 def test_the_fit_job_records_the_training_images_sizes_in_the_model_id(fitted_model_dir):
     _, manifest = fitted_model_dir
     assert manifest["stats"]["input_sizes"] == {"min_side": 112, "max_side": 112, "min_aspect": 1.0, "max_aspect": 1.0}
