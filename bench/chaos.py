@@ -186,7 +186,7 @@ class Attempt:
     def kill_actor(self) -> int | None:
         """SIGKILL one scoring actor of this job; its pid, or None when none runs."""
         for pid, cmd in descendants(self.proc.pid):
-            if "PinnedScorer" in cmd:
+            if "MapBatches(Scorer)" in cmd:
                 kill(pid)
                 return pid
         return None

@@ -48,14 +48,6 @@ def audit_run_id(data_uri: str | list[str], model_id: str, run_date: str) -> str
     return f"{run_date}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
-class PinnedScorer(Scorer):
-    """The Scorer on exactly the model `model_id`: the load refuses any other id before a bank file is
-    read, and scores with the files it verified (an s3:// model from its checked cache copy)."""
-
-    def __init__(self, *, model_path: str, model_id: str, options: StorageOptions | None = None, **kwargs):
-        super().__init__(model_path=model_path, model_id=model_id, options=options, **kwargs)
-
-
 def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_size: int = 16,
               actors: int | None = None, device: str = "auto", address: str | None = None,
               run_id: str | None = None, run_date: str | None = None, replace: bool = False,
@@ -110,7 +102,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
             # blocks no larger than a file, so that small --rows-per-file values commit as they go
             ds = read_decoded(todo, input_size=config.input_size, batch_size=batch_size, options=options,
                               block_rows=min(64, rows_per_file))
-            ds = ds.map_batches(PinnedScorer, fn_constructor_kwargs={
+            ds = ds.map_batches(Scorer, fn_constructor_kwargs={
                 "model_path": model_uri, "model_id": model_id, "device": "cuda" if gpus else device,
                 "num_threads": threads, "run_id": run_id, "run_time": now.isoformat(timespec="seconds"),
                 "run_date": run_date, "options": options, "heatmap_png": heatmap_png},

@@ -15,7 +15,8 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.storage import StorageError, StorageOptions
 from jobs.analyst import connect
 from jobs.fit import run_fit
-from jobs.score import PinnedScorer, run_score
+from jobs.score import run_score
+from jobs.scorer import Scorer
 from tests.helpers import TEST_CONFIG_KW, TEST_SECRET, make_bucket, upload
 
 # fits and scores through Ray against a moto S3 server
@@ -132,7 +133,7 @@ def test_a_pinned_audit_scores_with_that_model_and_refuses_any_other_before_read
     with pytest.raises(ModelFileError, match=f"holds model {manifest['model_id']}, not the pinned model 0{{15}}1"):
         run_score("s3://archive/brick/test", uri, "s3://audits/pinned", model_id="0" * 15 + "1", options=s3)
     with pytest.raises(ModelFileError, match="not the pinned model"):       # what each scoring actor does
-        PinnedScorer(model_path=uri, model_id="0" * 15 + "1", options=s3)
+        Scorer(model_path=uri, model_id="0" * 15 + "1", options=s3)
     assert not (tmp_path / "cache").exists()                          # no bank file was fetched
     summary = run_score("s3://archive/brick/test/good", uri, "s3://audits/pinned", batch_size=4,
                         model_id=manifest["model_id"], run_date="2026-11-22", options=s3)
