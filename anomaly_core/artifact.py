@@ -42,16 +42,24 @@ MODEL_ID = re.compile(r"[0-9a-f]{16}")                       # what save_model w
 # a plain file name: no separator, not absolute, not "." or ".." (no leading dot), no drive or scheme
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
-# the manifest fields that decide a model's scores and verdicts: its id is their hash
-ID_FIELDS = ("config", "weights", "files", "bank", "calibration")
+# the manifest fields that decide a model's scores and verdicts (dotted: a field inside one): its id is
+# their hash. stats.input_sizes decides which images get no normal verdict; the rest of stats is a record.
+ID_FIELDS = ("config", "weights", "files", "bank", "calibration", "stats.input_sizes")
+
+
+def _field(manifest: dict, path: str):
+    """The manifest's value at a dotted path; None where any part is missing."""
+    value = manifest
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def content_id(manifest: dict) -> str:
     """The model id: 16 hex digits of the sha256 of the manifest's ID_FIELDS (configuration, weights
-    identity, sha256 and size of every bank file, bank layout, calibrated threshold) and of the training
-    images' size range (stats.input_sizes, which decides which images get no normal verdict)."""
-    fields = {k: manifest.get(k) for k in ID_FIELDS} | {"input_sizes": (manifest.get("stats") or {}).get("input_sizes")}
-    body = json.dumps(fields, sort_keys=True).encode()
+    identity, sha256 and size of every bank file, bank layout, calibrated threshold, training images'
+    size range)."""
+    body = json.dumps({k: _field(manifest, k) for k in ID_FIELDS}, sort_keys=True).encode()
     return hashlib.sha256(body).hexdigest()[:16]
 
 
