@@ -34,10 +34,9 @@ from anomaly_core.augment import augment_images  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
 from anomaly_core.fit import split_holdout  # noqa: E402
-from anomaly_core.images import decode_image, resize_square  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import smooth_map  # noqa: E402
-from bench.features import list_images, tokens_seconds  # noqa: E402
+from bench.features import list_images, read_pixels, tokens_seconds  # noqa: E402
 from jobs.evaluate import load_mask  # noqa: E402
 
 FEW_SHOT = 4
@@ -74,10 +73,6 @@ def tokens_of(raw: np.ndarray, extracted: tuple[int, ...], blocks: tuple[int, ..
     d = raw.shape[-1] // len(extracted)
     f = np.concatenate([raw[..., extracted.index(b) * d:(extracted.index(b) + 1) * d] for b in blocks], axis=-1)
     return (f / np.linalg.norm(f, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def pixels(paths: list[Path], size: int) -> np.ndarray:
-    return np.stack([resize_square(decode_image(p.read_bytes()), size) for p in paths])    # [N, S, S, 3]
 
 
 def all_tokens(ex: FeatureExtractor, px: np.ndarray, *, batch: int = 16) -> np.ndarray:
@@ -121,8 +116,8 @@ def run(root: Path, variants: dict[str, tuple[dict, int | None]]) -> list[dict]:
     for geom, blocks in geoms.items():
         cfg = ModelConfig(image_size=geom[0], tiles=geom[1], tile_overlap=geom[2], blocks=blocks)
         ex = FeatureExtractor(config=cfg, device="cpu")
-        px_train = pixels(train, cfg.input_size)
-        px_test = pixels(test, cfg.input_size)
+        px_train = read_pixels(train, cfg.input_size)
+        px_test = read_pixels(test, cfg.input_size)
         tok[geom] = {"train": all_tokens(ex, px_train), "test": all_tokens(ex, px_test), "blocks": blocks,
                      "few": {a: all_tokens(ex, augment_images(px_train[few], name=a))
                              for a in {c.augment for c, n in configs.values() if n and geometry(c) == geom}}}

@@ -22,13 +22,17 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
 
 
+def read_pixels(paths: list[Path], size: int) -> np.ndarray:
+    """[N, S, S, 3] uint8: the image files resized to `size` as the jobs decode them."""
+    return np.stack([resize_square(decode_image(p.read_bytes()), size) for p in paths])
+
+
 def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarray:
     """[N, P, D] float32 L2-normalised patch tokens of the images, with the config's backbone and tiles."""
     ex = FeatureExtractor(config=cfg)
     out = []
     for i in range(0, len(paths), batch):
-        px = np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths[i:i + batch]])
-        out.append(ex.tokens(px))
+        out.append(ex.tokens(read_pixels(paths[i:i + batch], cfg.input_size)))
     return np.concatenate(out)
 
 

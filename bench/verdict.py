@@ -38,12 +38,11 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.align import align_images  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
-from anomaly_core.images import decode_image, resize_square  # noqa: E402
 from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import image_scores  # noqa: E402
 from anomaly_core.threshold import calibrate  # noqa: E402
-from bench.features import list_images  # noqa: E402
+from bench.features import list_images, read_pixels  # noqa: E402
 from jobs.evaluate import REPORTED_RATES, load_mask  # noqa: E402
 
 # name -> image-score options (ModelConfig fields); every row shares its geometry's bank and hold-out
@@ -57,11 +56,6 @@ REDUCTIONS = {
 }
 
 
-def read_pixels(paths: list[Path], cfg: ModelConfig) -> np.ndarray:
-    """[N, S, S, 3] uint8: the images resized to the config's input size, as the jobs decode them."""
-    return np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths])
-
-
 def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tuple[list[Path], np.ndarray]:
     """Paths and backbone tokens [N, G*G, D] float32 unit rows of train/good or test/ (turned to their
     canonical pose first when cfg.align)."""
@@ -73,7 +67,7 @@ def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tupl
     else:
         ex, out, t0 = FeatureExtractor(config=cfg), [], time.perf_counter()
         for i in range(0, len(paths), 8):
-            px = read_pixels(paths[i:i + 8], cfg)                                      # [b, S, S, 3]
+            px = read_pixels(paths[i:i + 8], cfg.input_size)                           # [b, S, S, 3]
             out.append(ex.tokens(align_images(px)[0] if cfg.align else px))            # [b, G*G, D]
         tok = np.concatenate(out)
         print(f"  {root.name} {split}{suffix}: tokens of {len(paths)} images in {time.perf_counter() - t0:.0f}s",
@@ -148,7 +142,8 @@ def few_shot_rows(root: Path, shots: list[int], seeds: list[int], cache: Path | 
             else:
                 names = [str(train_paths[i]) for i in pick]
                 if cfg.n_augment > 1 or cfg.align:     # copies and poses are made from pixels: fit from them
-                    model = Model.fit(read_pixels([train_paths[i] for i in pick], cfg), config=cfg, names=names)
+                    model = Model.fit(read_pixels([train_paths[i] for i in pick], cfg.input_size), config=cfg,
+                                      names=names)
                 else:
                     model = Model.fit_features(f_train[pick], config=cfg, foreground=fg_train[pick], paths=names)
                 scores = model.score_features(f_test, fg_test).scores
