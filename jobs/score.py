@@ -103,7 +103,7 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
             ds = read_decoded(todo, input_size=config.input_size, batch_size=batch_size, options=options,
                               block_rows=min(64, rows_per_file))
             ds = ds.map_batches(Scorer, fn_constructor_kwargs={
-                "model_path": model_uri, "model_id": model_id, "device": "cuda" if gpus else device,
+                "model_path": model_uri, "model_id": model_id, "device": device,   # auto: cuda where Ray gave a GPU
                 "num_threads": threads, "run_id": run_id, "run_time": now.isoformat(timespec="seconds"),
                 "run_date": run_date, "options": options, "heatmap_png": heatmap_png},
                 batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus,
