@@ -47,12 +47,13 @@ def random_projection(dim_in: int, dim_out: int, *, seed: int) -> np.ndarray:
 
 
 def greedy_kcenter(points: np.ndarray, k: int, *, start: int | None = None,
-                   min_sq_dist: np.ndarray | None = None) -> np.ndarray:
+                   min_sq_dist: np.ndarray | None = None, until: float | None = None) -> np.ndarray:
     """Farthest-point (Gonzalez) selection: a 2-approximation of the minimal cover radius.
 
     points: [N, d] float32 (Euclidean). Returns [k] int64 indices. Either `start` (the first centre) or
     `min_sq_dist` ([N] squared distance of each point to centres chosen before; the first new centre is
-    its argmax) sets where selection begins.
+    its argmax) sets where selection begins. until: stop early, returning fewer than k, once the
+    farthest point's squared distance to the chosen centres is <= until (every point covered that well).
     Each step costs one [N, d] x [d] product: ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2.
     """
     n = points.shape[0]
@@ -74,6 +75,8 @@ def greedy_kcenter(points: np.ndarray, k: int, *, start: int | None = None,
     steps = tqdm(range(k), desc="greedy coreset", unit="centre", mininterval=2.0, leave=False,
                  disable=None if k >= 2000 else True)
     for i in steps:
+        if until is not None and min_d[c] <= until:
+            return chosen[:i]
         chosen[i] = c
         np.matmul(x, x[c], out=d)                                           # [N] x . c
         d *= -2.0
@@ -222,3 +225,78 @@ def select_coreset(features: np.ndarray, *, k: int | None = None, ratio: float =
     return composable_coreset(parts, k=k, ratio=ratio, n_estimate=f.shape[0], dim=f.shape[1],
                               projection_dim=projection_dim, oversample=oversample, refine=refine,
                               seed=seed, map_fn=map_fn)
+
+
+# ---- continuing a coreset from an existing bank (incremental update) ---------------------------------
+
+@dataclass(frozen=True)
+class Extension:
+    """What continuing a coreset from existing centres adds (continue_coreset)."""
+    features: np.ndarray    # [a, D] float32 added rows (original space, L2-normalised), in greedy order
+    n_points: int           # new rows looked at
+    n_candidates: int       # of them farther than the radius from every existing centre
+    cover_radius: float     # max over the new rows of the cosine distance to the nearest old or added centre
+
+
+def _beyond(part, centres: np.ndarray, proj_centres: np.ndarray, projection: np.ndarray | None, radius: float,
+            rate: float | None, until: float, *, points_of: Callable) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Round 1 of a continuation on one partition. Its rows farther than `radius` (exact cosine) from
+    every centre ([M, D]; proj_centres [M, d] projected) are candidates; when there are more than
+    ceil(rate * n_p) (rate None: no cap), greedy continued from the centres, in the projection, keeps
+    that many. Returns (proposals [c, D], their squared projected distance to the centres [c], n_p,
+    candidates before the cap)."""
+    points = points_of(part)                                                   # [n_p, D]
+    n = points.shape[0]
+    if n == 0:
+        return points, np.zeros(0, dtype=np.float32), 0, 0
+    far = MemoryBank.build(centres).nearest(points) > radius                   # [n_p] bool
+    cand = points[far]
+    proj = _project(cand, projection)                                          # [c, d]
+    min_sq = nearest_sq_dist(proj, proj_centres) if len(cand) else np.zeros(0, dtype=np.float32)
+    cap = len(cand) if rate is None else min(len(cand), math.ceil(rate * n))
+    if cap < len(cand):
+        keep = greedy_kcenter(proj, cap, min_sq_dist=min_sq, until=until) if cap else np.zeros(0, dtype=np.int64)
+        cand, min_sq = cand[keep], min_sq[keep]
+    return cand, min_sq, n, int(far.sum())
+
+
+def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, budget: int, n_estimate: int,
+                     dim: int, projection_dim: int, oversample: float, seed: int,
+                     points_of: Callable = identity, map_fn: MapFn = local_map) -> Extension:
+    """Greedy k-center continued from existing `centres` ([M, dim] float32 L2-normalised, a fitted bank)
+    over the new rows of `parts`, as composable_coreset runs it over the rows of a fit.
+
+    A new row is a candidate when its cosine distance to every centre exceeds `radius`, the cover radius
+    the bank was fitted to: what the bank already covers as well as its own training patches adds nothing.
+    Greedy then picks among the candidates, farthest from the centres and the picks so far first, in the
+    fit's projection (the same `seed` and `projection_dim`), until `budget` picks or until every
+    candidate lies within the radius of a centre (squared projected distance <= 2 x radius: for unit
+    vectors ||x - c||^2 = 2 (1 - cos), which the projection preserves in expectation).
+    One partition: exactly that greedy. More (n_estimate: expected new rows): each partition first keeps
+    at most oversample x its share of the budget by the same greedy (round 1 of composable_coreset).
+    A last map measures the new rows' exact cover radius against the extended bank; the old rows' radius
+    cannot grow, since the bank only gains centres.
+    """
+    if not parts:
+        raise ValueError("no partitions: the update needs at least one new image")
+    if budget < 0 or oversample < 1:
+        raise ValueError(f"budget={budget} must be >= 0 and oversample={oversample} >= 1")
+    projection = random_projection(dim, projection_dim, seed=seed) if projection_dim < dim else None
+    proj_centres = _project(centres, projection)                               # [M, d]
+    until = 2.0 * radius
+    rate = None if len(parts) == 1 else oversample * budget / max(n_estimate, 1)
+    first = map_fn(partial(_beyond, points_of=points_of), parts, centres, proj_centres, projection, radius,
+                   rate, until)
+    n = sum(r[2] for r in first)
+    if n == 0:
+        raise ValueError("no new patches in any partition: every new image is unreadable or held out")
+    cand = np.concatenate([r[0] for r in first])                               # [C, D]
+    cand_sq = np.concatenate([r[1] for r in first])                            # [C]
+    n_cand = sum(r[3] for r in first)
+    del first
+    picks = (greedy_kcenter(_project(cand, projection), min(budget, len(cand)), min_sq_dist=cand_sq, until=until)
+             if budget and len(cand) else np.zeros(0, dtype=np.int64))
+    added = cand[picks]
+    bank = np.concatenate([centres, added]) if len(added) else centres
+    radius_new = max(map_fn(partial(_farthest, points_of=points_of), parts, bank))
+    return Extension(features=added, n_points=n, n_candidates=n_cand, cover_radius=radius_new)
