@@ -31,14 +31,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from scipy import ndimage
 
 from anomaly_core.backbone import normalised_tokens
 from anomaly_core.config import ModelConfig
-from anomaly_core.index import MemoryBank
+from anomaly_core.index import MemoryBank, flat_vectors
 from anomaly_core.patches import position_code
 from anomaly_core.scoring import reduce_grids, smoothing_matrix, upsampling_matrix
 from anomaly_core.tiling import cut_tiles, stitch_tiles
@@ -79,18 +78,12 @@ def exportable(config: ModelConfig, bank: MemoryBank) -> None:
 
 
 def bank_vectors(bank: MemoryBank) -> np.ndarray:
-    """The bank's vectors [M, D] float32 unit rows, shards in order, from flat, HNSW (flat storage) and
-    IVF-flat shards (their stored vectors are exact; an IVF shard is copied to build its id map). The
-    order within a shard does not matter to the graph's maximum."""
-    if bank.kind not in ("flat", "hnsw", "ivf"):
+    """The bank's vectors [M, D] float32 unit rows, shards in order (index.flat_vectors: flat, HNSW and IVF
+    store them whole). The order within a shard does not matter to the graph's maximum."""
+    out = [flat_vectors(shard) for shard in bank.shards]
+    if any(v is None for v in out):
         raise ValueError(f"index kind {bank.kind!r}: its vectors are not stored whole; refit with --index flat")
-    out = []
-    for shard in bank.shards:
-        if isinstance(shard, faiss.IndexIVF):
-            shard = faiss.clone_index(shard)
-            shard.make_direct_map()
-        out.append(shard.reconstruct_n(0, shard.ntotal))                              # [n_i, D]
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)                  # [M, D]
 
 
 def tile_index(config: ModelConfig) -> np.ndarray:

@@ -4,10 +4,11 @@ The bank is a list of shards of at most `shard_size` vectors each (one file each
 single file or device has to hold it whole; a query's nearest neighbour is the best over all shards,
 which for exact ("flat") shards is exactly the nearest neighbour of the whole bank.
 
-Where it is searched is a property of the process, not of the model: `MemoryBank.place` puts an exact
-bank on the scorer's device. On a GPU that is FAISS's GPU index where the installed FAISS has one, else
-`TorchFlatSearch` (chunked matrix products, the bank resident in GPU memory); on the CPU it is FAISS.
-`search_path` says which, and placing logs it.
+Where it is searched is a property of the process, not of the model: `MemoryBank.place` puts a bank
+whose vectors are stored whole (flat, HNSW and IVF, whose graph or lists sit beside its vectors) on the scorer's device
+and searches it exactly there. On a GPU that is FAISS's GPU index where the installed FAISS has one, else
+`TorchFlatSearch` (chunked matrix products, the bank resident in GPU memory); on the CPU it is FAISS with
+the bank's own index. `search_path` says which, and placing logs it.
 """
 
 from __future__ import annotations
@@ -91,9 +92,30 @@ def set_search_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+# Kinds that store every vector whole, so that a device can search them exactly by brute force: an HNSW
+# graph or IVF's lists only speed up a CPU search (on a GPU the matrix product is both exact and faster);
+# IVF-PQ keeps codes, not vectors.
+WHOLE_VECTOR_KINDS = (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
+
+
 def flat_vectors(index: faiss.Index) -> np.ndarray | None:
-    """[n, D] float32 vectors of an exact shard; None for approximate kinds (their search is their own)."""
-    return index.reconstruct_n(0, index.ntotal) if isinstance(index, faiss.IndexFlat) else None
+    """[n, D] float32 vectors of a shard that stores them whole (flat, HNSW, IVF); None for IVF-PQ. The
+    order of an IVF shard's rows is its ids' order (a copy gets the id map; the shard is left as it is)."""
+    if not isinstance(index, WHOLE_VECTOR_KINDS):
+        return None
+    if isinstance(index, faiss.IndexIVF):
+        index = faiss.clone_index(index)
+        index.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def as_flat(index: faiss.Index) -> faiss.Index:
+    """The shard itself when flat, else an exact inner-product index over its stored vectors."""
+    if isinstance(index, faiss.IndexFlat):
+        return index
+    flat = faiss.IndexFlatIP(index.d)
+    flat.add(flat_vectors(index))
+    return flat
 
 
 class TorchFlatSearch:
@@ -235,7 +257,10 @@ class MemoryBank:
         GPU code path, testable on the CPU). "faiss": FAISS on the CPU. dtype: of the resident bank
         (default float16 on a GPU, float32 on the CPU). memory_budget: bytes the resident bank and its
         workspace may take (default DEVICE_MEMORY_SHARE of the GPU's free memory; unbounded on the CPU).
-        An approximate bank, or one over the budget, is searched by FAISS on the CPU, with a warning.
+        A flat, HNSW or IVF bank within the budget is searched exactly on the device (the stored vectors, the
+        graph or lists unused: calibration at fit used them, and their distances are never below the exact
+        ones, so the threshold stays on the safe side). An IVF-PQ bank, or one over the budget, is searched
+        by FAISS on the CPU, with a warning.
         """
         if engine not in SEARCH_ENGINES:
             raise ValueError(f"engine={engine!r} is unknown; choose one of {list(SEARCH_ENGINES)}")
@@ -245,9 +270,10 @@ class MemoryBank:
             log.info("bank: %d x %d vectors, index %s, searched by %s", self.size, self.dim, self.kind,
                      self.search_path)
             return self
-        if self.kind != "flat":
-            log.warning("bank: index %s has no exact search on %s; FAISS searches it on the CPU (fit with "
-                        "--index flat or auto to search on the device)", self.kind, dev)
+        if not all(isinstance(s, WHOLE_VECTOR_KINDS) for s in self.shards):
+            log.warning("bank: index %s does not store its vectors whole, so %s cannot search it exactly; FAISS "
+                        "searches it on the CPU (fit with --index auto, flat, hnsw or ivf to search on the device)",
+                        self.kind, dev)
             return self
         dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         need = TorchFlatSearch.bytes_needed(self.size, self.dim, dtype=dtype)
@@ -259,12 +285,13 @@ class MemoryBank:
                         self.size, self.dim, need / 2 ** 30, dev, memory_budget / 2 ** 30)
             return self
         if engine == "auto" and faiss_has_gpu():
-            self._engine = FaissGpuSearch(self.shards, device=dev)
+            self._engine = FaissGpuSearch([as_flat(s) for s in self.shards], device=dev)
             self.search_path = f"faiss gpu {dev} float16 flat"
         else:
             self._engine = TorchFlatSearch([flat_vectors(s) for s in self.shards], device=dev, dtype=dtype)
             self.search_path = f"torch {dev} {str(dtype).removeprefix('torch.')} flat"
-        log.info("bank: %d x %d vectors, index flat, searched by %s", self.size, self.dim, self.search_path)
+        log.info("bank: %d x %d vectors, index %s, searched exactly by %s", self.size, self.dim, self.kind,
+                 self.search_path)
         return self
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

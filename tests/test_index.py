@@ -150,11 +150,31 @@ def test_bank_over_the_memory_budget_falls_back_to_faiss_with_a_warning(rng, cap
     np.testing.assert_allclose(placed.nearest(q), 1 - (q @ bank.T).max(1), atol=1e-5)
 
 
-def test_approximate_bank_stays_on_faiss_with_a_warning(rng, caplog):
-    bank = MemoryBank.build(unit_rows(rng, 500, 16), kind="hnsw")
+def test_ivfpq_bank_stays_on_faiss_with_a_warning(rng, caplog):
+    bank = MemoryBank.build(unit_rows(rng, 500, 16), kind="ivfpq")
     with caplog.at_level(logging.WARNING, logger="anomaly_core.index"):
         bank.place("cpu", engine="torch")
-    assert bank.search_path == "faiss cpu hnsw" and "index hnsw" in caplog.text
+    assert bank.search_path == "faiss cpu ivfpq" and "index ivfpq" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_bank_placed_on_a_device_is_searched_exactly(kind, rng):
+    bank, q = unit_rows(rng, 3000, 32), unit_rows(rng, 200, 32)
+    placed = MemoryBank.build(bank, kind=kind, shard_size=1000, ef_search=1, nprobe=1).place(
+        "cpu", engine="torch", dtype=torch.float32)
+    assert placed.search_path == "torch cpu float32 flat"
+    got_d, got_i = placed.search(q)
+    sims = q @ bank.T                                                    # brute force [200, 3000]
+    np.testing.assert_array_equal(got_i, sims.argmax(1))
+    np.testing.assert_allclose(got_d, 1 - sims.max(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_search_misses_neighbours_the_exact_search_finds(kind, rng):
+    """The premise of the test above: with ef_search=1 / nprobe=1 the index's own search is approximate."""
+    bank, q = unit_rows(rng, 3000, 32), unit_rows(rng, 200, 32)
+    _, own_i = MemoryBank.build(bank, kind=kind, shard_size=1000, ef_search=1, nprobe=1).search(q)
+    assert (own_i != (q @ bank.T).argmax(1)).any()
 
 
 def test_unknown_engine_lists_choices(rng):
