@@ -149,6 +149,15 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
         raise explain(e, uri) from None
 
 
+def is_file(uri: str, options: StorageOptions | None = None) -> bool:
+    """True when `uri` is a file (an object), not a folder (prefix) or nothing."""
+    fs, path = filesystem(uri, options)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as e:
+        raise explain(e, uri) from None
+
+
 def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = (),
                skip_hidden: bool = True) -> list[str]:
     """Sorted URIs of the files under `uri` (recursively) whose lower-cased name ends with one of

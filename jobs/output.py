@@ -4,6 +4,7 @@ Layout under OUT (a local folder or an s3:// prefix):
 
     run_date=YYYY-MM-DD/<run_id>-<part>.parquet   published rows: what analysts read
     _staging/<run_id>/<part>.parquet              rows of a run still in progress
+    _staging/<run_id>/_pieces/<part>/*.parquet    rows of a shard not yet all scored (archives of shards)
     _runs/<run_id>.json                           the run summary, written last: the run is complete
     _runs/<run_id>.lease/<token>                  the lease of the one process writing the run
 
@@ -13,6 +14,10 @@ copies, and re-running the run scores just the images no file holds. `analyst.co
 `scores_dataset` read only runs whose summary exists (the commit marker), so a run being published or
 replaced is never seen half-done; a bare `read_parquet('OUT/run_date=*/*.parquet')` may see a run while
 its files are being moved.
+
+An archive of shards (anomaly_core.shards) is committed by shard instead: each shard's rows become one
+file named by the shard's URI (part_name([shard])), written once all of them are scored (ShardSink), so
+a re-run lists committed shards, not images, and the completeness check counts rows per file.
 
 One writer per run: a run is written only under a lease (RunLease), so a second start of the same audit
 (a retried cron job) fails at once instead of scoring the same images twice. Every name taken from a
@@ -41,7 +46,9 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from anomaly_core import storage
+from anomaly_core.decode import SHARD_ROWS
 from anomaly_core.schema import PARTITION_COLUMN, output_schema
+from anomaly_core.shards import shard_of
 from anomaly_core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,67 @@ class StagedParquetSink(Datasink):
         return table.num_rows
 
 
+def pieces_uri(out: str, run_id: str) -> str:
+    return storage.join(staging_uri(out, run_id), "_pieces")
+
+
+class ShardSink(Datasink):
+    """Ray Data sink for an archive of shards: one committed file per shard, `part_name([shard])`.
+
+    A write task gets rows of any shards (SHARD_ROWS says how many rows each shard has in all). A shard
+    whose rows are all in the task is committed at once; otherwise its rows are written as a piece under
+    `_pieces/<part>/`, and the task lists that shard's pieces: when they hold every row, it writes the
+    shard's file from them and deletes them. The last piece of a shard is always written before its
+    writer lists, so some task sees all of them (storage lists what was written, S3 included); two
+    tasks that both see all write the same rows under the same name. A killed run leaves pieces of
+    uncommitted shards; the next attempt deletes them (clear_pieces) and scores those shards again."""
+
+    def __init__(self, out: str, run_id: str, *, rows_per_write: int, options: StorageOptions | None = None):
+        self.staging, self.pieces = staging_uri(out, run_id), pieces_uri(out, run_id)
+        self.rows_per_write, self.options = rows_per_write, options
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_write
+
+    def write(self, blocks, ctx) -> int:
+        schema = output_schema(include_partition=True)
+        schema = schema.append(pa.field(SHARD_ROWS, pa.int64()))
+        table = pa.concat_tables([(b if isinstance(b, pa.Table) else pa.Table.from_pandas(b))
+                                  .select(schema.names).cast(schema) for b in blocks])
+        shards = pa.array([shard_of(u) for u in table["uri"].to_pylist()])
+        for shard in pc.unique(shards).to_pylist():
+            rows = table.filter(pc.equal(shards, shard))
+            expected = rows[SHARD_ROWS][0].as_py()
+            rows = rows.drop_columns([SHARD_ROWS])
+            if rows.num_rows != expected:
+                piece = storage.join(self.pieces, part_name([shard]), f"{part_name(rows['uri'].to_pylist())}.parquet")
+                storage.write_bytes(piece, parquet_bytes(rows), self.options)
+                rows = self._gather(shard, expected)
+            if rows is not None:
+                self._commit(shard, rows)
+        return table.num_rows
+
+    def _gather(self, shard: str, expected: int) -> pa.Table | None:
+        """Every row of `shard` from its pieces, or None while some are missing."""
+        files = storage.list_files(storage.join(self.pieces, part_name([shard])), self.options)
+        rows = read_columns(files, output_schema().names, self.options)
+        n = len(pc.unique(rows["uri"]))
+        assert n == rows.num_rows, f"pieces of {shard} repeat rows"      # pieces are named by their rows
+        return rows if n == expected else None
+
+    def _commit(self, shard: str, rows: pa.Table) -> None:
+        rows = rows.sort_by("uri")
+        storage.write_bytes(storage.join(self.staging, f"{part_name([shard])}.parquet"), parquet_bytes(rows),
+                            self.options)
+        storage.delete(storage.join(self.pieces, part_name([shard])), self.options)
+
+
+def clear_pieces(out: str, run_id: str, options: StorageOptions | None = None) -> None:
+    """Delete the pieces a killed attempt left (their shards are scored again, whole)."""
+    storage.delete(pieces_uri(out, run_id), options)
+
+
 def run_files(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> list[str]:
     """Every committed file of the run: staged and published."""
     mine = re.compile(re.escape(run_id) + PART)
@@ -136,6 +204,32 @@ def read_run(out: str, run_id: str, run_date: str, columns: list[str],
 def committed_uris(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> set[str]:
     """Image URIs already scored by the run (in any of its committed files)."""
     return set(read_run(out, run_id, run_date, ["uri"], options)["uri"].to_pylist())
+
+
+def file_part(file: str) -> str:
+    """The part name of a staged (`<part>.parquet`) or published (`<run_id>-<part>.parquet`) file."""
+    return file.rsplit("/", 1)[-1][-len(".parquet") - 32:-len(".parquet")]
+
+
+def committed_parts(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> set[str]:
+    """The part names (32 hex digits) of the run's committed files, staged or published, from a listing
+    alone: for an archive of shards, `part_name([shard])` of each committed shard."""
+    return {file_part(f) for f in run_files(out, run_id, run_date, options)}
+
+
+def count_file(file: str, options: StorageOptions | None = None) -> dict:
+    """count_rows of one committed file of a shard, plus its part name and `foreign`: rows whose image
+    is not in the shard the file is named by (none, unless the file was written by something else)."""
+    part = file_part(file)
+    t = read_columns([file], COUNT_COLUMNS, options)
+    shards = {shard_of(u) for u in pc.unique(t["uri"]).to_pylist()}
+    foreign = 0 if {part_name([s]) for s in shards} == {part} else t.num_rows
+    return {"part": part, "foreign": foreign, **count_rows(t)}
+
+
+def count_files(files: list[str], options: StorageOptions | None = None) -> list[dict]:
+    """count_file of each of `files` (one Ray task's share of the completeness check)."""
+    return [count_file(f, options) for f in files]
 
 
 def publish(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> int:

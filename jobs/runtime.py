@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
 from anomaly_core import storage
-from anomaly_core.decode import read_batch
+from anomaly_core.decode import read_batch, read_shards
 from anomaly_core.images import IMAGE_EXTENSIONS
+from anomaly_core.shards import (
+    IMAGE_SUFFIXES,
+    PARQUET,
+    SHARD_SUFFIXES,
+    check_parquet_schema,
+    expand_braces,
+    is_shard,
+)
 from anomaly_core.storage import StorageOptions
 from jobs.console import Progress
 
@@ -151,35 +161,80 @@ def _call(fn, part, *shared):
 MANIFEST_SUFFIXES = (".txt", ".lst")
 
 
-def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> list[str]:
-    """Sorted, de-duplicated, normalised image URIs named by `uri`: a folder or s3:// prefix (listed
-    recursively, image extensions only), or a manifest file (.txt/.lst: one URI per line, `#` comments;
-    relative entries are relative to the manifest's folder) for archives whose listing is itself
-    expensive. Only names travel to the driver, never image bytes. Raises on an empty archive: a
-    nightly job started before the upload finished must fail, not record an empty audit."""
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    """What an archive URI names: single image objects or shards (anomaly_core.shards), never both.
+    images, shards: sorted, de-duplicated, normalised URIs."""
+    images: list[str]
+    shards: list[str]
+
+
+def list_archive(uri: str | list[str], options: StorageOptions | None = None) -> Archive:
+    """The images or shards named by `uri` (one or a list of):
+
+    - a folder or s3:// prefix, listed recursively: its images, or its shards (*.tar, *.parquet);
+    - a manifest file (.txt/.lst: one URI per line, `#` comments; relative entries are relative to the
+      manifest's folder) of image or shard URIs, for archives whose listing is itself expensive;
+    - one image or shard URI, or a brace range of them (`shard-{000000..000999}.tar`).
+
+    A listed name that does not exist becomes an error row when read (as a missing image in a manifest
+    does); a folder, prefix or single URI that does not exist fails here, as does an empty archive (a
+    nightly job started before the upload finished must fail, not record an empty audit). Only names
+    travel to the driver, never image bytes."""
+    found: set[str] = set()
+    for given in [uri] if isinstance(uri, str) else uri:
+        expanded = expand_braces(given)
+        for u in map(storage.normalise, expanded):
+            storage.check_bucket(u, options)
+            if u.lower().endswith(MANIFEST_SUFFIXES):
+                found.update(read_manifest_file(u, options))
+            elif expanded != [given]:
+                found.add(u)                          # named one by one: a missing one is an error row
+            elif is_shard(u) and storage.is_file(u, options):
+                found.add(u)
+            else:
+                listed = storage.list_files(u, options, suffixes=IMAGE_SUFFIXES + SHARD_SUFFIXES, skip_hidden=False)
+                if not listed and not storage.exists(u, options):
+                    raise FileNotFoundError(f"{u} not found: give a folder, an s3://bucket/prefix, a manifest "
+                                            f"file ({', '.join(MANIFEST_SUFFIXES)}) listing image or shard URIs, "
+                                            f"or shard URIs (a brace range: shard-{{000000..000099}}.tar)")
+                found.update(listed)
+    shards = sorted(u for u in found if is_shard(u))
+    images = sorted(u for u in found if not is_shard(u))
+    if shards and images:
+        raise ValueError(f"{uri!r} names both images ({len(images)}, e.g. {images[0]}) and shards ({len(shards)}, "
+                         f"e.g. {shards[0]}); audit them separately, or pack the images into shards "
+                         f"(`anomaly pack`)")
+    if bad := [s for s in shards if "#" in s]:
+        raise ValueError(f"shard URI {bad[0]!r} contains '#', which separates a shard from its members in "
+                         f"image URIs; rename it")
+    if not found:
+        raise FileNotFoundError(f"no images or shards in {uri!r} (extensions: {', '.join(IMAGE_EXTENSIONS)}; "
+                                f"shards: {', '.join(SHARD_SUFFIXES)})")
+    return Archive(images=images, shards=shards)
+
+
+def read_manifest_file(uri: str, options: StorageOptions | None = None) -> set[str]:
+    """The normalised URIs a manifest file lists (brace ranges expanded); checks the buckets they name
+    (a wrong bucket is no per-image error)."""
+    base = uri.rsplit("/", 1)[0]
     out: set[str] = set()
-    for u in [uri] if isinstance(uri, str) else uri:
-        u = storage.normalise(u)
-        storage.check_bucket(u, options)
-        if u.lower().endswith(MANIFEST_SUFFIXES):
-            base = u.rsplit("/", 1)[0]
-            for line in storage.read_bytes(u, options).decode("utf-8-sig").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    absolute = "://" in line or line.startswith("/")
-                    out.add(storage.normalise(line if absolute else storage.join(base, line)))
-            for bucket in {x.split("/", 3)[2] for x in out if storage.is_s3(x)}:
-                storage.check_bucket(f"s3://{bucket}", options)     # a wrong bucket is no per-image error
-            continue
-        found = storage.list_files(u, options, suffixes=tuple("." + e for e in IMAGE_EXTENSIONS),
-                                   skip_hidden=False)
-        if not found and not storage.exists(u, options):
-            raise FileNotFoundError(f"{u} not found: give a folder, an s3://bucket/prefix or a manifest "
-                                    f"file ({', '.join(MANIFEST_SUFFIXES)}) listing image URIs")
-        out.update(found)
-    if not out:
-        raise FileNotFoundError(f"no images in {uri!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return sorted(out)
+    for line in storage.read_bytes(uri, options).decode("utf-8-sig").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            absolute = "://" in line or line.startswith("/")
+            out.update(map(storage.normalise, expand_braces(line if absolute else storage.join(base, line))))
+    for bucket in {x.split("/", 3)[2] for x in out if storage.is_s3(x)}:
+        storage.check_bucket(f"s3://{bucket}", options)
+    return out
+
+
+def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> list[str]:
+    """The image URIs named by `uri` (list_archive); an archive of shards is refused."""
+    archive = list_archive(uri, options)
+    if archive.shards:
+        raise ValueError(f"{uri!r} holds shards ({archive.shards[0]}, ...); this command reads image files")
+    return archive.images
 
 
 def read_decoded(uris: list[str], *, input_size: int, batch_size: int, options: StorageOptions | None = None,
@@ -193,3 +248,35 @@ def read_decoded(uris: list[str], *, input_size: int, batch_size: int, options: 
     # fuse reading into the actor (the actor would wait on I/O and decoding between forwards)
     return ds.map_batches(read_batch, fn_kwargs={"input_size": input_size, "options": options},
                           batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+
+
+def check_image_columns(shards: list[str], *, image_column: str, id_column: str | None,
+                        options: StorageOptions | None = None) -> None:
+    """Fail fast, from the footer of the first Parquet shard that exists, when the image or id column
+    is missing or of the wrong type (a configuration mistake, not an error row per image)."""
+    for shard in (s for s in shards if s.lower().endswith(PARQUET)):
+        fs, path = storage.filesystem(shard, options)
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except FileNotFoundError:
+            continue                                  # an error row when read
+        except (pa.ArrowException, ValueError):
+            continue                                  # not Parquet: an error row when read
+        except OSError as e:
+            raise storage.explain(e, shard) from None
+        check_parquet_schema(schema, image_column=image_column, id_column=id_column, where=shard)
+        return
+
+
+def read_shards_decoded(shards: list[str], *, input_size: int, batch_size: int,
+                        options: StorageOptions | None = None, image_column: str = "image",
+                        id_column: str | None = None) -> ray.data.Dataset:
+    """Ray Data dataset of decoded images (anomaly_core.decode.read_shards) of `shards`, in shard order
+    and member order within a shard: each shard is fetched whole (one request) and decoded by one CPU
+    task, never on the driver or a GPU actor, and comes out in batches of `batch_size` rows."""
+    ds = ray.data.from_arrow([pa.table({"shard": [s]}) for s in shards])
+    # half a CPU, as in read_decoded: reading stays out of the model actors
+    return ds.map_batches(read_shards, fn_kwargs={"input_size": input_size, "batch_rows": batch_size,
+                                                  "options": options, "image_column": image_column,
+                                                  "id_column": id_column},
+                          batch_size=1, batch_format="numpy", num_cpus=0.5)

@@ -1,0 +1,202 @@
+"""Image shards: many images in one object, read with one request.
+
+Two forms, told apart by the name's suffix:
+
+- `.tar` in the WebDataset convention: each member's key is its path up to the first dot of its base name
+  (`a/0001.jpg`, `a/0001.cls` and `a/0001.seg.png` are one sample, key `a/0001`). Every member whose
+  extension is an image extension (anomaly_core.images.IMAGE_EXTENSIONS) is an image; the other members
+  of a sample (labels, metadata) are ignored. A member name repeated later in the tar replaces the
+  earlier one, as extracting the tar would.
+- `.parquet`: a table with an image column, either a struct with `bytes` (and `path`), as Hugging Face
+  datasets store images, or a binary column; optionally an id column.
+
+Each image gets a stable URI naming where it lies: `<shard>#<member name>` for a tar member,
+`<shard>#row=<i>` for Parquet row i (0-based over the file), or `<shard>#<id>` with an id column.
+`shard_of(uri)` gives the shard back. Reading yields (uri, bytes, error) samples; what cannot be read
+becomes a sample with an error (empty bytes), never an exception: a corrupt member or cell is one error
+sample, a truncated tar yields its readable members and one error sample naming the shard, and a file
+that is no tar or Parquet at all is one error sample naming the shard.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from anomaly_core import storage
+from anomaly_core.images import IMAGE_EXTENSIONS
+from anomaly_core.storage import StorageOptions
+
+TAR, PARQUET = ".tar", ".parquet"
+SHARD_SUFFIXES = (TAR, PARQUET)
+IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
+
+# (uri, bytes, error): error "" when the bytes are the image's; bytes b"" when error is set
+Sample = tuple[str, bytes, str]
+
+_RANGE = re.compile(r"\{([0-9]+)\.\.([0-9]+)\}")
+
+
+def is_shard(uri: str) -> bool:
+    return uri.lower().endswith(SHARD_SUFFIXES)
+
+
+def shard_of(uri: str) -> str:
+    """The shard URI of an image URI from a shard (`<shard>#...`); a URI without '#' is its own shard
+    (the row of a shard nothing could be read from)."""
+    return uri.partition("#")[0]
+
+
+def expand_braces(uri: str) -> list[str]:
+    """`shard-{000000..000002}.tar` -> [shard-000000.tar, shard-000001.tar, shard-000002.tar]. Numbers
+    are padded to the width of the bounds when both have the same number of digits (as WebDataset's
+    brace expansion does); several ranges multiply out, left to right. A URI without a range: [uri]."""
+    m = _RANGE.search(uri)
+    if m is None:
+        return [uri]
+    lo, hi = m.groups()
+    if int(hi) < int(lo):
+        raise ValueError(f"{uri!r}: range {{{lo}..{hi}}} ends before it starts; write {{{hi}..{lo}}}")
+    width = len(lo) if len(lo) == len(hi) else 0
+    head, tail = uri[:m.start()], uri[m.end():]
+    return [head + str(i).zfill(width) + rest for i in range(int(lo), int(hi) + 1) for rest in expand_braces(tail)]
+
+
+def tar_samples(shard: str, data: bytes) -> Iterator[Sample]:
+    """The image samples of tar file `shard` whose bytes are `data`, in member order (a replaced member
+    keeps the place of its first occurrence)."""
+    found: dict[str, Sample] = {}
+    try:
+        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except tarfile.TarError as e:
+        yield shard, b"", f"{shard}: not a readable tar file ({e})"
+        return
+    failure = ""
+    while True:
+        try:
+            member = tf.next()
+        except (tarfile.TarError, EOFError) as e:
+            failure = str(e)
+            break
+        if member is None:
+            # tarfile ends quietly at a header cut short: anything but end-of-archive zeros is lost data
+            if data[tf.offset:].strip(b"\0"):
+                failure = f"{len(data) - tf.offset} bytes after the last whole member are not a member"
+            break
+        if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        uri = f"{shard}#{member.name}"
+        try:
+            found[uri] = (uri, tf.extractfile(member).read(), "")
+        except (tarfile.TarError, EOFError) as e:
+            found[uri] = (uri, b"", f"{uri}: member cut short ({e})")
+            failure = str(e)
+            break
+    yield from found.values()
+    if failure:
+        yield shard, b"", f"{shard}: truncated or corrupt tar after {len(found)} image members ({failure})"
+    elif not found:
+        yield shard, b"", f"{shard}: no image members (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def image_column_bytes(column: pa.ChunkedArray | pa.Array, name: str) -> list[bytes | None]:
+    """An image column -> its bytes per row (None for a null cell): a struct column's `bytes` field
+    (Hugging Face's Image feature) or a binary column. Raises ValueError naming the type otherwise."""
+    typ = column.type
+    if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
+        column, typ = pc.struct_field(column, "bytes"), typ.field("bytes").type
+    if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
+        raise ValueError(f"image column {name!r} has type {typ}; it must be binary or a struct with a binary "
+                         f"'bytes' field (Hugging Face's Image feature); name it with --image-column")
+    return column.to_pylist()
+
+
+def check_parquet_schema(schema: pa.Schema, *, image_column: str, id_column: str | None, where: str) -> None:
+    """Raise ValueError naming the columns there are when `schema` has no usable image column or lacks
+    the id column: a configuration mistake, found on the driver from the first shard's footer."""
+    for name in [image_column] + ([id_column] if id_column else []):
+        if schema.get_field_index(name) < 0:
+            raise ValueError(f"{where} has no column {name!r}; its columns: {schema.names}. Name the image "
+                             f"column with --image-column and the id column with --id-column")
+    image_column_bytes(pa.array([], schema.field(image_column).type), image_column)
+
+
+def parquet_samples(shard: str, data: bytes, *, image_column: str = "image",
+                    id_column: str | None = None) -> Iterator[Sample]:
+    """The image samples of Parquet file `shard` whose bytes are `data`, row by row. A row group that
+    cannot be decoded gives an error sample per row (`#row=<i>`, ids being unreadable too); a null or
+    duplicated id gives `#row=<i>`, the duplicate with an error."""
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        check_parquet_schema(pf.schema_arrow, image_column=image_column, id_column=id_column, where=shard)
+    except (pa.ArrowException, ValueError, OSError) as e:    # bytes in memory: no storage error can occur
+        yield shard, b"", f"{shard}: not a readable Parquet image table ({e})"
+        return
+    columns = [image_column] + ([id_column] if id_column else [])
+    seen: set[str] = set()
+    start = 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            table = pf.read_row_group(g, columns=columns)
+            blobs = image_column_bytes(table[image_column], image_column)
+            ids = table[id_column].to_pylist() if id_column else [None] * n
+        except (pa.ArrowException, ValueError, OSError) as e:
+            for i in range(start, start + n):
+                yield f"{shard}#row={i}", b"", f"{shard}: row group {g} (rows {start}-{start + n - 1}) unreadable ({e})"
+            start += n
+            continue
+        for i, (blob, key) in enumerate(zip(blobs, ids, strict=True), start=start):
+            uri = f"{shard}#row={i}" if key is None or f"{shard}#{key}" in seen else f"{shard}#{key}"
+            error = ""
+            if key is not None and uri.endswith(f"#row={i}"):
+                error = f"{uri}: id {key!r} repeats an earlier row's"
+            elif blob is None:
+                error = f"{uri}: no image bytes in column {image_column!r}"
+            seen.add(uri)
+            yield uri, b"" if error else blob, error
+        start += n
+    if start == 0:
+        yield shard, b"", f"{shard}: no rows"
+
+
+def shard_samples(shard: str, data: bytes, *, image_column: str = "image",
+                  id_column: str | None = None) -> Iterator[Sample]:
+    """tar_samples or parquet_samples by the shard's suffix."""
+    if shard.lower().endswith(TAR):
+        return tar_samples(shard, data)
+    if shard.lower().endswith(PARQUET):
+        return parquet_samples(shard, data, image_column=image_column, id_column=id_column)
+    raise ValueError(f"{shard!r} is not a shard: names end with {' or '.join(SHARD_SUFFIXES)}")
+
+
+def read_image(uri: str, options: StorageOptions | None = None, *, image_column: str = "image",
+               id_column: str | None = None) -> bytes:
+    """The bytes of the image at `uri`: an object, or an image in a shard (`<shard>#<member>`,
+    `<shard>#row=<i>`, `<shard>#<id>`; the shard is fetched whole). FileNotFoundError when there is none."""
+    shard = shard_of(uri)
+    if shard == uri or not is_shard(shard):
+        return storage.read_bytes(uri, options)
+    for name, blob, error in shard_samples(shard, storage.read_bytes(shard, options), image_column=image_column,
+                                           id_column=id_column):
+        if name == uri and not error:
+            return blob
+    raise FileNotFoundError(f"{uri} not found: {shard} holds no readable image by that name")
+
+
+def pack_tar(members: Sequence[tuple[str, bytes]]) -> bytes:
+    """(member name, bytes) pairs -> the bytes of one uncompressed tar holding them in that order (file
+    mode 0644, mtime 0, so the same images always give the same bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(blob), 0o644, 0
+            tf.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
