@@ -13,6 +13,7 @@ its PNG.
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import numpy as np
@@ -55,9 +56,11 @@ class Scorer:
             set_search_threads(num_threads)
         self.run_id, self.run_time, self.run_date = run_id, run_time, run_date or run_time[:10]
         self.heatmap_png = heatmap_png
-        log.info("scorer: model %s, backbone on %s, bank index %s searched by %s, heatmaps as %s",
-                 self.model.model_id, self.model.device, self.model.bank.kind, self.model.bank.search_path,
-                 "grids and PNGs" if heatmap_png else "grids")
+        # CUDA_VISIBLE_DEVICES: the GPU ids Ray assigned this actor (unset outside Ray), whichever device it uses
+        log.info("scorer: model %s, backbone on %s, bank index %s searched by %s, heatmaps as %s, "
+                 "CUDA_VISIBLE_DEVICES=%s", self.model.model_id, self.model.device, self.model.bank.kind,
+                 self.model.bank.search_path, "grids and PNGs" if heatmap_png else "grids",
+                 os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cal, cfg = self.model.calibration, self.model.config
