@@ -125,10 +125,17 @@ def check_target(uri: str, *, overwrite: bool, options: StorageOptions | None = 
 
 
 def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: dict,
-               weights: dict, stats: dict, overwrite: bool = False, options: StorageOptions | None = None) -> dict:
+               weights: dict, stats: dict, lineage: dict | None = None, overwrite: bool = False,
+               options: StorageOptions | None = None) -> dict:
     """Write the model folder at `uri`; returns the manifest. `calibration` and `stats` are stored as given
-    (anomaly_core.model.Model.save passes its Calibration and FitStats as dicts)."""
+    (anomaly_core.model.Model.save passes its Calibration and FitStats as dicts). lineage: for a model
+    made by an update, {"parent": the parent's model id, "added": what the update added}, stored as the
+    manifest's "parent" and "added" (a record, like stats: not part of the id)."""
     uri = str(uri)
+    if lineage is not None:
+        if set(lineage) != {"parent", "added"}:
+            raise ValueError(f"lineage must have the keys 'parent' and 'added', got {sorted(lineage)}")
+        check_model_id(lineage["parent"], where="lineage")
     check_target(uri, overwrite=overwrite, options=options)
     # local: build in a sibling folder (same file system, so the final rename is atomic); S3: anywhere
     dst = None if storage.is_s3(uri) else Path(storage.local_path(uri))
@@ -151,6 +158,7 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
             "stats": stats,
             "versions": _versions(),
             "files": files,
+            **(lineage or {}),
         }
         manifest = json.loads(json.dumps(manifest))      # the values exactly as a loader reads them back
         manifest["model_id"] = content_id(manifest)

@@ -57,6 +57,9 @@ class FitStats:
     # original sizes of the training images (anomaly_core.images.size_range); the scorer gives no normal
     # verdict far outside them. None: unknown (fitted from pixels or features without sizes)
     input_sizes: dict | None = None
+    # the calibration images' scores, in the order of calibration_images: what an update (anomaly_core.update)
+    # recalibrates with, without their features. None: models fitted before they were recorded
+    calibration_scores: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,18 +184,19 @@ def position_consistency(count: int, total: np.ndarray, total_sq: np.ndarray) ->
 
 
 @dataclass(frozen=True)
-class _BlockCalibration:
+class BlockCalibration:
     scores: np.ndarray                  # [m] float32 image scores of the block's fold-f originals
     distance_sum: np.ndarray            # [P] float64 sums of their patch distances per position
     distance_sq: np.ndarray             # [P] float64 sums of squares
     paths: list[str]                    # their names
     n_images: int                       # readable original images in the block
+    originals: list[str]                # their names
     unreadable: list[tuple[str, str]]   # (name, error)
     sizes: np.ndarray                   # [n, 2] int (width, height) of the readable originals; [0, 2] unknown
 
 
-def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig,
-                     block_of: Callable) -> _BlockCalibration:
+def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig,
+                    block_of: Callable) -> BlockCalibration:
     """Scores of the block's fold-`fold` images (originals, not augmented copies) against a bank fitted
     without them (shipped serialised: this runs as a Ray task)."""
     block = block_of(block)
@@ -204,9 +208,10 @@ def _calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: 
         np.float64)                                                                # [m, P]
     g = config.grid_size
     scores = image_scores(dist.reshape(-1, g, g), **config.score_options)                 # [m]
-    return _BlockCalibration(
+    return BlockCalibration(
         scores=scores, distance_sum=dist.sum(axis=0), distance_sq=(dist ** 2).sum(axis=0),
         paths=[str(p) for p in block["path"][sel]], n_images=int(original.sum()),
+        originals=[str(p) for p in block["path"][original]],
         unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)],
         sizes=(np.stack([block["width"][original], block["height"][original]], axis=1).astype(np.int64)
                if "width" in block else np.zeros((0, 2), dtype=np.int64)))
@@ -232,12 +237,12 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
             blocks, k=config.coreset_size, ratio=config.coreset_ratio, n_estimate=estimate,
             dim=config.feature_dim, projection_dim=config.projection_dim, oversample=config.coreset_oversample,
             refine=config.coreset_refine, seed=config.seed,
-            points_of=_compose(partial(bank_patches, leave_out=leave_out), block_of), map_fn=map_fn)
+            points_of=compose(partial(bank_patches, leave_out=leave_out), block_of), map_fn=map_fn)
         return core, MemoryBank.build(core.features, kind=kind, shard_size=config.shard_size,
                                       seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
 
-    def calibrated(fold: int, bank: MemoryBank) -> list[_BlockCalibration]:
-        return map_fn(partial(_calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
+    def calibrated(fold: int, bank: MemoryBank) -> list[BlockCalibration]:
+        return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
                       bank.serialize())
 
     if plan.crossfit:
@@ -273,7 +278,8 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                      coreset_seconds=round(t_core, 2), calibration_images=[p for c in parts for p in c.paths],
                      position_consistency=round(consistency, 4),
                      unreadable=[u for c in one_pass for u in c.unreadable], index=kind,
-                     input_sizes=size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None)
+                     input_sizes=size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None,
+                     calibration_scores=[float(s) for s in scores])
     return bank, cal, stats
 
 
@@ -290,7 +296,7 @@ def index_kind(config: ModelConfig, *, n_estimate: int, search_device: str) -> s
     return kind
 
 
-def _compose(f: Callable, g: Callable) -> Callable:
+def compose(f: Callable, g: Callable) -> Callable:
     """x -> f(g(x)), picklable (Ray ships it to the tasks)."""
     return partial(_apply_both, f, g)
 

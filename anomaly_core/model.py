@@ -30,6 +30,7 @@ from anomaly_core.fit import (
     fit_bank,
     images_per_block,
     mark_folds,
+    patch_estimate,
     split_calibration,
 )
 from anomaly_core.images import size_range
@@ -37,6 +38,7 @@ from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_maps, image_scores, patch_distances
 from anomaly_core.storage import StorageOptions
 from anomaly_core.threshold import Calibration
+from anomaly_core.update import merge_sizes, update_bank, update_split
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,14 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
 
 class Model:
     """A fitted model: its config, memory bank, calibrated threshold, the backbone weights it was fitted
-    with (identity record) and the fit's statistics. `manifest` is set once saved or loaded."""
+    with (identity record) and the fit's statistics; for an updated model, its lineage (its parent's id
+    and what the update added). `manifest` is set once saved or loaded."""
 
     def __init__(self, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration, weights: dict | None,
-                 stats: FitStats, manifest: dict | None = None):
+                 stats: FitStats, manifest: dict | None = None, lineage: dict | None = None):
         self.config, self.bank, self.calibration = config, bank, calibration
         self.weights, self.stats, self.manifest = weights, stats, manifest
+        self.lineage = lineage            # {"parent": model id, "added": ...} for a model made by update
         self._extractor: FeatureExtractor | None = None
 
     # ---- fitting ---------------------------------------------------------------------------------------
@@ -89,20 +93,10 @@ class Model:
         sizes: [N, 2] int (width, height) of the images before the resize, recorded so that scoring gives
         no normal verdict to images far outside them (anomaly_core.images.size_mismatch); None: unknown."""
         t0 = time.perf_counter()
-        n = len(pixels)
-        names = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
+        names = [str(i) for i in range(len(pixels))] if names is None else [str(x) for x in names]
         plan = split_calibration(names, config=config)
-        held, folds = plan.held_out(names), plan.folds_of(names)
         extractor = FeatureExtractor(config=config, device=device)
-        parts = []
-        for s in range(0, n, batch_size):
-            batch = {"path": np.array(names[s:s + batch_size], dtype=object),
-                     "error": np.full(len(names[s:s + batch_size]), "", dtype=object),
-                     "pixels": pixels[s:s + batch_size]}
-            if config.n_augment > 1:
-                batch = augment_batch(batch, name=config.augment, held=held)
-            parts.append(mark_folds(extractor(batch), folds=folds))
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in ("path", "features", "foreground", "fold", "copy")}
+        rows = _feature_rows(extractor, pixels, names, plan=plan, batch_size=batch_size)
         t_feat = time.perf_counter() - t0
         model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
                                  foreground=rows["foreground"], paths=rows["path"], copy=rows["copy"],
@@ -134,6 +128,52 @@ class Model:
                                             n_estimate=n_bank_rows * config.grid_size ** 2,
                                             search_device=search_device)
         return cls(config=config, bank=bank, calibration=calibration, weights=weights, stats=stats)
+
+    # ---- incremental update ------------------------------------------------------------------------
+    def update(self, pixels: np.ndarray, *, names: Sequence[str] | None = None, max_added: int | None = None,
+               batch_size: int = 16, sizes: np.ndarray | None = None) -> Model:
+        """A new model whose bank also covers the good images [N, S, S, 3] uint8 (anomaly_core.update): only
+        these are read and described, never the images this model was fitted on. names: [N] (default
+        "new-0".."new-N-1"; they decide which are held out to calibrate); max_added: most vectors added
+        (None: coreset_ratio of the new patches); sizes: [N, 2] original (width, height), None: unknown.
+        This model is not modified; the new one records it as its parent (it must have been saved)."""
+        t0 = time.perf_counter()
+        names = [f"new-{i}" for i in range(len(pixels))] if names is None else [str(x) for x in names]
+        plan = update_split(names, config=self.config)
+        extractor = self.backbone()
+        rows = _feature_rows(extractor, pixels, names, plan=plan, batch_size=batch_size)
+        t_feat = time.perf_counter() - t0
+        model = self.update_features(rows["features"], foreground=rows["foreground"], paths=rows["path"],
+                                     copy=rows["copy"], fold=rows["fold"], plan=plan, max_added=max_added,
+                                     sizes=sizes)
+        model._extractor = extractor
+        model.bank.place(extractor.backbone.device)
+        model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
+                              fit_seconds=round(time.perf_counter() - t0, 2))
+        model.lineage["added"]["seconds"] = model.stats.fit_seconds
+        return model
+
+    def update_features(self, features: np.ndarray, *, paths: Sequence[str], foreground: np.ndarray | None = None,
+                        copy: np.ndarray | None = None, fold: np.ndarray | None = None,
+                        plan: SplitPlan | None = None, max_added: int | None = None,
+                        sizes: np.ndarray | None = None) -> Model:
+        """Model.update on descriptors [N, P, D] float32 of the new good images (rows as Model.fit_features
+        takes them; fold [N] per row, default plan's). plan: update_split of the names when not given.
+        sizes: [N_images, 2] original (width, height) of the new images, None: unknown."""
+        names = [str(p) for p in paths]
+        plan = plan if plan is not None else update_split(names, config=self.config)
+        if fold is None:
+            fold = plan.fold if plan is not None else np.full(len(names), -1, dtype=np.int16)
+        blocks = feature_blocks(features, fold, images_per_block=images_per_block(self.config),
+                                foreground=foreground, paths=names, copy=copy)
+        n_bank = len(set(names)) - (0 if plan is None or plan.crossfit else len(plan.held_out(names)))
+        bank, calibration, stats, added = update_bank(
+            blocks, config=self.config, bank=self.bank, stats=self.stats, plan=plan,
+            n_estimate=patch_estimate(n_bank, config=self.config), max_added=max_added)
+        if sizes is not None:
+            stats = replace(stats, input_sizes=merge_sizes(self.stats.input_sizes, size_range(*np.asarray(sizes).T)))
+        return Model(config=self.config, bank=bank, calibration=calibration, weights=self.weights, stats=stats,
+                     lineage={"parent": self.model_id, "added": added})
 
     # ---- scoring ---------------------------------------------------------------------------------------
     def backbone(self, *, device: str = "auto", num_threads: int | None = None) -> FeatureExtractor:
@@ -192,8 +232,8 @@ class Model:
             raise ValueError("the model was fitted from features with weights=None; pass the backbone's "
                              "identity (FeatureExtractor(...).backbone.identity) to fit_features to save it")
         self.manifest = save_model(uri, config=self.config, bank=self.bank, calibration=self.calibration.to_dict(),
-                                   weights=self.weights, stats=self.stats.to_dict(), overwrite=overwrite,
-                                   options=options)
+                                   weights=self.weights, stats=self.stats.to_dict(), lineage=self.lineage,
+                                   overwrite=overwrite, options=options)
         return self.manifest
 
     @classmethod
@@ -203,4 +243,24 @@ class Model:
         manifest, bank = load_artifact(uri, options, model_id=model_id)
         return cls(config=ModelConfig.from_dict(manifest["config"]), bank=bank,
                    calibration=Calibration(**manifest["calibration"]), weights=manifest["weights"],
-                   stats=FitStats.from_dict(manifest["stats"]), manifest=manifest)
+                   stats=FitStats.from_dict(manifest["stats"]), manifest=manifest,
+                   lineage={"parent": manifest["parent"], "added": manifest["added"]} if "parent" in manifest else None)
+
+
+def _feature_rows(extractor: FeatureExtractor, pixels: np.ndarray, names: list[str], *, plan: SplitPlan | None,
+                  batch_size: int) -> dict[str, np.ndarray]:
+    """Images [N, S, S, 3] uint8 named `names` -> rows {"path", "features" [R, P, D], "foreground" [R, P],
+    "fold" [R], "copy" [R]}: the images, and augmented copies of the bank images when the config augments
+    (plan None: none is held out; every fold -1)."""
+    config = extractor.config
+    held = plan.held_out(names) if plan is not None else frozenset()
+    folds = plan.folds_of(names) if plan is not None else {}
+    parts = []
+    for s in range(0, len(names), batch_size):
+        batch = {"path": np.array(names[s:s + batch_size], dtype=object),
+                 "error": np.full(len(names[s:s + batch_size]), "", dtype=object),
+                 "pixels": pixels[s:s + batch_size]}
+        if config.n_augment > 1:
+            batch = augment_batch(batch, name=config.augment, held=held)
+        parts.append(mark_folds(extractor(batch), folds=folds))
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("path", "features", "foreground", "fold", "copy")}

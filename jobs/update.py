@@ -1,0 +1,141 @@
+"""Update job: a fitted model + new good images -> a new model whose bank also covers them, without a
+refit (anomaly_core.update: the coreset continued from the bank's centres, the threshold recalibrated).
+
+Only the new images are read and described (the same read tasks and feature actors as the fit job); the
+parent model is loaded, checked and never written. The new model's manifest records the parent's id
+("parent") and what was added ("added").
+
+    python -m jobs update MODEL GOOD_IMAGES NEW_MODEL          (the same as `anomaly update`)
+    python -m jobs update MODEL --from-labels OUT NEW_MODEL    (the images labelled `normal` in OUT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import ray
+
+from anomaly_core import storage
+from anomaly_core.artifact import check_target
+from anomaly_core.config import ModelConfig
+from anomaly_core.features import FeatureExtractor, augment_batch
+from anomaly_core.fit import SplitPlan, images_per_block, mark_folds, patch_estimate
+from anomaly_core.model import Model
+from anomaly_core.storage import StorageOptions
+from anomaly_core.update import update_bank, update_split
+from anomaly_core.weights import load_weights
+from jobs.fit import numpy_block
+from jobs.runtime import (
+    check_paths_reach_every_node,
+    default_actors,
+    ensure_ray,
+    list_inputs,
+    model_stage,
+    ray_map,
+    read_decoded,
+    track,
+)
+
+log = logging.getLogger(__name__)
+
+
+def update_arguments(args: tuple[str, ...], *, from_labels: str | None) -> tuple[str | None, str]:
+    """(GOOD_IMAGES or None, NEW_MODEL) from the command's positional arguments after MODEL: two of them,
+    or only NEW_MODEL with --from-labels."""
+    want = 1 if from_labels else 2
+    if len(args) != want:
+        usage = "MODEL --from-labels OUT NEW_MODEL" if from_labels else "MODEL GOOD_IMAGES NEW_MODEL"
+        raise ValueError(f"update takes {usage}; got {len(args) + 1} paths ({', '.join(('MODEL',) + args)})")
+    return (None, args[0]) if from_labels else (args[0], args[1])
+
+
+def labelled_normal(out: str, options: StorageOptions | None = None) -> list[str]:
+    """Sorted URIs of the images whose label in force in the scored output `out` is `normal` (false
+    alarms and other good parts a reviewer marked; jobs/labels.py)."""
+    from jobs.labels import read_labels
+    table = read_labels(out, options=options)
+    uris = sorted({u for u, label in zip(table["uri"].to_pylist(), table["label"].to_pylist(), strict=True)
+                   if label == "normal"})
+    if not uris:
+        raise ValueError(f"no image in {out} is labelled normal ({table.num_rows} labels in force); label false "
+                         f"alarms with `anomaly review {out}` or pass a folder of good images")
+    return uris
+
+
+def extract_blocks(uris: list[str], *, config: ModelConfig, plan: SplitPlan | None, batch_size: int,
+                   actors: int | None, device: str, options: StorageOptions) -> list:
+    """ObjectRefs of the feature blocks (anomaly_core.fit's format, one coreset partition each) of the
+    images `uris`, in Ray's object store: read tasks decode, the feature actors describe, augmented
+    copies of the bank images when the config augments, folds from `plan` (None: all -1)."""
+    n_actors, threads, gpus = default_actors(actors)
+    held = plan.held_out(uris) if plan is not None else frozenset()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True              # same blocks, same selection, on every run
+    ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
+    if config.n_augment > 1:
+        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+    ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
+        "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
+        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
+        total=len(held) + (len(uris) - len(held)) * config.n_augment, label="update: features")
+    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": plan.folds_of(uris) if plan is not None else {}},
+                        batch_size=images_per_block(config), batch_format="numpy", num_cpus=0.5)
+    return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
+def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: str, *,
+               from_labels: str | None = None, max_added: int | None = None, batch_size: int = 16,
+               actors: int | None = None, device: str = "auto", address: str | None = None,
+               overwrite: bool = False, options: StorageOptions | None = None, shared_fs: bool = False) -> dict:
+    """Write to `new_model_uri` the model at `model_uri` updated with the good images named by `data_uri`
+    (folder, s3:// prefix or manifest file) or, with `from_labels`, the images labelled normal in that
+    scored output; returns the new manifest. max_added: most vectors added to the bank (None:
+    coreset_ratio of the new patches). The other options are run_fit's."""
+    t0 = time.time()
+    options = (options or StorageOptions()).resolved()
+    model_uri, new_model_uri = storage.normalise(model_uri), storage.normalise(new_model_uri)
+    if (data_uri is None) == (from_labels is None):
+        raise ValueError("give exactly one of GOOD_IMAGES and --from-labels OUT")
+    if new_model_uri == model_uri:
+        raise ValueError(f"NEW_MODEL is the model being updated ({model_uri}); an update never replaces its parent: "
+                         f"choose another location")
+    if max_added is not None and max_added < 0:
+        raise ValueError(f"max_added={max_added} must be >= 0 (0: recalibrate only)")
+    storage.check_bucket(new_model_uri, options)
+    check_target(new_model_uri, overwrite=overwrite, options=options)
+    parent = Model.load(model_uri, options)
+    config = parent.config
+    _, weights = load_weights(config.weights, backbone=config.backbone)     # the identity the actors load
+    if parent.weights is not None and weights["state_sha256"] != parent.weights["state_sha256"]:
+        raise ValueError(f"model {parent.model_id} was fitted with weights {parent.weights} but "
+                         f"{config.weights!r} now loads tensors with sha256 {weights['state_sha256'][:12]}...; "
+                         f"install the same weights (an update adds features of the same backbone) or refit")
+    uris = labelled_normal(from_labels, options) if from_labels else list_inputs(data_uri, options)
+    plan = update_split(uris, config=config)
+    held = plan.held_out(uris) if plan is not None else frozenset()
+    ensure_ray(address)
+    if not shared_fs:
+        check_paths_reach_every_node({"good images": uris, "models": [model_uri, new_model_uri]})
+    blocks = extract_blocks(uris, config=config, plan=plan, batch_size=batch_size, actors=actors, device=device,
+                            options=options)
+    t_feat = time.time() - t0
+    log.info("update: features of %d new images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
+    bank, cal, stats, added = update_bank(
+        blocks, config=config, bank=parent.bank, stats=parent.stats, plan=plan,
+        n_estimate=patch_estimate(len(uris) - len(held), config=config), max_added=max_added,
+        map_fn=ray_map, block_of=numpy_block)
+    del blocks
+    for path, error in stats.unreadable[len(parent.stats.unreadable):]:
+        log.warning("skipped unreadable new image %s: %s", path, error)
+    stats = dataclasses.replace(stats, feature_seconds=round(t_feat, 2), fit_seconds=round(time.time() - t0, 2))
+    added["seconds"] = stats.fit_seconds
+    model = Model(config=config, bank=bank, calibration=cal, weights=parent.weights, stats=stats,
+                  lineage={"parent": parent.model_id, "added": added})
+    manifest = model.save(new_model_uri, overwrite=overwrite, options=options)
+    log.info("update: %s + %d images -> %s (bank %d -> %d, threshold %.4f -> %.4f), %.1fs", parent.model_id,
+             len(added["images"]), manifest["model_id"], parent.bank.size, bank.size, parent.calibration.threshold,
+             cal.threshold, stats.fit_seconds)
+    return manifest
