@@ -238,40 +238,38 @@ class Extension:
     cover_radius: float     # max over the new rows of the cosine distance to the nearest old or added centre
 
 
-def _beyond(part, centres: np.ndarray, proj_centres: np.ndarray, projection: np.ndarray | None, radius: float,
-            rate: float | None, until: float, *, points_of: Callable) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Round 1 of a continuation on one partition. Its rows farther than `radius` (exact cosine) from
-    every centre ([M, D]; proj_centres [M, d] projected) are candidates; when there are more than
-    ceil(rate * n_p) (rate None: no cap), greedy continued from the centres, in the projection, keeps
-    that many. Returns (proposals [c, D], their squared projected distance to the centres [c], n_p,
-    candidates before the cap)."""
+def _beyond(part, centres: np.ndarray, radius: float, rate: float | None, until: float, *,
+            points_of: Callable) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Round 1 of a continuation on one partition. Its rows farther than `radius` (cosine) from every
+    centre ([M, D]) are candidates; when there are more than ceil(rate * n_p) (rate None: no cap), greedy
+    continued from the centres keeps that many. Returns (proposals [c, D], their squared distance to the
+    centres [c], n_p, candidates before the cap)."""
     points = points_of(part)                                                   # [n_p, D]
     n = points.shape[0]
     if n == 0:
         return points, np.zeros(0, dtype=np.float32), 0, 0
-    far = MemoryBank.build(centres).nearest(points) > radius                   # [n_p] bool
-    cand = points[far]
-    proj = _project(cand, projection)                                          # [c, d]
-    min_sq = nearest_sq_dist(proj, proj_centres) if len(cand) else np.zeros(0, dtype=np.float32)
+    min_sq = 2.0 * MemoryBank.build(centres).nearest(points)                   # [n_p] ||x - c||^2 = 2 (1 - cos)
+    far = min_sq > 2.0 * radius
+    cand, min_sq = np.ascontiguousarray(points[far], dtype=np.float32), min_sq[far]
     cap = len(cand) if rate is None else min(len(cand), math.ceil(rate * n))
     if cap < len(cand):
-        keep = greedy_kcenter(proj, cap, min_sq_dist=min_sq, until=until) if cap else np.zeros(0, dtype=np.int64)
+        keep = greedy_kcenter(cand, cap, min_sq_dist=min_sq, until=until) if cap else np.zeros(0, dtype=np.int64)
         cand, min_sq = cand[keep], min_sq[keep]
     return cand, min_sq, n, int(far.sum())
 
 
 def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, budget: int, n_estimate: int,
-                     dim: int, projection_dim: int, oversample: float, seed: int,
-                     points_of: Callable = identity, map_fn: MapFn = local_map) -> Extension:
-    """Greedy k-center continued from existing `centres` ([M, dim] float32 L2-normalised, a fitted bank)
-    over the new rows of `parts`, as composable_coreset runs it over the rows of a fit.
+                     oversample: float, points_of: Callable = identity, map_fn: MapFn = local_map) -> Extension:
+    """Greedy k-center continued from existing `centres` ([M, D] float32 L2-normalised, a fitted bank)
+    over the new rows of `parts` ([n_p, D] float32 L2-normalised through `points_of`).
 
     A new row is a candidate when its cosine distance to every centre exceeds `radius`, the cover radius
     the bank was fitted to: what the bank already covers as well as its own training patches adds nothing.
-    Greedy then picks among the candidates, farthest from the centres and the picks so far first, in the
-    fit's projection (the same `seed` and `projection_dim`), until `budget` picks or until every
-    candidate lies within the radius of a centre (squared projected distance <= 2 x radius: for unit
-    vectors ||x - c||^2 = 2 (1 - cos), which the projection preserves in expectation).
+    Greedy then picks among the candidates, farthest from the centres and the picks so far first, until
+    `budget` picks or until every candidate lies within `radius` of a centre (for unit vectors
+    ||x - c||^2 = 2 (1 - cos), so the stop is exact). Selection runs in the original space, not the fit's
+    projection: the candidates are the few rows the bank does not cover, and exact distances keep the
+    recorded radius a bound wherever the budget does not bind.
     One partition: exactly that greedy. More (n_estimate: expected new rows): each partition first keeps
     at most oversample x its share of the budget by the same greedy (round 1 of composable_coreset).
     A last map measures the new rows' exact cover radius against the extended bank; the old rows' radius
@@ -281,12 +279,9 @@ def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, bud
         raise ValueError("no partitions: the update needs at least one new image")
     if budget < 0 or oversample < 1:
         raise ValueError(f"budget={budget} must be >= 0 and oversample={oversample} >= 1")
-    projection = random_projection(dim, projection_dim, seed=seed) if projection_dim < dim else None
-    proj_centres = _project(centres, projection)                               # [M, d]
     until = 2.0 * radius
     rate = None if len(parts) == 1 else oversample * budget / max(n_estimate, 1)
-    first = map_fn(partial(_beyond, points_of=points_of), parts, centres, proj_centres, projection, radius,
-                   rate, until)
+    first = map_fn(partial(_beyond, points_of=points_of), parts, centres, radius, rate, until)
     n = sum(r[2] for r in first)
     if n == 0:
         raise ValueError("no new patches in any partition: every new image is unreadable or held out")
@@ -294,7 +289,7 @@ def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, bud
     cand_sq = np.concatenate([r[1] for r in first])                            # [C]
     n_cand = sum(r[3] for r in first)
     del first
-    picks = (greedy_kcenter(_project(cand, projection), min(budget, len(cand)), min_sq_dist=cand_sq, until=until)
+    picks = (greedy_kcenter(cand, min(budget, len(cand)), min_sq_dist=cand_sq, until=until)
              if budget and len(cand) else np.zeros(0, dtype=np.int64))
     added = cand[picks]
     bank = np.concatenate([centres, added]) if len(added) else centres

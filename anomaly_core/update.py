@@ -6,9 +6,11 @@ parent's training images.
 over the new patches (anomaly_core.coreset.continue_coreset): a new patch farther than the parent's
 recorded cover radius from every centre is a candidate, and greedy picks among the candidates up to a
 budget (default: coreset_ratio of the new patches, the density a fit gives them) or until every candidate
-lies within that radius of a centre. What the bank already covers as well as its own training patches
-adds nothing, so the bank grows with what is new, not with the number of images. The parent's index is
-copied and extended by the picks (extend_bank): the same kind, the parent's entries unchanged.
+lies within that radius of a centre, so that the recorded radius stays a bound for the new patches too
+unless the budget binds (the new model records the radius it measured). What the bank already covers as
+well as its own training patches adds nothing, so the bank grows with what is new, not with the number
+of images. The parent's index is copied and extended by the picks (extend_bank): the same kind, the
+parent's entries unchanged.
 
 **Calibration.** The threshold needs scores of normal images that the new bank did not see
 (anomaly_core.threshold). Two sources, both without the parent's training features:
@@ -118,8 +120,7 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
     def extended(leave_out: int | None, estimate: int) -> tuple[Extension, MemoryBank]:
         budget = max_added if max_added is not None else coreset_size(estimate, ratio=config.coreset_ratio, size=None)
         ext = continue_coreset(blocks, centres, radius=stats.cover_radius, budget=budget, n_estimate=estimate,
-                               dim=config.feature_dim, projection_dim=config.projection_dim,
-                               oversample=config.coreset_oversample, seed=config.seed,
+                               oversample=config.coreset_oversample,
                                points_of=compose(partial(bank_patches, leave_out=leave_out), block_of),
                                map_fn=map_fn)
         return ext, extend_bank(bank, ext.features, config=config)

@@ -124,17 +124,16 @@ def test_greedy_stops_once_every_point_is_covered_within_until(rng):
     np.testing.assert_array_equal(greedy_kcenter(x, 100, start=0, until=float(d.max()) + 1e-4), full[:12])
 
 
-def brute_continuation(new, centres, *, radius, budget, projection):
+def brute_continuation(new, centres, *, radius, budget):
     """Greedy k-center from `centres` over the new rows farther than `radius` (cosine) from all of them,
-    in the projection, up to `budget` picks or until all lie within squared distance 2 x radius."""
+    up to `budget` picks or until all lie within squared distance 2 x radius (cosine distance radius)."""
     new, centres = new.astype(np.float64), centres.astype(np.float64)
     cand = new[1 - (new @ centres.T).max(1) > radius]
-    pc, pk = cand @ projection, centres @ projection
-    d = ((pc[:, None] - pk[None]) ** 2).sum(-1).min(1)
+    d = ((cand[:, None] - centres[None]) ** 2).sum(-1).min(1)
     chosen = []
     while len(chosen) < budget and d.max() > 2 * radius:
         chosen.append(int(np.argmax(d)))
-        d = np.minimum(d, ((pc - pc[chosen[-1]]) ** 2).sum(-1))
+        d = np.minimum(d, ((cand - cand[chosen[-1]]) ** 2).sum(-1))
     return cand[chosen].astype(np.float32)
 
 
@@ -151,9 +150,8 @@ def test_continuation_picks_what_greedy_from_the_old_centres_picks_among_the_can
     centres, new = bank_and_new(rng)
     parts = [new[s:s + partition] for s in range(0, 300, partition)]
     # oversample large enough that no partition's share binds: the result is the one-pass greedy's
-    ext = continue_coreset(parts, centres, radius=0.3, budget=25, n_estimate=300, dim=16, projection_dim=8,
-                           oversample=100, seed=3)
-    want = brute_continuation(new, centres, radius=0.3, budget=25, projection=random_projection(16, 8, seed=3))
+    ext = continue_coreset(parts, centres, radius=0.3, budget=25, n_estimate=300, oversample=100)
+    want = brute_continuation(new, centres, radius=0.3, budget=25)
     assert len(want) == 25
     np.testing.assert_array_equal(ext.features, want)
     assert ext.n_points == 300 and ext.n_candidates == int((1 - (new @ centres.T).max(1) > 0.3).sum())
@@ -161,8 +159,7 @@ def test_continuation_picks_what_greedy_from_the_old_centres_picks_among_the_can
 
 def test_continuation_reports_the_exact_cover_radius_of_the_new_rows(rng):
     centres, new = bank_and_new(rng)
-    ext = continue_coreset([new], centres, radius=0.3, budget=25, n_estimate=300, dim=16, projection_dim=8,
-                           oversample=2, seed=3)
+    ext = continue_coreset([new], centres, radius=0.3, budget=25, n_estimate=300, oversample=2)
     bank = np.concatenate([centres, ext.features]).astype(np.float64)
     assert ext.cover_radius == pytest.approx((1 - (new @ bank.T).max(1)).max(), abs=1e-5)
 
@@ -171,7 +168,7 @@ def test_continuation_adds_nothing_where_the_bank_already_covers(rng):
     centres, _ = bank_and_new(rng)
     near = centres + 0.01 * rng.standard_normal(centres.shape).astype(np.float32)
     ext = continue_coreset([near / np.linalg.norm(near, axis=1, keepdims=True)], centres, radius=0.3, budget=25,
-                           n_estimate=40, dim=16, projection_dim=16, oversample=2, seed=0)
+                           n_estimate=40, oversample=2)
     assert ext.features.shape == (0, 16) and ext.n_candidates == 0 and ext.cover_radius < 0.3
 
 
@@ -180,5 +177,5 @@ def test_continuation_stops_at_the_radius_before_the_budget(rng):
     # one new kind of patch, far from the bank, in a tight cluster: one centre covers it
     blob = unit_rows(rng, 1, 16) + 0.01 * rng.standard_normal((200, 16)).astype(np.float32)
     ext = continue_coreset([blob / np.linalg.norm(blob, axis=1, keepdims=True)], centres, radius=0.3, budget=50,
-                           n_estimate=200, dim=16, projection_dim=16, oversample=2, seed=0)
+                           n_estimate=200, oversample=2)
     assert ext.n_candidates == 200 and len(ext.features) == 1 and ext.cover_radius < 0.3
