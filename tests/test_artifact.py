@@ -34,6 +34,22 @@ def test_round_trip(tmp_path, rng):
     assert not list(tmp_path.glob(".m.tmp-*"))                       # no temporary left behind
 
 
+def test_an_updated_model_records_its_parent_and_what_was_added_outside_its_id(tmp_path, rng):
+    plain = _save(tmp_path / "a", np.random.default_rng(1))
+    child = _save(tmp_path / "b", np.random.default_rng(1), lineage={"parent": "0123456789abcdef",
+                                                                     "added": {"images": ["x.png"]}})
+    assert (child["parent"], child["added"]) == ("0123456789abcdef", {"images": ["x.png"]})
+    assert child["model_id"] == plain["model_id"]           # the same bank and threshold score alike
+    assert load_artifact(tmp_path / "b")[0]["parent"] == "0123456789abcdef"
+
+
+def test_a_lineage_without_a_parent_model_id_is_refused(tmp_path, rng):
+    with pytest.raises(ModelFileError, match="not 16 lower-case hex digits"):
+        _save(tmp_path / "m", rng, lineage={"parent": "../etc", "added": {}})
+    with pytest.raises(ValueError, match="'parent' and 'added'"):
+        _save(tmp_path / "m", rng, lineage={"parent": "0123456789abcdef"})
+
+
 def test_manifest_is_plain_json_with_checksums(tmp_path, rng):
     _save(tmp_path / "m", rng)
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())

@@ -83,6 +83,9 @@ def test_a_cross_fit_scores_every_image_against_a_bank_without_its_fold_and_bank
     assert sorted(stats.calibration_images) == [f"i{k}" for k in range(6)]
     assert cal.normal_max == pytest.approx(max(brute), abs=1e-5)
     assert cal.normal_mean == pytest.approx(np.mean(brute), abs=1e-5)
+    # each recorded score beside its image's name: what an update recalibrates with (anomaly_core.update)
+    by_name = dict(zip(stats.calibration_images, stats.calibration_scores, strict=True))
+    assert [by_name[f"i{i}"] for i in range(6)] == pytest.approx(brute, abs=1e-5)
 
 
 def test_old_manifest_stats_still_load():
@@ -91,6 +94,7 @@ def test_old_manifest_stats_still_load():
            "n_unreadable": 1, "feature_seconds": 1.0, "fit_seconds": 2.0}
     s = FitStats.from_dict(old)
     assert (s.n_calibration_images, s.calibration_split, s.unreadable) == (2, "holdout", [("x.png", "")])
+    assert s.calibration_scores is None
 
 
 def test_position_consistency_is_the_between_position_share_of_the_variance(rng):
