@@ -2,13 +2,15 @@
 
     model: s3://models/metal-plate            # written by `anomaly fit`
     model_id: "3f0c9a1b2c3d4e5f"              # optional, quoted: refuse any other model at that location
-    archive: s3://archive/line-3/{date}/      # folder, s3:// prefix or manifest file; {date} = audit date
+    archive: s3://archive/line-3/{date}/      # folder, s3:// prefix or manifest file; {date} = audit date;
+                                              # or shards: s3://shards/line-3/{date}/shard-{000000..000099}.tar
     output: s3://audits/metal-plate           # Parquet rows, partitioned by run_date
     date: yesterday                           # audit date: YYYY-MM-DD, today or yesterday (UTC); null: today
     resources: {batch_size: 16, actors: null, device: auto, rows_per_file: 1024}
     storage: {endpoint_url: null, region: null, anonymous: false, connect_timeout_s: 10, request_timeout_s: 60}
     ray: {address: null, shared_fs: false}    # null: $RAY_ADDRESS, else Ray in-process; shared_fs: local
                                               # paths are mounted alike on every node
+    input: {image_column: image, id_column: null}   # Parquet shards: image-bytes column, optional id column
 
 cluster/audit.yaml is a complete example.
 """
@@ -38,7 +40,8 @@ def resolve_date(value: str | None, *, today: dt.date | None = None) -> str:
         raise ValueError(f"date {value!r} must be YYYY-MM-DD (e.g. 2026-11-22), today or yesterday") from None
 
 
-SECTIONS = {"resources": ("batch_size", "actors", "device", "rows_per_file"), "ray": ("address", "shared_fs")}
+SECTIONS = {"resources": ("batch_size", "actors", "device", "rows_per_file"), "ray": ("address", "shared_fs"),
+            "input": ("image_column", "id_column")}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +57,8 @@ class Audit:
     rows_per_file: int = 1024          # rows per committed Parquet file (what a killed run can lose)
     address: str | None = None         # Ray address; None: $RAY_ADDRESS, else in-process
     shared_fs: bool = False            # local paths are on a file system every Ray node mounts alike
+    image_column: str = "image"        # Parquet shards: the image column (struct with bytes, or binary)
+    id_column: str | None = None       # Parquet shards: a column of unique image ids (None: row numbers)
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def archive_for(self, date: str) -> str | list[str]:

@@ -20,19 +20,22 @@ from anomaly_core import storage
 from anomaly_core.artifact import check_target
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import coreset_size
+from anomaly_core.decode import shard_uris
 from anomaly_core.features import FeatureExtractor, augment_batch
 from anomaly_core.fit import fit_bank, images_per_block, mark_folds, patch_estimate, split_calibration
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
 from jobs.runtime import (
+    check_image_columns,
     check_paths_reach_every_node,
     default_actors,
     ensure_ray,
-    list_inputs,
+    list_archive,
     model_stage,
     ray_map,
     read_decoded,
+    read_shards_decoded,
     track,
 )
 
@@ -60,32 +63,46 @@ def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | No
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
             actors: int | None = None, device: str = "auto", address: str | None = None,
             overwrite: bool = False, options: StorageOptions | None = None,
-            memory_budget_mb: int | None = None, shared_fs: bool = False) -> dict:
-    """Fit a model on the good images named by `data_uri` (folder, s3:// prefix or manifest file);
-    returns the manifest written to `model_uri` (folder or s3:// prefix).
+            memory_budget_mb: int | None = None, shared_fs: bool = False, image_column: str = "image",
+            id_column: str | None = None) -> dict:
+    """Fit a model on the good images named by `data_uri` (folder, s3:// prefix or manifest file of
+    images, or shards: jobs.runtime.list_archive); returns the manifest written to `model_uri` (folder
+    or s3:// prefix).
 
     memory_budget_mb: object-store memory for the feature blocks when Ray starts in this process (the
     rest spills to disk); also bounds what the driver may hold. None: Ray's default (30% of RAM).
     shared_fs: local paths are on a file system every Ray node mounts at the same place; without it, local
     paths are refused on a cluster of more than one node.
+    image_column, id_column: the image-bytes column and the optional id column of Parquet shards.
     """
     t0 = time.time()
     options = (options or StorageOptions()).resolved()       # workers use the driver's endpoint and region
     model_uri = storage.normalise(model_uri)
     storage.check_bucket(model_uri, options)
     check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
-    uris = list_inputs(data_uri, options)
+    archive = list_archive(data_uri, options)
+    if archive.shards:
+        # the calibration split needs every image's name first: one Ray task per shard lists its rows
+        ensure_ray(address, object_store_mb=memory_budget_mb)
+        check_image_columns(archive.shards, image_column=image_column, id_column=id_column, options=options)
+        uris = [u for part in ray_map(shard_uris, archive.shards, options, image_column, id_column) for u in part]
+    else:
+        uris = archive.images
     plan = split_calibration(uris, config=config)
     held = plan.held_out(uris)                                # kept out of the final bank (hold-out only)
     n_estimate = patch_estimate(len(uris) - len(held), config=config)
     check_budget(config, n_estimate, memory_budget_mb)
     ensure_ray(address, object_store_mb=memory_budget_mb)
     if not shared_fs:
-        check_paths_reach_every_node({"training images": uris, "model": [model_uri]})
+        check_paths_reach_every_node({"training images": archive.images or archive.shards, "model": [model_uri]})
     n_actors, threads, gpus = default_actors(actors)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run
-    ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
+    if archive.shards:                                        # the order listed above: shards, then members
+        ds = read_shards_decoded(archive.shards, input_size=config.input_size, batch_size=batch_size,
+                                 options=options, image_column=image_column, id_column=id_column)
+    else:
+        ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
     if config.n_augment > 1:
         ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
                             batch_size=batch_size, batch_format="numpy", num_cpus=0.5)

@@ -20,19 +20,25 @@ import json
 import logging
 import time
 
+import numpy as np
+
 from anomaly_core import storage
 from anomaly_core.artifact import check_manifest, read_manifest
 from anomaly_core.config import ModelConfig
+from anomaly_core.decode import SHARD_ROWS
 from anomaly_core.storage import StorageOptions
 from jobs import output
 from jobs.audit import resolve_date
 from jobs.runtime import (
+    check_image_columns,
     check_paths_reach_every_node,
     default_actors,
     ensure_ray,
-    list_inputs,
+    list_archive,
     model_stage,
+    ray_map,
     read_decoded,
+    read_shards_decoded,
     track,
 )
 from jobs.scorer import Scorer
@@ -52,14 +58,17 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
               actors: int | None = None, device: str = "auto", address: str | None = None,
               run_id: str | None = None, run_date: str | None = None, replace: bool = False,
               rows_per_file: int = 1024, model_id: str | None = None, shared_fs: bool = False,
-              heatmap_png: bool = False, options: StorageOptions | None = None) -> dict:
+              heatmap_png: bool = False, image_column: str = "image", id_column: str | None = None,
+              options: StorageOptions | None = None) -> dict:
     """Score every image named by `data_uri` with the model at `model_uri`; returns the run summary,
     which is also written to OUT/_runs/<run_id>.json.
 
     run_date: the audit date the rows are partitioned under: YYYY-MM-DD, "today" or "yesterday" (UTC);
     default: today.
     replace: delete a finished (or partial) run with the same id and score it again from nothing.
-    rows_per_file: rows per committed Parquet file, the unit of work a killed run can lose.
+    rows_per_file: rows per committed Parquet file, the unit of work a killed run can lose. An archive of
+    shards (anomaly_core.shards) is committed one file per shard instead, and resumed by shard.
+    image_column, id_column: the image-bytes column and the optional id column of Parquet shards.
     heatmap_png: also store each map as a PNG (jobs.scorer.Scorer), beside the grid.
     model_id: the id the model must have (16 hex digits, as `fit` printed it); a model at `model_uri`
     with another id is refused before any of its files is read. None: whatever model is there.
@@ -86,47 +95,111 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     with output.RunLease(out=out_uri, run_id=run_id, options=options) as lease:
         if not replace and (done := output.read_summary(out_uri, run_id, options)) is not None:
             return done                               # finished by the run that held the lease before us
-        uris = list_inputs(data_uri, options)         # before --replace deletes anything
-        if not shared_fs and any(not storage.is_s3(u) for u in [model_uri, out_uri, *uris]):
+        archive = list_archive(data_uri, options)    # before --replace deletes anything
+        names = archive.images or archive.shards
+        if not shared_fs and any(not storage.is_s3(u) for u in [model_uri, out_uri, *names]):
             ensure_ray(address)                       # local paths: only on one node, or a shared file system
-            check_paths_reach_every_node({"model": [model_uri], "output": [out_uri], "archive": uris})
+            check_paths_reach_every_node({"model": [model_uri], "output": [out_uri], "archive": names})
         if replace:
             output.delete_run(out_uri, run_id, run_date, options)
-        committed = output.committed_uris(out_uri, run_id, run_date, options)
-        todo = [u for u in uris if u not in committed]
-        log.info("score: run %s: %d images, %d committed by an earlier attempt, %d to score",
-                 run_id, len(uris), len(uris) - len(todo), len(todo))
-        if todo:
-            ensure_ray(address)
-            n_actors, threads, gpus = default_actors(actors)
-            # blocks no larger than a file, so that small --rows-per-file values commit as they go
-            ds = read_decoded(todo, input_size=config.input_size, batch_size=batch_size, options=options,
-                              block_rows=min(64, rows_per_file))
-            ds = ds.map_batches(Scorer, fn_constructor_kwargs={
-                "model_path": model_uri, "model_id": model_id, "device": device,   # auto: cuda where Ray gave a GPU
-                "num_threads": threads, "run_id": run_id, "run_time": now.isoformat(timespec="seconds"),
-                "run_date": run_date, "options": options, "heatmap_png": heatmap_png},
-                batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus,
-                batch_format="numpy")
-            ds = track(ds, total=len(todo), label="score")
-            ds.write_datasink(output.StagedParquetSink(out_uri, run_id, rows_per_file=rows_per_file,
-                                                       options=options))
-        lease.check()
-        output.publish(out_uri, run_id, run_date, options)
+        scorer = {"model_path": model_uri, "model_id": model_id, "device": device,   # auto: cuda where Ray gave a GPU
+                  "run_id": run_id, "run_time": now.isoformat(timespec="seconds"), "run_date": run_date,
+                  "options": options, "heatmap_png": heatmap_png}
+        run = dict(out_uri=out_uri, run_id=run_id, run_date=run_date, batch_size=batch_size, actors=actors,
+                   address=address, options=options, scorer=scorer)
+        if archive.shards:
+            counts = _score_shards(archive.shards, input_size=config.input_size, image_column=image_column,
+                                   id_column=id_column, rows_per_write=rows_per_file, lease=lease, **run)
+        else:
+            counts = _score_images(archive.images, input_size=config.input_size, rows_per_file=rows_per_file,
+                                   lease=lease, **run)
         seconds = time.time() - t0
-        rows = output.read_run(out_uri, run_id, run_date, output.COUNT_COLUMNS, options)
-        summary = output.count_rows(rows)
-        missing = set(uris) - set(rows["uri"].to_pylist())
-        if missing or summary["duplicates"]:          # never mark an incomplete or doubled run complete
-            raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} images without a row (e.g. "
-                               f"{sorted(missing)[:3]}) and {summary['duplicates']} duplicated rows; not marked "
-                               f"complete. Re-run to finish it, or re-run with replace (--replace) to start over")
-        summary.update(run_id=run_id, run_date=run_date, model_id=model_id, output=out_uri,
-                       data=data_uri, scored_now=len(todo), resumed_from=len(uris) - len(todo),
-                       seconds=round(seconds, 2),
-                       images_per_second=round(len(todo) / seconds, 2) if todo and seconds else None,
-                       finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        summary = {**counts, "run_id": run_id, "run_date": run_date, "model_id": model_id, "output": out_uri,
+                   "data": data_uri, "seconds": round(seconds, 2),
+                   "images_per_second": round(counts["scored_now"] / seconds, 2) if counts["scored_now"] else None,
+                   "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         lease.check()
         output.write_summary(out_uri, run_id, summary, options)
     log.info("score: %s", summary)
     return summary
+
+
+def _score_images(uris: list[str], *, out_uri: str, run_id: str, run_date: str, input_size: int, batch_size: int,
+                  actors: int | None, address: str | None, rows_per_file: int, options: StorageOptions,
+                  scorer: dict, lease: output.RunLease) -> dict:
+    """Score the images of `uris` no committed file holds, publish, and check that every image has
+    exactly one row; returns the run's counts (output.count_rows) with scored_now and resumed_from."""
+    committed = output.committed_uris(out_uri, run_id, run_date, options)
+    todo = [u for u in uris if u not in committed]
+    log.info("score: run %s: %d images, %d committed by an earlier attempt, %d to score",
+             run_id, len(uris), len(uris) - len(todo), len(todo))
+    if todo:
+        ensure_ray(address)
+        n_actors, threads, gpus = default_actors(actors)
+        # blocks no larger than a file, so that small --rows-per-file values commit as they go
+        ds = read_decoded(todo, input_size=input_size, batch_size=batch_size, options=options,
+                          block_rows=min(64, rows_per_file))
+        ds = ds.map_batches(Scorer, fn_constructor_kwargs={**scorer, "num_threads": threads},
+                            batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus,
+                            batch_format="numpy")
+        ds = track(ds, total=len(todo), label="score")
+        ds.write_datasink(output.StagedParquetSink(out_uri, run_id, rows_per_file=rows_per_file, options=options))
+    lease.check()
+    output.publish(out_uri, run_id, run_date, options)
+    rows = output.read_run(out_uri, run_id, run_date, output.COUNT_COLUMNS, options)
+    counts = output.count_rows(rows)
+    missing = set(uris) - set(rows["uri"].to_pylist())
+    if missing or counts["duplicates"]:               # never mark an incomplete or doubled run complete
+        raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} images without a row (e.g. "
+                           f"{sorted(missing)[:3]}) and {counts['duplicates']} duplicated rows; not marked "
+                           f"complete. Re-run to finish it, or re-run with replace (--replace) to start over")
+    return {**counts, "scored_now": len(todo), "resumed_from": len(uris) - len(todo)}
+
+
+class ShardScorer(Scorer):
+    """Scorer that passes SHARD_ROWS through: ShardSink commits a shard once it holds that many rows."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**super().__call__(batch), SHARD_ROWS: batch[SHARD_ROWS]}
+
+
+FILES_PER_COUNT_TASK = 64
+
+
+def _score_shards(shards: list[str], *, out_uri: str, run_id: str, run_date: str, input_size: int,
+                  batch_size: int, actors: int | None, address: str | None, rows_per_write: int,
+                  image_column: str, id_column: str | None, options: StorageOptions, scorer: dict,
+                  lease: output.RunLease) -> dict:
+    """Score the shards no committed file holds (one file per shard, output.ShardSink), publish, and
+    check, per shard, that each has its file and each file one row per image of that shard and no
+    other; returns the counts, with shards, shards_resumed, scored_now and resumed_from (images)."""
+    committed = output.committed_parts(out_uri, run_id, run_date, options)
+    todo = [s for s in shards if output.part_name([s]) not in committed]
+    log.info("score: run %s: %d shards, %d committed by an earlier attempt, %d to score",
+             run_id, len(shards), len(shards) - len(todo), len(todo))
+    ensure_ray(address)                               # the per-file counts run as Ray tasks too
+    check_image_columns(shards, image_column=image_column, id_column=id_column, options=options)
+    if todo:
+        output.clear_pieces(out_uri, run_id, options)
+        n_actors, threads, gpus = default_actors(actors)
+        ds = read_shards_decoded(todo, input_size=input_size, batch_size=batch_size, options=options,
+                                 image_column=image_column, id_column=id_column)
+        ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={**scorer, "num_threads": threads},
+                            batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus,
+                            batch_format="numpy")
+        ds.write_datasink(output.ShardSink(out_uri, run_id, rows_per_write=rows_per_write, options=options))
+    lease.check()
+    output.publish(out_uri, run_id, run_date, options)
+    files = output.run_files(out_uri, run_id, run_date, options)
+    groups = [files[s:s + FILES_PER_COUNT_TASK] for s in range(0, len(files), FILES_PER_COUNT_TASK)]
+    per_file = [c for group in ray_map(output.count_files, groups, options) for c in group]
+    missing = {output.part_name([s]) for s in shards} - {c["part"] for c in per_file}
+    foreign = sum(c["foreign"] for c in per_file)
+    counts = {k: sum(c[k] for c in per_file) for k in ("images", "anomalous", "errors", "warnings", "duplicates")}
+    if missing or foreign or counts["duplicates"]:    # never mark an incomplete or doubled run complete
+        raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} shards without a file, {foreign} rows in "
+                           f"the file of another shard and {counts['duplicates']} duplicated rows; not marked "
+                           f"complete. Re-run to finish it, or re-run with replace (--replace) to start over")
+    resumed = sum(c["images"] for c in per_file if c["part"] in committed)
+    return {**counts, "shards": len(shards), "shards_resumed": len(shards) - len(todo),
+            "scored_now": counts["images"] - resumed, "resumed_from": resumed}
