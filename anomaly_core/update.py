@@ -48,7 +48,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import Extension, MapFn, continue_coreset, coreset_size, identity, local_map
 from anomaly_core.fit import FitStats, SplitPlan, bank_patches, calibrate_block, compose, split_calibration
 from anomaly_core.images import size_range
-from anomaly_core.index import MemoryBank
+from anomaly_core.index import MemoryBank, flat_vectors
 from anomaly_core.threshold import Calibration, calibrate
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,17 @@ MIN_NEW_CALIBRATION = 3
 
 
 def bank_vectors(bank: MemoryBank) -> np.ndarray:
-    """[M, D] float32 vectors of the bank, shards in order: exact for flat, hnsw and ivf shards (ivf
-    through a direct map built on a copy, so `bank` is not modified), the reconstruction from the codes
-    for ivfpq (what its search compares against)."""
+    """[M, D] float32 vectors of the bank, shards in order: the stored vectors of flat, hnsw and ivf shards
+    (index.flat_vectors), the reconstruction from the codes for ivfpq (what its search compares against);
+    `bank` is not modified."""
     out = []
     for shard in bank.shards:
-        if isinstance(shard, faiss.IndexIVF):
-            shard = faiss.deserialize_index(faiss.serialize_index(shard))
+        vectors = flat_vectors(shard)
+        if vectors is None:
+            shard = faiss.clone_index(shard)
             shard.make_direct_map()
-        out.append(shard.reconstruct_n(0, shard.ntotal))
+            vectors = shard.reconstruct_n(0, shard.ntotal)
+        out.append(vectors)
     return np.concatenate(out)
 
 
@@ -75,7 +77,7 @@ def extend_bank(bank: MemoryBank, added: np.ndarray, *, config: ModelConfig) -> 
     filled up to config.shard_size with the first rows of `added` ([a, D] float32 unit rows; FAISS adds
     them to the trained index: ivf and ivfpq assign them with the shard's quantiser, hnsw links them into
     its graph), the rest in new shards built as a fit builds them."""
-    shards = [faiss.deserialize_index(b) for b in bank.serialize()]
+    shards = [faiss.clone_index(s) for s in bank.shards]
     rest = np.ascontiguousarray(added, dtype=np.float32)
     room = max(0, config.shard_size - shards[-1].ntotal)
     if room and len(rest):
