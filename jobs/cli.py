@@ -1,4 +1,4 @@
-"""`anomaly` command line: fit, update, score, evaluate, report, show, export, demo.
+"""`anomaly` command line: fit, update, score, evaluate, report, show, export, pack, demo.
 
 Without --address (or $RAY_ADDRESS) each command starts Ray in this process; with it, the work runs on
 that cluster. `python -m jobs <command>` runs the same commands (what `ray job submit` runs).
@@ -115,6 +115,21 @@ def _storage_options(f):
 
 STORAGE_KEYS = ("endpoint_url", "region", "anonymous", "connect_timeout_s", "request_timeout_s")
 
+
+def _shard_options(f):
+    opts = [
+        click.option("--image-column", default="image", show_default=True,
+                     help="Parquet shards: the image column, a struct with 'bytes' (Hugging Face's Image) or "
+                          "binary."),
+        click.option("--id-column", default=None,
+                     help="Parquet shards: a column of unique image ids; images are then named FILE#ID "
+                          "(default: FILE#row=I)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 SHARED_FS = click.option("--shared-fs", is_flag=True,
                          help="Local paths are on a file system every Ray node mounts at the same path (without "
                               "it, local paths are refused on a cluster of more than one node: use s3://).")
@@ -171,12 +186,14 @@ def main() -> None:
 @_storage_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing model.")
 @SHARED_FS
+@_shard_options
 @click.option("--memory-budget-mb", type=click.IntRange(min=80), default=None,
               help="Object-store memory for patch features when Ray starts in-process (the rest spills to "
                    "disk; the driver holds only coreset survivors). Default: Ray's, 30% of RAM.")
 def fit(data, model, verbose, overwrite, **kw):
     """Learn normal appearance from the good images in DATA (folder, s3:// prefix or .txt manifest of
-    image URIs); write the model to MODEL (folder or s3:// prefix)."""
+    image URIs, or shards: .tar/.parquet files, a brace range shard-{000000..000099}.tar, a prefix or a
+    manifest of them); write the model to MODEL (folder or s3:// prefix)."""
     from jobs.fit import run_fit
     options = _storage(kw)
     config = _config(kw)
@@ -210,9 +227,11 @@ def fit(data, model, verbose, overwrite, **kw):
               help="The id MODEL must have (as `anomaly fit` printed it); any other model there is refused "
                    "before its files are read. Pin it for audits of a model in a shared bucket.")
 @SHARED_FS
+@_shard_options
 @click.pass_context
 def score(ctx, data, model, out, config_file, verbose, **kw):
-    """Score every image in DATA with MODEL; write Parquet rows to OUT (folders or s3:// URIs).
+    """Score every image in DATA with MODEL; write Parquet rows to OUT (folders or s3:// URIs). DATA is
+    what `anomaly fit` takes: images or shards (one output file per shard, resumed by shard).
     Prints the run summary as one JSON line."""
     from jobs.score import run_score
     if config_file:
@@ -228,7 +247,8 @@ def score(ctx, data, model, out, config_file, verbose, **kw):
             raise click.UsageError(str(e)) from None
         for k in STORAGE_KEYS:
             kw.pop(k)
-        for key in ("batch_size", "actors", "device", "address", "rows_per_file", "model_id", "shared_fs"):
+        for key in ("batch_size", "actors", "device", "address", "rows_per_file", "model_id", "shared_fs",
+                    "image_column", "id_column"):
             if key not in typed:
                 kw[key] = getattr(audit, key)
         kw["run_date"] = resolve_date(kw["run_date"] or audit.date)
@@ -282,6 +302,22 @@ def show(image, model_dir, out, device, verbose):
 
 
 @main.command()
+@click.argument("out")
+@click.option("--model", default=None, help="The model that scored OUT: its calibration is shown beside the drift.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True, help="0: any free port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; another than 127.0.0.1 lets other machines label (the page has no login).")
+@click.option("--reviewer", default=None, help="Name stored with your labels (default: $ANOMALY_REVIEWER).")
+@_storage_options
+@VERBOSE
+def review(out, model, port, host, reviewer, verbose, **kw):
+    """Serve a page to review and label the scored images in OUT (docs/review.md); labels go to OUT/_labels."""
+    from jobs.labels import reviewer_name
+    from jobs.review import serve
+    serve(out, model=model, host=host, port=port, reviewer=reviewer_name(reviewer), options=_storage(kw))
+
+
+@main.command()
 @click.argument("model_dir", metavar="MODEL")
 @click.argument("out", metavar="OUT.onnx")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset of the graph (14 or later).")
@@ -322,6 +358,20 @@ def update(model, paths, from_labels, verbose, **kw):
     click.echo(json.dumps({"model": new_model, "model_id": manifest["model_id"], "parent": manifest["parent"],
                            "threshold": manifest["calibration"]["threshold"],
                            **{k: v for k, v in manifest["added"].items() if k != "images"}}))
+
+
+@main.command()
+@click.argument("images")
+@click.argument("out")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images per tar shard.")
+@_storage_options
+@VERBOSE
+def pack(images, out, shard_size, verbose, **kw):
+    """Pack the images in IMAGES (folder, s3:// prefix or .txt manifest) into tar shards OUT/shard-NNNNNN.tar
+    (WebDataset layout, members named by their path below IMAGES); prints the brace range naming them."""
+    from jobs.pack import run_pack
+    click.echo(json.dumps(run_pack(images, out, shard_size=shard_size, options=_storage(kw))))
 
 
 @main.command(uses_ray=True)

@@ -24,18 +24,21 @@ resources: {batch_size: 4, actors: 2, device: cpu, rows_per_file: 8}
 storage: {endpoint_url: "http://127.0.0.1:9000", region: eu-west-1, anonymous: true, connect_timeout_s: 5,
           request_timeout_s: 30}
 ray: {address: "127.0.0.1:6379", shared_fs: true}
+input: {image_column: png, id_column: part_id}
 """))
     assert (a.batch_size, a.actors, a.device, a.rows_per_file, a.address) == (4, 2, "cpu", 8, "127.0.0.1:6379")
     assert (a.storage.endpoint_url, a.storage.region) == ("http://127.0.0.1:9000", "eu-west-1")
     assert (a.storage.connect_timeout_s, a.storage.request_timeout_s) == (5, 30)
     assert a.storage.anonymous is True and a.shared_fs is True and a.model_id == "3f0c9a1b2c3d4e5f"
     assert a.date == "2026-11-21" and a.archive_for(a.date) == "s3://archive/2026-11-21/line-3/"
+    assert (a.image_column, a.id_column) == ("png", "part_id")
 
 
 def test_defaults_fill_what_the_file_leaves_out(tmp_path):
     a = load_audit(write(tmp_path, "model: m\narchive: a\noutput: o\n"))
     assert (a.date, a.batch_size, a.actors, a.rows_per_file) == (None, 16, None, 1024)
     assert a.storage.endpoint_url is None and (a.model_id, a.shared_fs) == (None, False)
+    assert (a.image_column, a.id_column) == ("image", None)
     assert (a.storage.connect_timeout_s, a.storage.request_timeout_s) == (10, 60)
 
 

@@ -2,10 +2,12 @@
 mistake with `Error: <message>` and a non-zero status, no traceback unless -v."""
 
 import dataclasses
+import json
 import logging
 import typing
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -123,3 +125,35 @@ def test_score_pins_the_model_and_takes_storage_limits_from_the_line_or_the_audi
     assert (seen["options"].connect_timeout_s, seen["options"].request_timeout_s) == (3, 7)
     result = run("score", "a", "m", "o", "--request-timeout", "0")
     assert result.exit_code == 2 and "request_timeout_s=0.0 must be" in result.stderr
+
+
+def test_score_and_fit_take_the_parquet_columns_from_the_line_or_the_audit_file(tmp_path, monkeypatch):
+    import jobs.fit
+    import jobs.score
+    seen = {}
+    monkeypatch.setattr(jobs.score, "run_score", lambda data, model, out, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(jobs.fit, "run_fit", lambda data, model, **kw: seen.update(kw) or {
+        "stats": {}, "model_id": "0" * 16, "calibration": {"threshold": 0.5}})
+    assert run("score", "a.parquet", "m", "o", "--image-column", "png", "--id-column", "name").exit_code == 0
+    assert (seen["image_column"], seen["id_column"]) == ("png", "name")
+    audit = tmp_path / "audit.yaml"
+    audit.write_text("model: m\narchive: s3://b/{date}/shard-{000..009}.tar\noutput: o\ndate: 2026-11-30\n"
+                     "input: {image_column: jpg}\n")
+    seen.clear()
+    assert run("score", "--config", audit).exit_code == 0
+    assert (seen["image_column"], seen["id_column"]) == ("jpg", None)
+    seen.clear()
+    assert run("fit", "a.parquet", "m", "--image-column", "img").exit_code == 0
+    assert (seen["image_column"], seen["id_column"]) == ("img", None)
+
+
+def test_pack_prints_the_brace_range_of_the_shards_it_wrote(tmp_path):
+    from tests.helpers import png_bytes
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.png").write_bytes(png_bytes(np.zeros((8, 8, 3), dtype=np.uint8)))
+    result = run("pack", tmp_path / "in", tmp_path / "out", "--shard-size", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"shards": f"{tmp_path}/out/shard-{{000000..000001}}.tar", "count": 2,
+                                         "images": 3, "missing": 0}
+    assert run("pack", tmp_path / "in", tmp_path / "out2", "--shard-size", "0").exit_code == 2
