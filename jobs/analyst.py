@@ -1,4 +1,5 @@
-"""The analysts' DuckDB queries (jobs/analyst.sql) as callables, over a scored output folder."""
+"""The analysts' DuckDB queries (jobs/analyst.sql) as callables, over a scored output folder and its
+reviewers' labels."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import duckdb
 
 from anomaly_core.storage import StorageOptions
+from jobs.labels import create_labels_view
 from jobs.output import scores_dataset
 
 SQL_FILE = Path(__file__).with_name("analyst.sql")
@@ -20,15 +22,19 @@ def load_queries(path: Path = SQL_FILE) -> dict[str, str]:
 
 
 def connect(out: str, options: StorageOptions | None = None) -> duckdb.DuckDBPyConnection:
-    """In-memory DuckDB with a `scores` view over the published rows under OUT (a folder or s3:// prefix).
+    """In-memory DuckDB with a `scores` view over the published rows under OUT (a folder or s3:// prefix),
+    and `labels` (the label in force per content_sha256) and `all_labels` views over OUT/_labels
+    (jobs.labels), as they are when it connects. Times are in UTC.
 
     The rows come through a pyarrow dataset (jobs.output.scores_dataset): it reads S3 with the same
     credentials and endpoint as the jobs (DuckDB's httpfs extension would be a download at run time)
     and skips staged files of unfinished runs. DuckDB pushes filters and projections into it."""
     con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
     con.register("published_scores", scores_dataset(str(out), options))
     # run_date as DATE, as DuckDB's own hive_partitioning reads the folder names
     con.execute("CREATE VIEW scores AS SELECT * REPLACE (CAST(run_date AS DATE) AS run_date) FROM published_scores")
+    create_labels_view(con, str(out), options)
     return con
 
 

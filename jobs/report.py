@@ -1,4 +1,5 @@
-"""What people look at: a self-contained HTML report of a scored output, and one overlay PNG per part.
+"""What people look at: a self-contained HTML report of a scored output, and one overlay PNG per part;
+the drift of recent nights' scores against the model's calibration, which the review page shows too.
 
 The report embeds every image as base64 so the file can be mailed. A small script counts images that
 failed to load and records the count on <body data-broken-images>, which the browser test reads.
@@ -24,11 +25,21 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.images import ImageDecodeError, decode_image  # noqa: E402
 from anomaly_core.schema import HEATMAP_COLUMNS  # noqa: E402
 from anomaly_core.scoring import decode_heatmap  # noqa: E402
-from jobs.analyst import connect, fetch  # noqa: E402
+from jobs.analyst import connect, fetch, run_query  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 THUMB = 200
+
+# Drift: a night is flagged when its median normalised score (0 = the calibration mean, 1 = the threshold)
+# lies more than DRIFT_BOUND from 0, i.e. the typical part has moved a quarter of the way to the threshold
+# (or as far the other way). With a threshold 1.65 standard deviations of the normal scores above their
+# mean (a 5% false-alarm rate on a normal distribution) that is 0.4 of a standard deviation, which about
+# doubles the false alarms; it is more than three times the sampling error of the median of 100 normal
+# parts. Nights are compared over the last DRIFT_NIGHTS that have scores.
+DRIFT_BOUND = 0.25
+DRIFT_NIGHTS = 14
+QUANTILES = {"p05": -1.6449, "p25": -0.6745, "median": 0.0, "p75": 0.6745, "p95": 1.6449}   # standard normal
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, *, threshold: float) -> np.ndarray:
@@ -51,7 +62,7 @@ def _png_b64(arr: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _fig_b64(fig) -> str:
+def figure_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -76,11 +87,14 @@ def _pair(row: dict, threshold: float) -> tuple[str, str] | None:
 
 
 def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
-                 title: str = "Anomaly audit", notes: list[str] | None = None) -> Path:
+                 title: str = "Anomaly audit", notes: list[str] | None = None,
+                 manifest: dict | None = None) -> Path:
     """Write the HTML report of every run under `scores_dir`.
 
     labels: optional {uri: defect type, "good" for normal} from ground truth; adds ROC and per-type metrics.
     notes: lines shown under the title (e.g. what an evaluation could not compute).
+    manifest: the model's manifest: its calibration is drawn beside the nights' drift (calibration_reference).
+    Reviewers' labels under scores_dir/_labels add the precision of the verdicts per night and line.
     """
     if not any(Path(scores_dir).rglob("*.parquet")):
         raise FileNotFoundError(f"no Parquet files under {scores_dir}: run `anomaly score ... {scores_dir}` first")
@@ -112,7 +126,12 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
         ax.set_xlabel("image score (cosine distance)")
         ax.set_ylabel("images")
         ax.legend()
-        parts.append(f"<h2>Score distribution</h2><img alt='score histogram' src='{_fig_b64(fig)}'>")
+        parts.append(f"<h2>Score distribution</h2><img alt='score histogram' src='{figure_data_uri(fig)}'>")
+        drift = night_drift(con)
+        reference = calibration_reference(manifest) if manifest else None
+        figure = figure_data_uri(drift_figure(drift, reference=reference))
+        parts.append(drift_html(drift, reference=reference, figure_src=figure))
+    parts.append(_reviewed_section(con))
     worst = fetch(con, f"SELECT uri, score, score_normalised, verdict, {', '.join(HEATMAP_COLUMNS)} "
                        "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top])
     cards = []
@@ -165,10 +184,95 @@ def _ground_truth_section(ok_rows, labels: dict[str, str], threshold: float) -> 
                     f"<td>{metrics.auroc(types[sel] != 'good', scores[sel]):.3f}</td>"
                     f"<td>{(scores[types == t] >= threshold).mean():.2f}</td></tr>")
     fp = (scores[~y] >= threshold).mean()
-    return (f"<h2>Ground truth</h2><img alt='ROC curve' src='{_fig_b64(fig)}'>"
+    return (f"<h2>Ground truth</h2><img alt='ROC curve' src='{figure_data_uri(fig)}'>"
             "<table><tr><th>defect type</th><th>images</th><th>image AUROC vs good</th>"
             f"<th>flagged at threshold</th></tr>{''.join(rows)}</table>"
             f"<p>good images flagged at threshold: {fp:.3f}</p>")
+
+
+def _reviewed_section(con) -> str:
+    """Precision of the `anomalous` verdict per night and line from reviewers' labels ('' without labels)."""
+    rows = [r for r in run_query(con, "verdict_precision_per_night_and_line") if r["reviewed"]]
+    if not rows:
+        return ""
+    items = "".join(f"<tr><td>{r['run_date']}</td><td>{html.escape(r['line'] or '-')}</td><td>{r['flagged']}</td>"
+                    f"<td>{r['reviewed']}</td><td>{r['confirmed_defects']}</td><td>{r['false_alarms']}</td>"
+                    f"<td>{r['precision']:.2f}</td></tr>" for r in rows)
+    return ("<h2>Reviewed verdicts</h2><table><tr><th>night</th><th>line</th><th>flagged</th><th>reviewed</th>"
+            f"<th>defects</th><th>false alarms</th><th>precision</th></tr>{items}</table>"
+            "<p>precision = defects / reviewed flagged images (labels of `anomaly review`)</p>")
+
+
+def calibration_reference(manifest: dict) -> dict:
+    """A model's calibration in normalised units (0 = the mean held-out normal score, 1 = the threshold):
+    the QUANTILES of its held-out normal scores where the manifest records them (stats.calibration_scores),
+    else of a normal distribution with their mean and standard deviation (basis says which); their
+    maximum, how many there were and the target false-alarm rate."""
+    cal = manifest["calibration"]
+    mean, span = cal["normal_mean"], cal["threshold"] - cal["normal_mean"]
+    scores = (manifest.get("stats") or {}).get("calibration_scores")
+    if scores:
+        norm = (np.asarray(scores, dtype=np.float64) - mean) / span
+        qs = {q: float(np.quantile(norm, float(q[1:]) / 100)) if q != "median" else float(np.median(norm))
+              for q in QUANTILES}
+        basis = "held-out scores"
+    else:
+        qs, basis = {q: z * cal["normal_std"] / span for q, z in QUANTILES.items()}, "normal fit"
+    return {**qs, "max": (cal["normal_max"] - mean) / span, "images": cal["n_images"],
+            "false_alarm_rate": cal.get("false_alarm_rate"), "basis": basis}
+
+
+def night_drift(con, *, nights: int = DRIFT_NIGHTS, bound: float = DRIFT_BOUND) -> list[dict]:
+    """Per night (and model) of the last `nights`: quantiles of score_normalised, the share flagged and
+    whether the median drifted beyond `bound` (jobs/analyst.sql, night_drift)."""
+    return run_query(con, "night_drift", nights=nights, bound=bound)
+
+
+def drift_figure(rows: list[dict], *, reference: dict | None = None, bound: float = DRIFT_BOUND):
+    """Box per night (p25-p75, whiskers p05-p95, median dot; red when drifted) in normalised units, the
+    calibration's reference box first when given, the calibration mean (0), the threshold (1) and the
+    band of +-bound around 0. Returns the matplotlib figure."""
+    several = len({r["model_id"] for r in rows}) > 1
+    boxes = ([("calibration", reference, False)] if reference else []) + [
+        (f"{r['run_date']}" + (f"\n{r['model_id'][:6]}" if several else ""), r, r["drifted"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(boxes) + 2), 3.2))
+    ax.axhspan(-bound, bound, color="#2e7d32", alpha=0.08, label=f"median within +-{bound}")
+    ax.axhline(0, color="#2e7d32", lw=1, label="calibration mean")
+    ax.axhline(1, color="#c0392b", ls="--", lw=1, label="threshold")
+    for i, (_, q, drifted) in enumerate(boxes):
+        colour = "#c0392b" if drifted else ("#888888" if q is reference else "#4a78b0")
+        ax.vlines(i, q["p05"], q["p95"], color=colour, lw=1)
+        ax.bar(i, q["p75"] - q["p25"], bottom=q["p25"], width=0.5, color=colour, alpha=0.35, edgecolor=colour)
+        ax.plot(i, q["median"], "o", color=colour, ms=5)
+    ax.set_xticks(range(len(boxes)), [b[0] for b in boxes], rotation=45 if len(boxes) > 6 else 0, fontsize=8)
+    ax.set_ylabel("normalised score")
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def drift_html(rows: list[dict], *, reference: dict | None, figure_src: str, bound: float = DRIFT_BOUND) -> str:
+    """The drift section: a plain sentence naming drifted nights, the figure, and the table."""
+    drifted = [r for r in rows if r["drifted"]]
+    verdict = (f"<p class='drift-flag'>DRIFT on {len(drifted)} of {len(rows)} nights: "
+               + ", ".join(f"{r['run_date']} (median {r['median']:+.2f})" for r in drifted) + "</p>"
+               if drifted else f"<p class='drift-ok'>No drift: every night's median is within +-{bound} of the "
+               f"calibration mean ({len(rows)} nights).</p>")
+    fmt = "".join(f"<td>{{{q}:+.2f}}</td>" for q in QUANTILES)
+    body = []
+    if reference:
+        rate = reference["false_alarm_rate"]
+        body.append(f"<tr class='reference'><td>calibration</td><td>{reference['images']} held-out</td>"
+                    + fmt.format(**reference) + f"<td>{'' if rate is None else f'{rate:.1%} target'}</td>"
+                    f"<td>{reference['basis']}</td></tr>")
+    for r in rows:
+        body.append(f"<tr class='{'drifted' if r['drifted'] else 'ok'}'><td>{r['run_date']}</td>"
+                    f"<td>{r['images']} ({html.escape(r['model_id'][:8])})</td>" + fmt.format(**r)
+                    + f"<td>{r['flagged_rate']:.1%}</td><td>{'DRIFT' if r['drifted'] else 'ok'}</td></tr>")
+    head = "".join(f"<th>{q}</th>" for q in QUANTILES)
+    return (f"<h2>Drift against the calibration</h2>{verdict}<img alt='drift' src='{figure_src}'>"
+            f"<table class='drift'><tr><th>night</th><th>images (model)</th>{head}<th>flagged</th><th>flag</th></tr>"
+            f"{''.join(body)}</table><p>Normalised scores: 0 = the model's mean held-out normal score, 1 = its "
+            f"threshold. A night is flagged when its median lies beyond +-{bound}.</p>")
 
 
 def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +307,8 @@ def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.grid{display:flex;flex-wrap:wrap;gap:1em}
 .card{border:1px solid #ddd;padding:.5em;width:420px}.card img{width:200px;margin-right:4px}
-code{font-size:.8em;word-break:break-all}.missing{color:#c0392b}"""
+code{font-size:.8em;word-break:break-all}.missing{color:#c0392b}.drift-flag,tr.drifted{color:#c0392b;font-weight:bold}
+.drift-ok{color:#2e7d32}"""
 
 _CHECK_JS = """window.addEventListener('load', function () {
   var broken = Array.prototype.filter.call(document.images,

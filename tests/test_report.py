@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import main
-from jobs.report import overlay, write_report
+from jobs.labels import append_labels
+from jobs.report import calibration_reference, overlay, write_report
+from tests.scored_output import NORMAL_MEAN, NORMAL_STD, THRESHOLD, write_output
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Chromium (Makefile); elsewhere the browser test says why it did not run.
@@ -77,3 +79,36 @@ def test_report_cli_on_missing_output_says_what_to_do(tmp_path):
     (tmp_path / "scores").mkdir()
     res = CliRunner().invoke(main, ["report", str(tmp_path / "scores")])
     assert res.exit_code == 1 and "run `anomaly score" in res.output and "Traceback" not in res.output
+
+
+CALIBRATION = {"threshold": THRESHOLD, "normal_mean": NORMAL_MEAN, "normal_std": NORMAL_STD, "normal_max": 0.33,
+               "n_images": 40, "false_alarm_rate": 0.05}
+
+
+def test_calibration_reference_is_in_normalised_units():
+    ref = calibration_reference({"calibration": CALIBRATION, "stats": {}})
+    span = THRESHOLD - NORMAL_MEAN
+    assert ref["median"] == 0 and ref["p95"] == pytest.approx(1.6449 * NORMAL_STD / span)
+    assert ref["p05"] == pytest.approx(-ref["p95"]) and ref["max"] == pytest.approx((0.33 - NORMAL_MEAN) / span)
+    assert (ref["images"], ref["false_alarm_rate"], ref["basis"]) == (40, 0.05, "normal fit")
+
+
+def test_calibration_reference_uses_the_recorded_held_out_scores():
+    scores = np.random.default_rng(0).lognormal(np.log(NORMAL_MEAN), 0.2, 40)
+    ref = calibration_reference({"calibration": CALIBRATION, "stats": {"calibration_scores": scores.tolist()}})
+    norm = (scores - NORMAL_MEAN) / (THRESHOLD - NORMAL_MEAN)
+    assert ref["basis"] == "held-out scores" and ref["median"] == pytest.approx(np.median(norm))
+    assert ref["p25"] == pytest.approx(np.quantile(norm, 0.25)) and ref["p95"] == pytest.approx(np.quantile(norm, 0.95))
+
+
+def test_report_flags_the_drifted_night_and_shows_reviewed_precision(tmp_path):
+    out = tmp_path / "scores"
+    rows = write_output(out, {"2026-11-20": 40, "2026-11-21": 40}, shift={"2026-11-21": 0.1}, defect_rate=0.1,
+                        images=tmp_path / "archive", seed=6).to_pylist()
+    flagged = [r for r in rows if r["verdict"] == "anomalous"]
+    append_labels(str(out), [{**r, "label": "defect"} for r in flagged], reviewer="ana")
+    text = write_report(str(out), str(tmp_path / "r.html"), top=2,
+                        manifest={"calibration": CALIBRATION, "stats": {}}).read_text()
+    assert "DRIFT on 1 of 2 nights: 2026-11-21 (median +" in text
+    assert "<td>calibration</td><td>40 held-out</td>" in text and "5.0% target" in text
+    assert "Reviewed verdicts" in text and "<td>1.00</td>" in text                    # every flag confirmed
