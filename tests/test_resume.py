@@ -7,13 +7,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import duckdb
 import pytest
 
 from anomaly_core import storage
+from anomaly_core.shards import expand_braces
 from jobs import output
+from jobs.pack import run_pack
 from jobs.score import run_score
 
 # scores through Ray, and kills and restarts a score job
@@ -61,6 +64,37 @@ def test_killed_run_resumes_without_duplicates_or_gaps(archive, fitted_model_dir
         f"SELECT uri FROM read_parquet('{out}/run_date={date}/*.parquet') ORDER BY uri").fetchall()]
     assert uris == storage.list_files(str(archive))                          # each image exactly once
     assert not staged()
+
+
+def test_a_killed_run_of_shards_resumes_by_shard_with_every_image_once(archive, fitted_model_dir, tmp_path,
+                                                                      ray_local):
+    shards = run_pack(str(archive), str(tmp_path / "shards"), shard_size=2)["shards"]      # 20 shards
+    out, date = tmp_path / "out", "2026-11-27"
+    argv = [sys.executable, "-m", "jobs", "score", shards, str(fitted_model_dir[0]), str(out),
+            "--batch-size", "2", "--rows-per-file", "2", "--run-date", date]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = lambda: list(out.glob("_staging/*/*.parquet"))                   # noqa: E731  one per shard
+    try:
+        wait_for(lambda: len(staged()) >= 2 or proc.poll() is not None, 300, "the first committed shards")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    committed = {f.name for f in staged()}
+    assert not list(out.glob("_runs/*.json")) and 0 < len(committed) < 20, "the run was not killed part-way"
+    assert committed <= {output.part_name([s]) + ".parquet" for s in expand_braces(shards)}
+
+    summary = run_score(shards, str(fitted_model_dir[0]), str(out), batch_size=2, rows_per_file=2, run_date=date)
+    assert summary["shards_resumed"] >= len(committed) and summary["shards"] == 20
+    assert summary["resumed_from"] == 2 * summary["shards_resumed"] and summary["scored_now"] == 40 - summary[
+        "resumed_from"]
+    assert (summary["images"], summary["duplicates"], summary["errors"]) == (40, 0, 0)
+    uris = [u for (u,) in duckdb.execute(
+        f"SELECT uri FROM read_parquet('{out}/run_date={date}/*.parquet') ORDER BY uri").fetchall()]
+    members = sorted(f"{s}#{n}" for s in expand_braces(shards) for n in tarfile.open(s).getnames())
+    assert uris == members and len(uris) == 40                                # each image exactly once
+    assert len(list(out.glob(f"run_date={date}/*.parquet"))) == 20 and not staged()
 
 
 def test_a_finished_audit_is_not_run_again_unless_replaced(archive, fitted_model_dir, tmp_path, ray_local):
