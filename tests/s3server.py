@@ -2,7 +2,8 @@
 127.0.0.1, plus a TCP relay in front of it that can be cut and restored to take the endpoint down
 mid-run. (Stopping moto itself would lose its buckets, which live in its memory; the relay makes the
 server unreachable exactly as a crashed or partitioned server is, while the data survives.) The relay
-can also stall: connections stay open and requests get no answer, as behind a hung load balancer."""
+can also stall: connections stay open and requests get no answer, as behind a hung load balancer, and
+it counts the requests that pass through it (bench/storage.py reports them)."""
 
 from __future__ import annotations
 
@@ -48,10 +49,19 @@ class MotoServer:
         self.proc.wait(10)
 
 
+# the request line of an HTTP/1.x request: at the start of what a client sends, or after the blank line
+# that ends the previous request's headers (bodies of the S3 API calls here are image bytes and XML)
+REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")
+
+
 class Relay:
     """TCP relay 127.0.0.1:port -> target port. cut() closes the listener and every open connection
     (clients get 'connection refused'); stall() keeps accepting connections and requests but forwards
-    nothing, in either direction (clients wait for an answer that never comes); restore() undoes both."""
+    nothing, in either direction (clients wait for an answer that never comes); restore() undoes both.
+    `requests` counts the HTTP requests clients sent through it (request lines split across two reads
+    are missed: the count is a lower bound, exact in practice since clients write headers whole)."""
+
+    requests = 0
 
     def __init__(self, target_port: int):
         self.target, self.port = target_port, free_port()
@@ -125,6 +135,10 @@ class Relay:
     def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         try:
             while data := src.recv(1 << 16):
+                if from_client:
+                    n = len(REQUEST_LINE.findall(data))
+                    with self._lock:
+                        self.requests += n
                 if from_client and (action := self._tripped(data)) is not None:
                     action()
                     if action == self.cut:
