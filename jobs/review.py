@@ -56,14 +56,17 @@ PAGE_SIZE, MAX_PAGE = 50, 200
 IMAGE_SIZES = (240, 800)                 # thumbnail and detail view: the longer side, px
 VERDICTS = ("anomalous", "normal", "review", "error")
 LABEL_FILTERS = ("any", "unlabelled", "labelled", *LABELS)
+# an error row's score is NaN, which DuckDB orders above every number and counts >= any bound: as NULL
+# it sorts last and no score range keeps it
+SCORE = "nullif(s.score, 'NaN'::FLOAT)"
 # ORDER BY of each sort the page offers; uri and run_id last, so pages never overlap or skip a row
 SORTS = {
-    "score_desc": "s.score DESC NULLS LAST, s.uri, s.run_id",
-    "score_asc": "s.score ASC NULLS LAST, s.uri, s.run_id",
-    "date_desc": "s.run_date DESC, s.score DESC NULLS LAST, s.uri, s.run_id",
-    "date_asc": "s.run_date ASC, s.score DESC NULLS LAST, s.uri, s.run_id",
+    "score_desc": f"{SCORE} DESC NULLS LAST, s.uri, s.run_id",
+    "score_asc": f"{SCORE} ASC NULLS LAST, s.uri, s.run_id",
+    "date_desc": f"s.run_date DESC, {SCORE} DESC NULLS LAST, s.uri, s.run_id",
+    "date_asc": f"s.run_date ASC, {SCORE} DESC NULLS LAST, s.uri, s.run_id",
     "uri": "s.uri, s.run_date DESC, s.run_id",
-    "labelled_desc": "l.labelled_at DESC NULLS LAST, s.score DESC NULLS LAST, s.uri, s.run_id",
+    "labelled_desc": f"l.labelled_at DESC NULLS LAST, {SCORE} DESC NULLS LAST, s.uri, s.run_id",
 }
 SHORTCUTS = [("j / k", "next / previous image"), ("Enter or o", "open the detail view"), ("Esc", "close it"),
              ("d", "label defect"), ("n", "label normal (false alarm)"),
@@ -139,8 +142,8 @@ class Filters:
         conds, args = ["TRUE"], []
         for cond, value in (("s.run_date >= ?", self.date_from), ("s.run_date <= ?", self.date_to),
                             ("s.product = ?", self.product), ("s.line = ?", self.line),
-                            ("s.verdict = ?", self.verdict), ("s.score >= ?", self.score_min),
-                            ("s.score <= ?", self.score_max), ("contains(s.uri, ?)", self.q)):
+                            ("s.verdict = ?", self.verdict), (f"{SCORE} >= ?", self.score_min),
+                            (f"{SCORE} <= ?", self.score_max), ("contains(s.uri, ?)", self.q)):
             if value is not None:
                 conds.append(cond)
                 args.append(value)

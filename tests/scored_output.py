@@ -21,7 +21,8 @@ NORMAL_STD = 0.05
 
 def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, products=("brick", "tile"),
                  lines=("L1", "L2"), defect_rate: float = 0.05, shift: dict[str, float] | None = None,
-                 images: Path | None = None, grid: int = 4, rows_per_file: int = 10_000) -> pa.Table:
+                 images: Path | None = None, grid: int = 4, rows_per_file: int = 10_000,
+                 errors: int = 0) -> pa.Table:
     """Write one complete run per night ({run_date: images}) under `out`; returns every row written
     (output schema with run_date).
 
@@ -29,7 +30,8 @@ def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, prod
     random) N(THRESHOLD + 0.1, NORMAL_STD); product and line cycle over the rows. images: write each
     image as a small PNG there (its uri is that file, its content_sha256 that of the bytes) and make a
     defect's grid hot in its top-left quarter; without it the uris name no file and the content hash is
-    that of the uri."""
+    that of the uri. errors: the last rows of each night are error rows (no score, no heatmap), as an
+    unreadable image gives."""
     rng = np.random.default_rng(seed)
     tables = []
     for night, n in nights.items():
@@ -69,6 +71,14 @@ def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, prod
             "peak_y": np.full(n, 6, np.int32), "model_id": ["0123456789abcdef"] * n,
             "model_created_at": ["2026-11-01T00:00:00+00:00"] * n, "run_id": [run_id] * n,
             "run_time": [f"{night}T02:00:00+00:00"] * n, PARTITION_COLUMN: [night] * n}
+        if errors:
+            bad = np.arange(n) >= n - errors
+            cols["score"] = np.where(bad, np.nan, cols["score"]).astype(np.float32)
+            cols["score_normalised"] = np.where(bad, np.nan, cols["score_normalised"]).astype(np.float32)
+            cols["verdict"] = np.where(bad, "error", verdict)
+            cols["status"] = np.where(bad, "error", "ok")
+            cols["error"] = np.where(bad, "cannot decode image", "")
+            cols["heatmap_grid"] = [None if b else g for b, g in zip(bad, grids, strict=True)]
         table = pa.table(cols).cast(output_schema(include_partition=True))
         for s in range(0, n, rows_per_file):
             part = table.slice(s, rows_per_file)

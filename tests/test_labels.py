@@ -124,6 +124,7 @@ def test_threads_appending_at_once_lose_nothing(out):
     _expect_every_label(uri, opts, files)
 
 
+@pytest.mark.integration                 # starts four interpreters: seconds of imports
 def test_processes_appending_at_once_lose_nothing(tmp_path):
     uri = str(tmp_path / "scores")
     # spawn: fresh interpreters, as separate reviewers' servers would be

@@ -21,9 +21,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from anomaly_core.storage import StorageOptions
 from jobs.cli import main
 from jobs.labels import REVIEWER_ENV, append_labels, read_labels
 from jobs.review import Filters, ReviewData
+from tests.helpers import make_bucket, upload
 from tests.scored_output import write_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +92,15 @@ def test_labels_filter_rows_and_show_beside_them(tmp_path):
     assert data.rows(Filters(label="unlabelled"))["total"] == 37 and data.rows(Filters(label="labelled"))["total"] == 3
 
 
+def test_error_rows_sort_last_and_fall_outside_any_score_range(tmp_path):
+    out = tmp_path / "scores"
+    write_output(out, {"2026-11-21": 20}, errors=3, seed=1)
+    data = ReviewData(str(out), reviewer="ana")
+    for sort in ("score_desc", "score_asc"):
+        assert [r["verdict"] for r in data.rows(Filters(sort=sort))["rows"]][-3:] == ["error"] * 3
+    assert data.rows(Filters(score_min=-100.0))["total"] == 17
+
+
 @pytest.mark.parametrize("params, match", [
     ({"verdict": "bad"}, "verdict='bad' is not one of anomalous, normal, review, error"),
     ({"sort": "random"}, "sort='random' is not one of score_desc"),
@@ -150,6 +161,20 @@ def test_drift_compares_nights_with_the_models_calibration(tmp_path):
     drift = ReviewData(str(out), reviewer="ana").drift()
     assert [(n["run_date"], n["drifted"]) for n in drift["nights"]] == [("2026-11-20", False), ("2026-11-21", True)]
     assert drift["reference"] is None and drift["figure"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.integration
+def test_an_output_on_s3_is_reviewed_and_labelled_there(small, s3_server):
+    data, rows = small
+    make_bucket(s3_server.url, "review-tests")
+    options = StorageOptions(endpoint_url=s3_server.url, max_attempts=2)
+    upload(Path(data.out), "s3://review-tests/scores", options)
+    remote = ReviewData("s3://review-tests/scores", reviewer="ana", options=options)
+    assert [r["uri"] for r in remote.rows(Filters(sort="uri"))["rows"]] == sorted(rows["uri"].to_pylist())
+    row = rows.to_pylist()[0]
+    remote.label({"run_id": row["run_id"], "uri": row["uri"], "label": "normal"})
+    assert read_labels("s3://review-tests/scores", options=options)["uri"].to_pylist() == [row["uri"]]
+    assert read_labels(data.out).num_rows == 0                          # written to the output reviewed
 
 
 def test_an_output_without_runs_is_refused_saying_what_to_do(tmp_path):

@@ -99,10 +99,12 @@ function renderRows() {
     div.dataset.i = String(i);
     div.dataset.uri = row.uri;
     div.dataset.label = row.label || "";
-    const heat = row.status === "error"
-      ? `<span class="none">no heatmap</span>`
-      : `<img loading="lazy" alt="overlay" src="${imageURL(row, "overlay", 240)}">`;
-    div.innerHTML = `<img loading="lazy" alt="image" src="${imageURL(row, "image", 240)}">${heat}` +
+    // an error row has no heatmap, and its image could not be read when it was scored
+    const pair = row.status === "error"
+      ? `<span class="none">not scored</span><span class="none">no heatmap</span>`
+      : `<img loading="lazy" alt="image" src="${imageURL(row, "image", 240)}">` +
+        `<img loading="lazy" alt="overlay" src="${imageURL(row, "overlay", 240)}">`;
+    div.innerHTML = pair +
       `<div class="meta"><span class="badge v-${row.verdict}">${row.verdict}</span>${labelBadge(row)}` +
       `<b>${fmt(row.score, 4)}</b> (normalised ${fmt(row.score_normalised, 2)})<br>` +
       `${esc(row.run_date)} &middot; ${esc(row.product || "-")} / ${esc(row.line || "-")}<br>` +
@@ -152,10 +154,11 @@ async function showDetail() {
 function renderDetail(d) {
   const row = state.rows[state.sel];
   $("#detail").dataset.uri = d.uri;
-  $("#d-image").src = imageURL(row, "image", 800);
   const hasMap = d.status !== "error";
-  if (hasMap) $("#d-overlay").src = imageURL(row, "overlay", 800);
-  else $("#d-overlay").removeAttribute("src");
+  for (const [id, kind] of [["#d-image", "image"], ["#d-overlay", "overlay"]]) {
+    if (hasMap) $(id).src = imageURL(row, kind, 800);
+    else $(id).removeAttribute("src");
+  }
   const peak = $("#d-peak");
   peak.hidden = !(hasMap && d.width > 0 && d.peak_x >= 0);
   peak.style.left = `${100 * (d.peak_x + 0.5) / d.width}%`;
