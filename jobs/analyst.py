@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 
 from anomaly_core.storage import StorageOptions
-from jobs.labels import create_labels_view
+from jobs.labels import LabelCache, create_labels_view
 from jobs.output import scores_dataset
 
 SQL_FILE = Path(__file__).with_name("analyst.sql")
@@ -21,10 +21,11 @@ def load_queries(path: Path = SQL_FILE) -> dict[str, str]:
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def connect(out: str, options: StorageOptions | None = None) -> duckdb.DuckDBPyConnection:
+def connect(out: str, options: StorageOptions | None = None, *,
+            labels: LabelCache | None = None) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB with a `scores` view over the published rows under OUT (a folder or s3:// prefix),
     and `labels` (the label in force per content_sha256) and `all_labels` views over OUT/_labels
-    (jobs.labels), as they are when it connects. Times are in UTC.
+    (jobs.labels), as they are when it connects (read through `labels` when given). Times are in UTC.
 
     The rows come through a pyarrow dataset (jobs.output.scores_dataset): it reads S3 with the same
     credentials and endpoint as the jobs (DuckDB's httpfs extension would be a download at run time)
@@ -34,7 +35,7 @@ def connect(out: str, options: StorageOptions | None = None) -> duckdb.DuckDBPyC
     con.register("published_scores", scores_dataset(str(out), options))
     # run_date as DATE, as DuckDB's own hive_partitioning reads the folder names
     con.execute("CREATE VIEW scores AS SELECT * REPLACE (CAST(run_date AS DATE) AS run_date) FROM published_scores")
-    create_labels_view(con, str(out), options)
+    create_labels_view(con, str(out), options, cache=labels)
     return con
 
 

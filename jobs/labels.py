@@ -111,17 +111,41 @@ def append_labels(out: str, rows: list[dict], *, reviewer: str, options: Storage
     return uri
 
 
-def labels_dataset(out: str, options: StorageOptions | None = None) -> pads.Dataset:
-    """pyarrow dataset of every label file under OUT/_labels (empty when there is none)."""
-    files = storage.list_files(labels_uri(out), options, suffixes=(".parquet",))
+def labels_dataset(out: str, options: StorageOptions | None = None,
+                   files: list[str] | None = None) -> pads.Dataset:
+    """pyarrow dataset of the label files under OUT/_labels (or of `files`; empty when there is none)."""
+    if files is None:
+        files = storage.list_files(labels_uri(out), options, suffixes=(".parquet",))
     fs, _ = storage.filesystem(labels_uri(out), options)
     return pads.dataset([storage.filesystem(f, options)[1] for f in files], filesystem=fs, format="parquet",
                         schema=LABEL_SCHEMA)
 
 
-def create_labels_view(con: duckdb.DuckDBPyConnection, out: str, options: StorageOptions | None = None) -> None:
-    """Views on `con`: `all_labels` (every label written) and `labels` (the one in force per image)."""
-    con.register("all_labels", labels_dataset(out, options))
+class LabelCache:
+    """Every label of OUT in memory, read incrementally: a label file never changes once written, so
+    `table()` lists OUT/_labels and reads only the files it has not read before. For a process that
+    queries the labels again and again (the review page), where each query would otherwise open every
+    file, one per label."""
+
+    def __init__(self, out: str, options: StorageOptions | None = None):
+        self.out, self.options = out, options
+        self._read: set[str] = set()
+        self._table = LABEL_SCHEMA.empty_table()
+
+    def table(self) -> pa.Table:
+        files = storage.list_files(labels_uri(self.out), self.options, suffixes=(".parquet",))
+        if new := [f for f in files if f not in self._read]:
+            added = labels_dataset(self.out, self.options, files=new).to_table()
+            self._table = pa.concat_tables([self._table, added]).combine_chunks()
+            self._read.update(new)
+        return self._table
+
+
+def create_labels_view(con: duckdb.DuckDBPyConnection, out: str, options: StorageOptions | None = None, *,
+                       cache: LabelCache | None = None) -> None:
+    """Views on `con`: `all_labels` (every label written) and `labels` (the one in force per image),
+    read from the files now, or from `cache` (refreshed)."""
+    con.register("all_labels", cache.table() if cache is not None else labels_dataset(out, options))
     con.execute(f"CREATE OR REPLACE VIEW labels AS {LATEST_SQL.format(source='all_labels')}")
 
 

@@ -38,7 +38,7 @@ from anomaly_core.schema import HEATMAP_COLUMNS
 from anomaly_core.scoring import decode_heatmap
 from anomaly_core.storage import StorageOptions
 from jobs.analyst import connect, fetch
-from jobs.labels import LABELS, append_labels, check_reviewer, create_labels_view
+from jobs.labels import LABELS, LabelCache, append_labels, check_reviewer, create_labels_view
 from jobs.report import (
     DRIFT_BOUND,
     DRIFT_NIGHTS,
@@ -178,7 +178,8 @@ def _jpeg(arr: np.ndarray) -> bytes:
 
 class ReviewData:
     """What the page shows, from OUT: one DuckDB connection used under a lock (the server runs requests
-    in threads). New runs appear after `refresh_s` (the output is listed again); labels on every query."""
+    in threads). New runs appear after `refresh_s` (the output is listed again); new labels, of this page
+    or of other reviewers, on every query (read once each, LabelCache)."""
 
     def __init__(self, out: str, *, reviewer: str, model: str | None = None, options: StorageOptions | None = None,
                  refresh_s: float = 30.0, cache_images: int = 512):
@@ -190,15 +191,17 @@ class ReviewData:
         self.manifest = read_manifest(storage.normalise(model), self.options) if model else None
         self._lock = threading.Lock()
         self._con, self._connected = None, 0.0
+        self._labels = LabelCache(self.out, self.options)
         self.image = functools.lru_cache(maxsize=cache_images)(self._image)
 
     def _connection(self):
         """The connection, with the labels as they are now; reconnected (new runs) after refresh_s.
         Call with the lock held."""
         if self._con is None or time.monotonic() - self._connected > self.refresh_s:
-            self._con, self._connected = connect(self.out, self.options), time.monotonic()
+            self._con = connect(self.out, self.options, labels=self._labels)
+            self._connected = time.monotonic()
         else:
-            create_labels_view(self._con, self.out, self.options)
+            create_labels_view(self._con, self.out, self.options, cache=self._labels)
         return self._con
 
     def _query(self, sql: str, args=None) -> list[dict]:

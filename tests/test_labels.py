@@ -11,7 +11,15 @@ import pytest
 
 from anomaly_core import storage
 from anomaly_core.storage import StorageOptions
-from jobs.labels import LABEL_SCHEMA, REVIEWER_ENV, append_labels, labels_uri, read_labels, reviewer_name
+from jobs.labels import (
+    LABEL_SCHEMA,
+    REVIEWER_ENV,
+    LabelCache,
+    append_labels,
+    labels_uri,
+    read_labels,
+    reviewer_name,
+)
 from tests.helpers import make_bucket
 
 
@@ -74,6 +82,18 @@ def test_labels_of_the_same_instant_resolve_the_same_way_whatever_the_files(tmp_
 def test_no_labels_is_an_empty_table_with_the_schema(tmp_path):
     table = read_labels(str(tmp_path / "never-labelled"))
     assert table.num_rows == 0 and table.schema.equals(LABEL_SCHEMA)
+
+
+def test_the_cache_holds_every_label_and_reads_each_file_once(tmp_path):
+    out = str(tmp_path)
+    cache = LabelCache(out)
+    first = append_labels(out, [label(1)], reviewer="ana", now=T0)
+    assert cache.table()["content_sha256"].to_pylist() == [sha(1)]
+    with open(first, "wb") as f:                   # a file read before is not read again
+        f.write(b"not parquet any more")
+    append_labels(out, [label(2, "defect")], reviewer="ben", now=T0)
+    table = cache.table()
+    assert table.schema.equals(LABEL_SCHEMA) and table["content_sha256"].to_pylist() == [sha(1), sha(2)]
 
 
 @pytest.mark.parametrize("bad, match", [
