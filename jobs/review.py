@@ -158,6 +158,7 @@ class Filters:
 
 
 def _jsonable(row: dict) -> dict:
+    """A DuckDB row for JSON: dates as ISO text, NaN as null, binary columns left out."""
     out = {}
     for k, v in row.items():
         if isinstance(v, dt.datetime | dt.date):
@@ -216,8 +217,7 @@ class ReviewData:
                   for c in ("product", "line")}
         model = None
         if self.manifest:
-            model = {"model_id": self.manifest["model_id"], "created_at": self.manifest["created_at"],
-                     "calibration": self.manifest["calibration"]}
+            model = {"model_id": self.manifest["model_id"], "created_at": self.manifest["created_at"]}
         return _jsonable({**span, **{f"{c}s": v for c, v in values.items()}}) | {
             "out": self.out, "reviewer": self.reviewer, "verdicts": list(VERDICTS), "labels": list(LABELS),
             "label_filters": list(LABEL_FILTERS), "sorts": list(SORTS), "shortcuts": SHORTCUTS, "model": model,
@@ -227,9 +227,11 @@ class ReviewData:
         """One page of rows matching `f`, and how many match in all."""
         where, args = f.where()
         base = f"FROM scores s LEFT JOIN labels l ON l.content_sha256 = s.content_sha256 WHERE {where}"
-        (n,) = self._query(f"SELECT count(*) AS n {base}", args)
-        page = self._query(f"SELECT {LIST_COLUMNS} {base} ORDER BY {SORTS[f.sort]} LIMIT ? OFFSET ?",
-                           [*args, f.limit, f.offset])
+        with self._lock:                         # the count and the page see the same labels
+            con = self._connection()
+            (n,) = fetch(con, f"SELECT count(*) AS n {base}", args)
+            page = fetch(con, f"SELECT {LIST_COLUMNS} {base} ORDER BY {SORTS[f.sort]} LIMIT ? OFFSET ?",
+                         [*args, f.limit, f.offset])
         return {"total": n["n"], "offset": f.offset, "limit": f.limit, "rows": [_jsonable(r) for r in page]}
 
     def _row(self, run_id: str, uri: str, columns: str) -> dict:
