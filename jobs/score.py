@@ -196,6 +196,10 @@ def _score_shards(shards: list[str], *, out_uri: str, run_id: str, run_date: str
     missing = {output.part_name([s]) for s in shards} - {c["part"] for c in per_file}
     foreign = sum(c["foreign"] for c in per_file)
     counts = {k: sum(c[k] for c in per_file) for k in ("images", "anomalous", "errors", "warnings", "duplicates")}
+    seen: set[str] = set()
+    for c in per_file:                                # a shard's file twice (staged and published): its rows twice
+        counts["duplicates"] += c["images"] if c["part"] in seen else 0
+        seen.add(c["part"])
     if missing or foreign or counts["duplicates"]:    # never mark an incomplete or doubled run complete
         raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} shards without a file, {foreign} rows in "
                            f"the file of another shard and {counts['duplicates']} duplicated rows; not marked "
