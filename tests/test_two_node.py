@@ -1,7 +1,7 @@
 """The nightly audit on a cluster of two Ray nodes on this machine, laid out as cluster/ deploys it: a head
 that runs the driver and reads (`ray start --head`, no GPU) and a node that declares one GPU (`ray start
---address ... --num-gpus 1`), where the scoring actors must go with num_gpus=1. There is no GPU here, so
-the actors get Ray's GPU id and run on the CPU: device `auto` is the CPU where torch sees no GPU.
+--address ... --num-gpus 1`), where the scoring actors must go with num_gpus=1. On a machine without a
+GPU the actors get Ray's GPU id and run on the CPU: device `auto` is the CPU where torch sees no GPU.
 
 The audit goes through `ray job submit` against a real S3 server (tests/s3server.py); where everything
 ran is read back through Ray's state API (ray.util.state), the rows with DuckDB. Each node has its own
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from anomaly_core import storage
 from anomaly_core.config import ModelConfig
@@ -45,6 +46,8 @@ READ_TASK = "MapBatches(read_batch)"
 # the ports a Ray node binds besides the head's GCS and dashboard (each node here needs its own)
 NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+# where device `auto` puts an actor that Ray gave a GPU: CUDA where torch sees one, else the CPU
+AUTO_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Cluster:
@@ -240,8 +243,8 @@ def test_scoring_actors_run_on_the_gpu_node_and_reads_outside_them(cluster, s3, 
     print(f"placement:\n{where}")
     actors, gpus = state["actors"], gpu_nodes(state)
     assert actors and all(a["node_id"] in gpus and a["required_resources"].get("GPU") == 1 for a in actors), where
-    # Ray gave each actor GPU 0 of its node; `auto` ran the backbone on the CPU, as torch sees no GPU here
-    assert all((a["gpu_ids"], a["device"]) == ("0", "cpu") for a in actors), where
+    # Ray gave each actor GPU 0 of its node; `auto` ran the backbone there, or on the CPU without a GPU
+    assert all((a["gpu_ids"], a["device"]) == ("0", AUTO_DEVICE) for a in actors), where
     reads = [t for t in state["tasks"] if t["name"] == READ_TASK]
     scoring = [t for t in state["tasks"] if t["name"] == f"{SCORER_ACTOR}.submit"]
     read_kinds = sorted({(t["type"], t["actor_id"], t["node_id"][:8], str(t["required_resources"])) for t in reads})
@@ -279,7 +282,7 @@ def test_losing_the_gpu_node_mid_run_loses_and_duplicates_nothing(cluster, s3, m
     assert lost_tasks, f"no scoring task was lost with the node\n{where}"
     [actor] = state["actors"]
     assert actor["node_id"] in gpu_nodes(state, alive=True) and actor["num_restarts"] >= 1, where
-    assert (actor["gpu_ids"], actor["device"]) == ("0", "cpu"), where
+    assert (actor["gpu_ids"], actor["device"]) == ("0", AUTO_DEVICE), where
     rows, distinct = published("s3://audits/loss", opts)
     assert (rows, distinct) == (n, set(uris)), f"{rows} rows, {len(distinct)} distinct URIs for {n} images"
     summary = summary_of(cluster.job_output("node-loss"))
