@@ -242,8 +242,9 @@ def test_review_in_chromium_filter_open_label_reload(nightly_output, fitted_mode
     out = tmp_path / "scores"
     shutil.copytree(nightly_output[0], out)                          # the shared output stays unlabelled
     model_dir, manifest = fitted_model_dir
-    flagged = duckdb.execute(f"SELECT count(*) FROM read_parquet('{out}/run_date=*/*.parquet') "
-                             "WHERE verdict = 'anomalous'").fetchone()[0]
+    # a connection of its own, read to the end: the module's default connection is shared by every test
+    ((flagged,),) = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{out}/run_date=*/*.parquet') "
+                                             "WHERE verdict = 'anomalous'").fetchall()
     assert flagged > 0
     with review_server(out, "--model", str(model_dir)) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
