@@ -276,14 +276,16 @@ def evaluate(dataset, out, verbose, **kw):
 @click.argument("scores_dir")
 @click.option("--html", "html_path", default=None, help="Report file (default: SCORES_DIR/../report.html).")
 @click.option("--top", type=int, default=12, show_default=True, help="Anomalies shown with their heatmaps.")
+@click.option("--model", default=None, help="The model that scored SCORES_DIR: its calibration beside the drift.")
 @VERBOSE
-def report(scores_dir, html_path, top, verbose):
+def report(scores_dir, html_path, top, model, verbose):
     """Write a self-contained HTML report (counts, score histogram, worst images with heatmaps, errors)."""
     from pathlib import Path
 
+    from anomaly_core.artifact import read_manifest
     from jobs.report import write_report
     html_path = html_path or str(Path(scores_dir).resolve().parent / "report.html")
-    click.echo(str(write_report(scores_dir, html_path, top=top)))
+    click.echo(str(write_report(scores_dir, html_path, top=top, manifest=read_manifest(model) if model else None)))
 
 
 @main.command()
