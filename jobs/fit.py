@@ -60,6 +60,25 @@ def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | No
                          f"(PatchCore: 0.01 is enough at this scale) or raise --memory-budget-mb")
 
 
+def feature_blocks(ds: ray.data.Dataset, *, config: ModelConfig, folds: dict[str, int], held: frozenset[str],
+                   n_images: int, batch_size: int, actors: int | None, device: str, label: str) -> list:
+    """ObjectRefs of the feature blocks (anomaly_core.fit's format, one coreset partition each) of the
+    decoded images of `ds` (`n_images` of them): augmented copies of the bank images when the config
+    augments (`held`: the names kept out of the bank), features from the actor pool, folds from `folds`
+    (name -> fold; -1 for the others). The blocks stay in Ray's object store (spilled to disk beyond it)."""
+    n_actors, threads, gpus = default_actors(actors)
+    if config.n_augment > 1:
+        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+    ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
+        "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
+        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
+        total=len(held) + (n_images - len(held)) * config.n_augment, label=label)
+    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": folds}, batch_size=images_per_block(config),
+                        batch_format="numpy", num_cpus=0.5)
+    return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
             actors: int | None = None, device: str = "auto", address: str | None = None,
             overwrite: bool = False, options: StorageOptions | None = None,
@@ -95,7 +114,7 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     ensure_ray(address, object_store_mb=memory_budget_mb)
     if not shared_fs:
         check_paths_reach_every_node({"training images": archive.images or archive.shards, "model": [model_uri]})
-    n_actors, threads, gpus = default_actors(actors)
+    gpus = default_actors(actors)[2]
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run
     if archive.shards:                                        # the order listed above: shards, then members
@@ -103,17 +122,8 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
                                  options=options, image_column=image_column, id_column=id_column)
     else:
         ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
-    if config.n_augment > 1:
-        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
-                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
-    ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
-        "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
-        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
-        total=len(held) + (len(uris) - len(held)) * config.n_augment, label="fit: features")
-    # one block per coreset partition; blocks stay in the object store (spilled to disk beyond it)
-    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": plan.folds_of(uris)},
-                        batch_size=images_per_block(config), batch_format="numpy", num_cpus=0.5)
-    blocks = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    blocks = feature_blocks(ds, config=config, folds=plan.folds_of(uris), held=held, n_images=len(uris),
+                            batch_size=batch_size, actors=actors, device=device, label="fit: features")
     t_feat = time.time() - t0
     log.info("fit: features of %d images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
     bank, cal, stats = fit_bank(blocks, config=config, plan=plan, n_estimate=n_estimate, map_fn=ray_map,
