@@ -19,24 +19,13 @@ import ray
 
 from anomaly_core import storage
 from anomaly_core.artifact import check_target
-from anomaly_core.config import ModelConfig
-from anomaly_core.features import FeatureExtractor, augment_batch
-from anomaly_core.fit import SplitPlan, images_per_block, mark_folds, patch_estimate
+from anomaly_core.fit import patch_estimate
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.update import update_bank, update_split
 from anomaly_core.weights import load_weights
-from jobs.fit import numpy_block
-from jobs.runtime import (
-    check_paths_reach_every_node,
-    default_actors,
-    ensure_ray,
-    list_inputs,
-    model_stage,
-    ray_map,
-    read_decoded,
-    track,
-)
+from jobs.fit import feature_blocks, numpy_block
+from jobs.runtime import check_paths_reach_every_node, ensure_ray, list_inputs, ray_map, read_decoded
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +51,6 @@ def labelled_normal(out: str, options: StorageOptions | None = None) -> list[str
         raise ValueError(f"no image in {out} is labelled normal ({table.num_rows} labels in force); label false "
                          f"alarms with `anomaly review {out}` or pass a folder of good images")
     return uris
-
-
-def extract_blocks(uris: list[str], *, config: ModelConfig, plan: SplitPlan | None, batch_size: int,
-                   actors: int | None, device: str, options: StorageOptions) -> list:
-    """ObjectRefs of the feature blocks (anomaly_core.fit's format, one coreset partition each) of the
-    images `uris`, in Ray's object store: read tasks decode, the feature actors describe, augmented
-    copies of the bank images when the config augments, folds from `plan` (None: all -1)."""
-    n_actors, threads, gpus = default_actors(actors)
-    held = plan.held_out(uris) if plan is not None else frozenset()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True              # same blocks, same selection, on every run
-    ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
-    if config.n_augment > 1:
-        ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
-                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
-    ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
-        "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
-        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
-        total=len(held) + (len(uris) - len(held)) * config.n_augment, label="update: features")
-    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": plan.folds_of(uris) if plan is not None else {}},
-                        batch_size=images_per_block(config), batch_format="numpy", num_cpus=0.5)
-    return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
 
 
 def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: str, *,
@@ -119,8 +86,11 @@ def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: 
     ensure_ray(address)
     if not shared_fs:
         check_paths_reach_every_node({"good images": uris, "models": [model_uri, new_model_uri]})
-    blocks = extract_blocks(uris, config=config, plan=plan, batch_size=batch_size, actors=actors, device=device,
-                            options=options)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True    # same blocks on every run
+    blocks = feature_blocks(read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options),
+                            config=config, folds=plan.folds_of(uris) if plan is not None else {}, held=held,
+                            n_images=len(uris), batch_size=batch_size, actors=actors, device=device,
+                            label="update: features")
     t_feat = time.time() - t0
     log.info("update: features of %d new images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
     bank, cal, stats, added = update_bank(
