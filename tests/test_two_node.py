@@ -77,6 +77,7 @@ class Cluster:
                 break
             except OSError:
                 if self.head.poll() is not None or time.time() > deadline:
+                    _kill_group(self.head)
                     raise RuntimeError(f"ray head did not start (exit {self.head.poll()}):\n"
                                        f"{self.log('head')[-3000:]}") from None
                 time.sleep(0.5)
