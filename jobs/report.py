@@ -25,6 +25,8 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.images import ImageDecodeError, decode_image  # noqa: E402
 from anomaly_core.schema import HEATMAP_COLUMNS  # noqa: E402
 from anomaly_core.scoring import decode_heatmap  # noqa: E402
+from anomaly_core.shards import read_image  # noqa: E402
+from anomaly_core.storage import StorageOptions  # noqa: E402
 from jobs.analyst import connect, fetch, run_query  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,12 @@ def _thumb(arr: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
-def _pair(row: dict, threshold: float) -> tuple[str, str] | None:
+def _pair(row: dict, threshold: float, **read) -> tuple[str, str] | None:
     """(original, overlay) thumbnails of an output row as data URIs; None when the original cannot be
-    read any more."""
+    read any more. read: options, image_column and id_column of read_image (a file, an object or an
+    image in a shard)."""
     try:
-        image = decode_image(Path(row["uri"]).read_bytes())
+        image = decode_image(read_image(row["uri"], **read))
     except (OSError, ImageDecodeError) as e:
         log.warning("report: cannot read %s for its thumbnail: %s", row["uri"], e)
         return None
@@ -88,12 +91,15 @@ def _pair(row: dict, threshold: float) -> tuple[str, str] | None:
 
 def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
                  title: str = "Anomaly audit", notes: list[str] | None = None,
-                 manifest: dict | None = None) -> Path:
+                 manifest: dict | None = None, options: StorageOptions | None = None,
+                 image_column: str = "image", id_column: str | None = None) -> Path:
     """Write the HTML report of every run under `scores_dir`.
 
     labels: optional {uri: defect type, "good" for normal} from ground truth; adds ROC and per-type metrics.
     notes: lines shown under the title (e.g. what an evaluation could not compute).
     manifest: the model's manifest: its calibration is drawn beside the nights' drift (calibration_reference).
+    options: how the images of the worst rows are read where their uris are s3:// (object or shard member).
+    image_column, id_column: those the Parquet shards were scored with, to find `<shard>.parquet#<id>`.
     Reviewers' labels under scores_dir/_labels add the precision of the verdicts per night and line.
     """
     if not any(Path(scores_dir).rglob("*.parquet")):
@@ -136,7 +142,7 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
                        "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top])
     cards = []
     for row in worst:
-        pair = _pair(row, threshold)
+        pair = _pair(row, threshold, options=options, image_column=image_column, id_column=id_column)
         imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
                 else "<p class='missing'>original image no longer readable</p>")
         cards.append(f"<div class='card'>{imgs}<p><b>{row['score']:.4f}</b> (normalised "

@@ -2,13 +2,15 @@
 
 A Starlette app served by uvicorn. It reads the complete runs under OUT through DuckDB
 (jobs.analyst.connect) and does all filtering, sorting and paging in SQL, so the browser only ever holds
-one page of rows however large the output is. Images are read from their uri (anomaly_core.storage)
-and each overlay is rebuilt from the row's stored grid (decode_heatmap) when the browser asks for it;
-a small cache keeps the ones just seen. Labels go through jobs.labels.append_labels, one file per
-label, so several reviewers (each running the page) can label the same output at once.
+one page of rows however large the output is. Images are read from their uri, an object or a member of
+a shard (anomaly_core.shards.read_image, which fetches the whole shard), and each overlay is rebuilt from
+the row's stored grid (decode_heatmap) when the browser asks for it; a small cache keeps the ones just
+seen. Labels go through jobs.labels.append_labels, one file per label, so several reviewers (each
+running the page) can label the same output at once.
 
 The page binds to 127.0.0.1 unless asked otherwise; it has no login, so whoever reaches the port can
-label under the reviewer name it was started with. Only images that are rows of OUT are ever served.
+label under the reviewer name it was started with. Only images that are rows of OUT are ever served,
+and only rows that were scored can be labelled: an error row has no image content to key a label on.
 
 API (JSON unless said): GET /api/facets, /api/rows?<filters>, /api/row?run_id=&uri=, /api/image?run_id=
 &uri=&kind=image|overlay&size= (JPEG), /api/drift, /api/drift.png; POST /api/labels {run_id, uri, label,
@@ -36,6 +38,7 @@ from anomaly_core.artifact import read_manifest
 from anomaly_core.images import ImageDecodeError, decode_image
 from anomaly_core.schema import HEATMAP_COLUMNS
 from anomaly_core.scoring import decode_heatmap
+from anomaly_core.shards import read_image
 from anomaly_core.storage import StorageOptions
 from jobs.analyst import connect, fetch
 from jobs.labels import LABELS, LabelCache, append_labels, check_reviewer, create_labels_view
@@ -183,8 +186,12 @@ class ReviewData:
     or of other reviewers, on every query (read once each, LabelCache)."""
 
     def __init__(self, out: str, *, reviewer: str, model: str | None = None, options: StorageOptions | None = None,
-                 refresh_s: float = 30.0, cache_images: int = 512):
+                 refresh_s: float = 30.0, cache_images: int = 512, image_column: str = "image",
+                 id_column: str | None = None):
+        """image_column, id_column: those the output's Parquet shards were scored with (`anomaly score
+        --image-column/--id-column`), to find an image named `<shard>.parquet#<id>`."""
         self.out, self.options = storage.normalise(out), (options or StorageOptions()).resolved()
+        self.columns = {"image_column": image_column, "id_column": id_column}
         self.reviewer, self.refresh_s = check_reviewer(reviewer), refresh_s
         if not storage.list_files(storage.join(self.out, "_runs"), self.options, suffixes=(".json",)):
             raise FileNotFoundError(f"{self.out} holds no complete run: run `anomaly score ARCHIVE MODEL "
@@ -256,7 +263,7 @@ class ReviewData:
         _choice("size", size, IMAGE_SIZES)
         row = self._row(run_id, uri, f"uri, status, error, threshold, {', '.join(HEATMAP_COLUMNS)}")
         try:
-            image = decode_image(storage.read_bytes(uri, self.options))
+            image = decode_image(read_image(uri, self.options, **self.columns))
         except (OSError, ImageDecodeError) as e:
             raise FileNotFoundError(f"{uri} cannot be read: {e}") from None
         im = Image.fromarray(image)
@@ -270,10 +277,16 @@ class ReviewData:
 
     def label(self, body: Mapping) -> dict:
         """Append the reviewer's label of a row ({run_id, uri, label, comment}); the image's identity
-        (content_sha256) comes from the row, never from the page."""
+        (content_sha256) comes from the row, never from the page. An error row is refused (ValueError): its
+        image was not read, so its content_sha256 is that of no bytes, which every unreadable image shares,
+        and a label of it would apply to all of them."""
         if not isinstance(body, Mapping):
             raise ValueError("send a JSON object {run_id, uri, label, comment}")
-        row = self._row(str(body.get("run_id")), str(body.get("uri")), "uri, content_sha256")
+        row = self._row(str(body.get("run_id")), str(body.get("uri")), "uri, content_sha256, status, error")
+        if row.pop("status") == "error":
+            raise ValueError(f"{row['uri']} was not scored ({row['error']}): an error row has no image to label; "
+                             f"fix or restore the image and score it again")
+        row.pop("error")
         comment = body.get("comment")
         append_labels(self.out, [{**row, "label": body.get("label"), "comment": comment if comment else None}],
                       reviewer=self.reviewer, options=self.options)

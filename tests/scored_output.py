@@ -12,6 +12,7 @@ import pyarrow as pa
 from anomaly_core import storage
 from anomaly_core.schema import PARTITION_COLUMN, output_schema
 from anomaly_core.scoring import encode_grid
+from anomaly_core.shards import pack_tar
 from jobs import output
 from tests.helpers import png_bytes
 
@@ -22,7 +23,7 @@ NORMAL_STD = 0.05
 def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, products=("brick", "tile"),
                  lines=("L1", "L2"), defect_rate: float = 0.05, shift: dict[str, float] | None = None,
                  images: Path | None = None, grid: int = 4, rows_per_file: int = 10_000,
-                 errors: int = 0) -> pa.Table:
+                 errors: int = 0, tar: bool = False) -> pa.Table:
     """Write one complete run per night ({run_date: images}) under `out`; returns every row written
     (output schema with run_date).
 
@@ -30,8 +31,9 @@ def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, prod
     random) N(THRESHOLD + 0.1, NORMAL_STD); product and line cycle over the rows. images: write each
     image as a small PNG there (its uri is that file, its content_sha256 that of the bytes) and make a
     defect's grid hot in its top-left quarter; without it the uris name no file and the content hash is
-    that of the uri. errors: the last rows of each night are error rows (no score, no heatmap), as an
-    unreadable image gives."""
+    that of the uri. tar: with images, put each night's images in one tar shard, `<images>/<night>.tar`,
+    and name them by their member uri (`<shard>#<member>`) instead. errors: the last rows of each night
+    are error rows (no score, no heatmap), as an unreadable image gives."""
     rng = np.random.default_rng(seed)
     tables = []
     for night, n in nights.items():
@@ -41,23 +43,30 @@ def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, prod
         score = (score + NORMAL_STD * rng.standard_normal(n)).astype(np.float32)
         product = [products[i % len(products)] for i in range(n)]
         line = [lines[(i // len(products)) % len(lines)] for i in range(n)]
-        uris, shas, grids = [], [], []
+        uris, shas, grids, members = [], [], [], []
         root = str(images) if images is not None else "/archive"
         for i in range(n):
-            uri = f"{root}/{night}/product={product[i]}/line={line[i]}/img_{i:06d}.png"
+            member = f"product={product[i]}/line={line[i]}/img_{i:06d}.png"
+            uri = f"{root}/{night}.tar#{member}" if tar and images is not None else f"{root}/{night}/{member}"
             g = np.full((grid, grid), score[i] * 0.8, np.float32)
             if defect[i]:
                 g[: grid // 2, : grid // 2] = score[i] * 1.5
             if images is not None:
                 pixels = rng.integers(60, 200, (24, 32, 3), dtype=np.uint8)
                 data = png_bytes(pixels)
-                Path(uri).parent.mkdir(parents=True, exist_ok=True)
-                Path(uri).write_bytes(data)
+                if tar:
+                    members.append((member, data))
+                else:
+                    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+                    Path(uri).write_bytes(data)
                 shas.append(hashlib.sha256(data).hexdigest())
             else:
                 shas.append(hashlib.sha256(uri.encode()).hexdigest())
             uris.append(uri)
             grids.append(encode_grid(g))
+        if members:
+            Path(images).mkdir(parents=True, exist_ok=True)
+            (Path(images) / f"{night}.tar").write_bytes(pack_tar(members))
         verdict = np.where(score >= THRESHOLD, "anomalous", "normal")
         cols = {
             "uri": uris, "content_sha256": shas, "width": np.full(n, 32, np.int32),

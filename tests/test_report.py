@@ -1,9 +1,13 @@
 """The HTML report and the single-image overlay, checked in a real headless Chromium."""
 
+import base64
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
+import tarfile
 
 import duckdb
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from anomaly_core.artifact import FORMAT, FORMAT_VERSION, MANIFEST
 from jobs.cli import main
 from jobs.labels import append_labels
 from jobs.report import calibration_reference, overlay, write_report
@@ -112,3 +117,30 @@ def test_report_flags_the_drifted_night_and_shows_reviewed_precision(tmp_path):
     assert "DRIFT on 1 of 2 nights: 2026-11-21 (median +" in text
     assert "<td>calibration</td><td>40 held-out</td>" in text and "5.0% target" in text
     assert "Reviewed verdicts" in text and "<td>1.00</td>" in text                    # every flag confirmed
+
+
+def test_the_report_shows_images_read_from_tar_shard_members(tmp_path):
+    out = tmp_path / "scores"
+    write_output(out, {"2026-11-21": 8}, seed=4, defect_rate=0.5, images=tmp_path / "archive", tar=True)
+    text = write_report(str(out), str(tmp_path / "r.html"), top=3).read_text()
+    cards = re.findall(r"<img alt='image' src='data:image/png;base64,([^']+)'>.*?<code>([^<]+)</code>", text)
+    assert len(cards) == 3 and "no longer readable" not in text
+    for b64, uri in cards:
+        shard, member = uri.split("#", 1)
+        with tarfile.open(shard) as tf:                                  # the reference: the member's pixels
+            want = np.asarray(Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), want)   # lossless PNG
+
+
+def test_report_with_model_draws_the_models_calibration(tmp_path):
+    out, model = tmp_path / "scores", tmp_path / "model"
+    write_output(out, {"2026-11-21": 40}, seed=5)
+    model.mkdir()                                    # the manifest fields the report reads
+    (model / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                              "calibration": CALIBRATION, "stats": {}}))
+    html_file = tmp_path / "r.html"
+    res = CliRunner().invoke(main, ["report", str(out), "--html", str(html_file), "--model", str(model)])
+    assert res.exit_code == 0, res.output
+    assert "<td>calibration</td><td>40 held-out</td>" in html_file.read_text()
+    assert CliRunner().invoke(main, ["report", str(out), "--html", str(html_file)]).exit_code == 0
+    assert "<td>calibration</td>" not in html_file.read_text()

@@ -3,6 +3,7 @@ the server behind `anomaly review`, and the page driven in a real headless Chrom
 
 import contextlib
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -155,6 +157,39 @@ def test_the_overlay_is_the_image_with_its_rebuilt_heatmap_and_only_rows_are_ser
         data.image(row["run_id"], row["uri"], "image", 999)
 
 
+def member_pixels(uri: str) -> np.ndarray:
+    """[H, W, 3] uint8 pixels of the image `<tar>#<member>`, read with tarfile: the reference."""
+    shard, member = uri.split("#", 1)
+    with tarfile.open(shard) as tf:
+        return np.asarray(Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB"))
+
+
+def test_an_image_in_a_tar_shard_is_served_from_its_member_uri(tmp_path):
+    out = tmp_path / "scores"
+    rows = write_output(out, {"2026-11-21": 6}, seed=2, defect_rate=0.5, images=tmp_path / "archive", tar=True)
+    data = ReviewData(str(out), reviewer="ana")
+    uris = rows["uri"].to_pylist()
+    originals = np.stack([member_pixels(u) for u in uris]).astype(int)             # [6, 24, 32, 3]
+    for i, row in enumerate(rows.to_pylist()):
+        assert ".tar#product=" in row["uri"]
+        served = np.asarray(Image.open(io.BytesIO(data.image(row["run_id"], row["uri"], "image", 240))))
+        assert served.shape == (24, 32, 3)
+        # a JPEG of random pixels is far from them, but nearer to its own member than to any other
+        assert np.abs(originals - served).mean(axis=(1, 2, 3)).argmin() == i
+        assert Image.open(io.BytesIO(data.image(row["run_id"], row["uri"], "overlay", 240))).size == (32, 24)
+
+
+def test_an_error_row_cannot_be_labelled(tmp_path):
+    out = tmp_path / "scores"
+    rows = write_output(out, {"2026-11-21": 6}, errors=2, seed=1).to_pylist()
+    data = ReviewData(str(out), reviewer="ana")
+    bad = next(r for r in rows if r["status"] == "error")
+    with pytest.raises(ValueError, match=f"{re.escape(bad['uri'])} was not scored .cannot decode image.: an "
+                                         "error row has no image to label"):
+        data.label({"run_id": bad["run_id"], "uri": bad["uri"], "label": "normal"})
+    assert read_labels(data.out).num_rows == 0
+
+
 def test_drift_compares_nights_with_the_models_calibration(tmp_path):
     out = tmp_path / "scores"
     write_output(out, {"2026-11-20": 400, "2026-11-21": 400}, shift={"2026-11-21": 0.1}, defect_rate=0.0)
@@ -275,6 +310,18 @@ def test_review_in_chromium_filter_open_label_reload(nightly_output, fitted_mode
         page.wait_for_selector("#drift-summary:has-text('nights')")
         page.click("#drift-summary")
         assert "calibration" in page.inner_text("#drift-body")         # --model: its calibration beside them
+        page.select_option("#filters [name=verdict]", "error")          # broken.png: not scored, no label
+        page.wait_for_selector("body[data-loaded='1']")
+        broken_uri = page.locator(".row").first.get_attribute("data-uri")
+        assert broken_uri.endswith("broken.png") and page.is_hidden("#d-actions")
+        page.keyboard.press("d")
+        page.wait_for_selector("#status:has-text('not labelled')")
+        error_row = request(url + "api/rows?verdict=error")[1]["rows"][0]
+        assert error_row["uri"] == broken_uri
+        status, refused = request(url + "api/labels", data=json.dumps(
+            {"run_id": error_row["run_id"], "uri": broken_uri, "label": "defect"}).encode(),
+            headers={"Content-Type": "application/json"})
+        assert status == 400 and "an error row has no image to label" in refused["error"]
         broken = page.evaluate("Array.from(document.images).filter(i => i.getAttribute('src') && i.complete"
                                " && i.naturalWidth === 0).map(i => i.src)")
         assert broken == []

@@ -155,6 +155,9 @@ function renderDetail(d) {
   const row = state.rows[state.sel];
   $("#detail").dataset.uri = d.uri;
   const hasMap = d.status !== "error";
+  // an error row's image was never read: its content hash is that of no bytes, shared by every
+  // unreadable image, so it offers no label (the server refuses one too)
+  $("#d-actions").hidden = !hasMap;
   for (const [id, kind] of [["#d-image", "image"], ["#d-overlay", "overlay"]]) {
     if (hasMap) $(id).src = imageURL(row, kind, 800);
     else $(id).removeAttribute("src");
@@ -180,6 +183,10 @@ function renderDetail(d) {
 async function label(value) {
   if (state.sel < 0) return;
   const row = state.rows[state.sel];
+  if (row.status === "error") {
+    say(`not labelled: ${row.uri} was not scored, so there is no image to label`, true);
+    return;
+  }
   const comment = $("#d-comment").value.trim();
   let d;
   try {
