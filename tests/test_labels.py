@@ -16,6 +16,7 @@ from jobs.labels import (
     REVIEWER_ENV,
     LabelCache,
     append_labels,
+    labels_dataset,
     labels_uri,
     read_labels,
     reviewer_name,
@@ -151,3 +152,29 @@ def test_processes_appending_at_once_lose_nothing(tmp_path):
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         files = [f for fs in pool.map(_write_many, [(uri, None, w) for w in range(WRITERS)]) for f in fs]
     _expect_every_label(uri, None, files)
+
+
+LABELS_CYCLE = ("defect", "normal")
+
+
+def _label_one_image(args) -> list[str]:
+    """Writer `w` labels the same image WRITES_EACH times. Times come from three instants, so writers tie
+    on the latest one and the tie-break (reviewer, label, uri, comment) decides."""
+    uri, opts, w = args
+    return [append_labels(uri, [{"content_sha256": sha("same"), "uri": f"/archive/copy_{(w + i) % 3}.png",
+                                 "label": LABELS_CYCLE[(w + i) % 2], "comment": None if i % 3 == 0 else f"c{w}-{i}"}],
+                          reviewer=f"r{w % 3}", options=opts, now=T0 + dt.timedelta(microseconds=(w * i) % 3))
+            for i in range(WRITES_EACH)]
+
+
+def test_writers_labelling_the_same_image_at_once_leave_one_label_in_force(out):
+    uri, opts = out
+    with ThreadPoolExecutor(WRITERS) as pool:
+        files = [f for fs in pool.map(_label_one_image, [(uri, opts, w) for w in range(WRITERS)]) for f in fs]
+    assert sorted(storage.list_files(labels_uri(uri), opts)) == sorted(files) and len(set(files)) == len(files)
+    written = labels_dataset(uri, opts).to_table().to_pylist()
+    assert len(written) == WRITERS * WRITES_EACH                      # every label of every file is there
+    # the documented order, by brute force: latest time, then reviewer, label, uri, comment (None lowest)
+    latest = max(written, key=lambda r: (r["labelled_at"], r["reviewer"], r["label"], r["uri"],
+                                         r["comment"] is not None, r["comment"] or ""))
+    assert read_labels(uri, options=opts).to_pylist() == [latest]
