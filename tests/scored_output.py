@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from anomaly_core import storage
 from anomaly_core.schema import PARTITION_COLUMN, output_schema
@@ -97,3 +98,13 @@ def write_output(out: str | Path, nights: dict[str, int], *, seed: int = 0, prod
         output.write_summary(str(out), run_id, {"run_id": run_id, "run_date": night, **output.count_rows(table)})
         tables.append(table)
     return pa.concat_tables(tables)
+
+
+def move_images(out: str | Path, old: str, new: str) -> None:
+    """Rewrite the committed files of `out` with the prefix `old` of every uri replaced by `new`, as if
+    the images had been moved there (the content hashes stay)."""
+    for f in sorted(Path(out).glob(f"{PARTITION_COLUMN}=*/*.parquet")):
+        table = pq.ParquetFile(f).read()
+        uris = [new + u[len(old):] if u.startswith(old) else u for u in table["uri"].to_pylist()]
+        table = table.set_column(table.schema.get_field_index("uri"), table.schema.field("uri"), pa.array(uris))
+        f.write_bytes(output.parquet_bytes(table))

@@ -16,10 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_core.artifact import FORMAT, FORMAT_VERSION, MANIFEST
+from anomaly_core.storage import StorageOptions
 from jobs.cli import main
 from jobs.labels import append_labels
 from jobs.report import calibration_reference, overlay, write_report
-from tests.scored_output import NORMAL_MEAN, NORMAL_STD, THRESHOLD, write_output
+from tests.helpers import make_bucket, upload
+from tests.scored_output import NORMAL_MEAN, NORMAL_STD, THRESHOLD, move_images, write_output
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Chromium (Makefile); elsewhere the browser test says why it did not run.
@@ -130,6 +132,20 @@ def test_the_report_shows_images_read_from_tar_shard_members(tmp_path):
         with tarfile.open(shard) as tf:                                  # the reference: the member's pixels
             want = np.asarray(Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB"))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), want)   # lossless PNG
+
+
+@pytest.mark.integration
+def test_the_report_reads_images_of_a_tar_shard_on_s3(tmp_path, s3_server):
+    out, archive = tmp_path / "scores", tmp_path / "archive"
+    write_output(out, {"2026-11-21": 4}, seed=4, defect_rate=0.5, images=archive, tar=True)
+    make_bucket(s3_server.url, "report-shards")
+    options = StorageOptions(endpoint_url=s3_server.url, max_attempts=2)
+    upload(archive, "s3://report-shards/archive", options)
+    shutil.rmtree(archive)                                             # only the copy on S3 is left
+    move_images(out, str(archive), "s3://report-shards/archive")
+    text = write_report(str(out), str(tmp_path / "r.html"), top=2, options=options).read_text()
+    assert text.count("<img alt='image' src='data:image/png;base64,") == 2 and "no longer readable" not in text
+    assert "<code>s3://report-shards/archive/2026-11-21.tar#product=" in text
 
 
 def test_report_with_model_draws_the_models_calibration(tmp_path):

@@ -28,7 +28,7 @@ from jobs.cli import main
 from jobs.labels import REVIEWER_ENV, append_labels, read_labels
 from jobs.review import Filters, ReviewData
 from tests.helpers import make_bucket, upload
-from tests.scored_output import write_output
+from tests.scored_output import move_images, write_output
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -177,6 +177,25 @@ def test_an_image_in_a_tar_shard_is_served_from_its_member_uri(tmp_path):
         # a JPEG of random pixels is far from them, but nearer to its own member than to any other
         assert np.abs(originals - served).mean(axis=(1, 2, 3)).argmin() == i
         assert Image.open(io.BytesIO(data.image(row["run_id"], row["uri"], "overlay", 240))).size == (32, 24)
+
+
+@pytest.mark.integration
+def test_images_in_a_tar_shard_on_s3_are_served(tmp_path, s3_server):
+    out, archive = tmp_path / "scores", tmp_path / "archive"
+    rows = write_output(out, {"2026-11-21": 4}, seed=2, images=archive, tar=True)
+    originals = np.stack([member_pixels(u) for u in rows["uri"].to_pylist()]).astype(int)
+    make_bucket(s3_server.url, "review-shards")
+    options = StorageOptions(endpoint_url=s3_server.url, max_attempts=2)
+    upload(archive, "s3://review-shards/archive", options)
+    shutil.rmtree(archive)                                             # only the copy on S3 is left
+    move_images(out, str(archive), "s3://review-shards/archive")
+    data = ReviewData(str(out), reviewer="ana", options=options)
+    members = [u.split("#", 1)[1] for u in rows["uri"].to_pylist()]
+    for row in data.rows(Filters())["rows"]:
+        shard, member = row["uri"].split("#", 1)
+        assert shard == "s3://review-shards/archive/2026-11-21.tar"
+        served = np.asarray(Image.open(io.BytesIO(data.image(row["run_id"], row["uri"], "image", 240))))
+        assert np.abs(originals - served).mean(axis=(1, 2, 3)).argmin() == members.index(member)
 
 
 def test_an_error_row_cannot_be_labelled(tmp_path):
