@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -130,7 +131,10 @@ class ShardSink(Datasink):
     `_pieces/<part>/`, and the task lists that shard's pieces: when they hold every row, it writes the
     shard's file from them and deletes them. The last piece of a shard is always written before its
     writer lists, so some task sees all of them (storage lists what was written, S3 included); two
-    tasks that both see all write the same rows under the same name. A killed run leaves pieces of
+    tasks that both see all write the same rows under the same name (each write is whole or nothing),
+    and one that finds the pieces deleted under it leaves the shard to the task that committed it
+    (checking that its file exists). Rows repeated by overlapping pieces (a write task Ray retried with
+    other blocks) are kept once (first_per_uri). A killed run leaves pieces of
     uncommitted shards; the next attempt deletes them (clear_pieces) and scores those shards again."""
 
     def __init__(self, out: str, run_id: str, *, rows_per_write: int, options: StorageOptions | None = None):
@@ -160,18 +164,38 @@ class ShardSink(Datasink):
         return table.num_rows
 
     def _gather(self, shard: str, expected: int) -> pa.Table | None:
-        """Every row of `shard` from its pieces, or None while some are missing."""
-        files = storage.list_files(storage.join(self.pieces, part_name([shard])), self.options)
-        rows = read_columns(files, output_schema().names, self.options)
-        n = len(pc.unique(rows["uri"]))
-        assert n == rows.num_rows, f"pieces of {shard} repeat rows"      # pieces are named by their rows
-        return rows if n == expected else None
+        """Every row of `shard` from its pieces, once each, or None while some are missing or when
+        another task has committed the shard (deleted its pieces) since this one wrote its piece."""
+        try:
+            files = storage.list_files(storage.join(self.pieces, part_name([shard])), self.options)
+            if not files:                             # this task's piece included: deleted since
+                raise FileNotFoundError(shard)
+            pieces = [pq.read_table(io.BytesIO(storage.read_bytes(f, self.options))) for f in files]
+        except FileNotFoundError:                     # deleted by a task that committed the shard meanwhile
+            committed = storage.join(self.staging, f"{part_name([shard])}.parquet")
+            if not storage.exists(committed, self.options):
+                raise RuntimeError(f"the pieces of shard {shard} were deleted, yet it has no committed file "
+                                   f"{committed}; re-run to score it again") from None
+            return None
+        schema = output_schema()
+        rows = first_per_uri(pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces]))
+        return rows if rows.num_rows == expected else None
 
     def _commit(self, shard: str, rows: pa.Table) -> None:
         rows = rows.sort_by("uri")
         storage.write_bytes(storage.join(self.staging, f"{part_name([shard])}.parquet"), parquet_bytes(rows),
                             self.options)
-        storage.delete(storage.join(self.pieces, part_name([shard])), self.options)
+        try:
+            storage.delete(storage.join(self.pieces, part_name([shard])), self.options)
+        except FileNotFoundError:                     # another task committing the same shard deleted them
+            pass
+
+
+def first_per_uri(rows: pa.Table) -> pa.Table:
+    """`rows` without repeats: the first row of each uri. Pieces of one shard overlap when Ray retried a
+    write task with other blocks than its first attempt had (each attempt's piece is named by its rows)."""
+    _, first = np.unique(np.asarray(rows["uri"].to_pylist(), dtype=object), return_index=True)
+    return rows.take(pa.array(np.sort(first)))
 
 
 def clear_pieces(out: str, run_id: str, options: StorageOptions | None = None) -> None:

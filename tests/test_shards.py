@@ -2,6 +2,7 @@
 archives of shards listed, decoded batches of shards, commits by shard (ShardSink) and `anomaly pack`."""
 
 import io
+import multiprocessing
 import re
 import tarfile
 
@@ -159,6 +160,50 @@ def test_a_shard_split_over_write_tasks_is_committed_as_one_file_once_all_its_ro
     (a,) = [f for f in output.run_files(out, "r1", "2026-11-22") if output.file_part(f) == part]
     assert output.count_file(a) == {"part": part, "foreign": 0, "images": 3,
                                     "anomalous": 0, "errors": 0, "warnings": 0, "duplicates": 0}
+
+
+_barrier = None
+
+
+def _start_together(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _write_one_row(out: str, member: str, n: int) -> str | None:
+    """One write task holding one row of a shard of `n` rows, started with the others of its trial."""
+    t = rows([f"/s/a.tar#{member}"]).append_column(SHARD_ROWS, pa.array([n], pa.int64()))
+    _barrier.wait()
+    try:
+        output.ShardSink(out, "r1", rows_per_write=1).write([t], None)
+    except Exception as e:                                          # reported to the test, which names it
+        return repr(e)
+    return None
+
+
+def test_write_tasks_finishing_one_shard_together_commit_it_once_without_failing(tmp_path):
+    n, trials = 6, 50
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(n, initializer=_start_together, initargs=(ctx.Barrier(n),)) as pool:
+        for trial in range(trials):
+            out = str(tmp_path / str(trial))
+            errors = pool.starmap(_write_one_row, [(out, f"{i}.png", n) for i in range(n)])
+            assert errors == [None] * n, f"trial {trial}"
+            (f,) = output.run_files(out, "r1", "2026-11-22")
+            assert sorted(output.read_columns([f], ["uri"])["uri"].to_pylist()) == [
+                f"/s/a.tar#{i}.png" for i in range(n)], f"trial {trial}"
+            assert storage.list_files(output.pieces_uri(out, "r1")) == [], f"trial {trial}"
+
+
+def test_rows_repeated_by_overlapping_pieces_are_committed_once(tmp_path):
+    out = str(tmp_path)
+    sink = output.ShardSink(out, "r1", rows_per_write=1)
+    sink.write([shard_rows("/s/a.tar", ["0.png"])], None)
+    sink.write([shard_rows("/s/a.tar", ["0.png", "1.png"])], None)    # a retried task, other blocks
+    assert output.committed_parts(out, "r1", "2026-11-22") == set()
+    sink.write([shard_rows("/s/a.tar", ["2.png"])], None)
+    (f,) = output.run_files(out, "r1", "2026-11-22")
+    assert output.read_columns([f], ["uri"])["uri"].to_pylist() == [f"/s/a.tar#{i}.png" for i in range(3)]
 
 
 def test_a_file_holding_rows_of_another_shard_counts_them_as_foreign(tmp_path):
