@@ -175,24 +175,28 @@ def list_archive(uri: str | list[str], options: StorageOptions | None = None) ->
     - a folder or s3:// prefix, listed recursively: its images, or its shards (*.tar, *.parquet);
     - a manifest file (.txt/.lst: one URI per line, `#` comments; relative entries are relative to the
       manifest's folder) of image or shard URIs, for archives whose listing is itself expensive;
-    - one image or shard URI, or a brace range of them (`shard-{000000..000999}.tar`).
+    - one image or shard URI, or a brace range of them (`shard-{000000..000999}.tar`);
+    - a brace range of folders or prefixes (`line-{1..3}/`): each listed as a folder is.
 
     A listed name that does not exist becomes an error row when read (as a missing image in a manifest
     does); a folder, prefix or single URI that does not exist fails here, as does an empty archive (a
     nightly job started before the upload finished must fail, not record an empty audit). Only names
     travel to the driver, never image bytes."""
     found: set[str] = set()
+    checked: set[str] = set()                         # buckets: one request each, not one per name
     for given in [uri] if isinstance(uri, str) else uri:
         expanded = expand_braces(given)
         for u in map(storage.normalise, expanded):
-            storage.check_bucket(u, options)
+            if (bucket := bucket_of(u)) not in checked:
+                storage.check_bucket(u, options)
+                checked.add(bucket)
             if u.lower().endswith(MANIFEST_SUFFIXES):
                 found.update(read_manifest_file(u, options))
-            elif expanded != [given]:
+            elif expanded != [given] and u.lower().endswith(IMAGE_SUFFIXES + SHARD_SUFFIXES):
                 found.add(u)                          # named one by one: a missing one is an error row
             elif is_shard(u) and storage.is_file(u, options):
                 found.add(u)
-            else:
+            else:                                     # a folder or prefix (a brace range of them too)
                 listed = storage.list_files(u, options, suffixes=IMAGE_SUFFIXES + SHARD_SUFFIXES, skip_hidden=False)
                 if not listed and not storage.exists(u, options):
                     raise FileNotFoundError(f"{u} not found: give a folder, an s3://bucket/prefix, a manifest "
@@ -224,9 +228,14 @@ def read_manifest_file(uri: str, options: StorageOptions | None = None) -> set[s
         if line and not line.startswith("#"):
             absolute = "://" in line or line.startswith("/")
             out.update(map(storage.normalise, expand_braces(line if absolute else storage.join(base, line))))
-    for bucket in {x.split("/", 3)[2] for x in out if storage.is_s3(x)}:
-        storage.check_bucket(f"s3://{bucket}", options)
+    for bucket in {bucket_of(x) for x in out if storage.is_s3(x)}:
+        storage.check_bucket(bucket, options)
     return out
+
+
+def bucket_of(uri: str) -> str:
+    """`s3://bucket` of an s3:// URI; "" for a local path (there is no bucket to check)."""
+    return "s3://" + uri.split("/", 3)[2] if storage.is_s3(uri) else ""
 
 
 def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> list[str]:
@@ -268,13 +277,26 @@ def check_image_columns(shards: list[str], *, image_column: str, id_column: str 
         return
 
 
+MAX_SHARDS_PER_BLOCK = 16
+BLOCKS_OF_ONE_SHARD = 256
+
+
+def shards_per_block(n: int) -> int:
+    """Shard names per input block: one while there are at most BLOCKS_OF_ONE_SHARD shards (a read task
+    each, spread over the cluster), more for large archives, up to MAX_SHARDS_PER_BLOCK, so that 10^5
+    shards are not 10^5 objects put by the driver."""
+    return max(1, min(MAX_SHARDS_PER_BLOCK, -(-n // BLOCKS_OF_ONE_SHARD)))
+
+
 def read_shards_decoded(shards: list[str], *, input_size: int, batch_size: int,
                         options: StorageOptions | None = None, image_column: str = "image",
                         id_column: str | None = None) -> ray.data.Dataset:
     """Ray Data dataset of decoded images (anomaly_core.decode.read_shards) of `shards`, in shard order
     and member order within a shard: each shard is fetched whole (one request) and decoded by one CPU
-    task, never on the driver or a GPU actor, and comes out in batches of `batch_size` rows."""
-    ds = ray.data.from_arrow([pa.table({"shard": [s]}) for s in shards])
+    task, never on the driver or a GPU actor, and comes out in batches of `batch_size` rows. Input
+    blocks hold shards_per_block names; each call of read_shards still gets one shard."""
+    per_block = shards_per_block(len(shards))
+    ds = ray.data.from_arrow([pa.table({"shard": shards[s:s + per_block]}) for s in range(0, len(shards), per_block)])
     # half a CPU, as in read_decoded: reading stays out of the model actors
     return ds.map_batches(read_shards, fn_kwargs={"input_size": input_size, "batch_rows": batch_size,
                                                   "options": options, "image_column": image_column,

@@ -134,6 +134,15 @@ def test_an_archive_of_shards_is_a_prefix_a_brace_range_or_a_manifest(tmp_path):
     assert list_archive(listed[0]).shards == listed[:1]
 
 
+def test_a_brace_range_of_folders_lists_each_folder_and_a_missing_one_fails(tmp_path):
+    for line in (1, 2):
+        (tmp_path / f"line-{line}" / "a").mkdir(parents=True)
+        (tmp_path / f"line-{line}" / "a" / "0.png").write_bytes(image(line))
+    assert list_archive(f"{tmp_path}/line-{{1..2}}/").images == [f"{tmp_path}/line-{i}/a/0.png" for i in (1, 2)]
+    with pytest.raises(FileNotFoundError, match=r"line-3 not found"):
+        list_archive(f"{tmp_path}/line-{{1..3}}")
+
+
 def test_an_archive_of_images_and_shards_together_is_refused_naming_both(tmp_path):
     (tmp_path / "a.png").write_bytes(image(0))
     (tmp_path / "s.tar").write_bytes(pack_tar([("0.png", image(1))]))

@@ -11,12 +11,14 @@ import pytest
 
 from anomaly_core import storage
 from anomaly_core.config import ModelConfig
+from anomaly_core.decode import SHARD_ROWS
 from anomaly_core.shards import pack_tar
 from anomaly_core.storage import StorageOptions
+from jobs import runtime
 from jobs.analyst import connect
 from jobs.fit import run_fit
 from jobs.pack import run_pack
-from jobs.runtime import list_archive
+from jobs.runtime import list_archive, read_shards_decoded, shards_per_block
 from jobs.score import run_score
 from tests.helpers import TEST_CONFIG_KW, make_bucket, upload
 
@@ -63,12 +65,29 @@ def below(marker: str):
     return lambda uri: uri.split(marker, 1)[1]
 
 
-def test_brace_ranges_and_prefixes_list_the_right_shards(s3):
+def test_brace_ranges_and_prefixes_list_the_right_shards(s3, s3_server):
     shards = [f"s3://lake/tar/test/shard-{i:06d}.tar" for i in range(4)]
+    before = s3_server.requests
+    assert len(list_archive("s3://lake/tar/test/shard-{000000..000999}.tar", s3).shards) == 1000
+    assert s3_server.requests - before == 1                     # the bucket checked once, not once per name
     assert list_archive("s3://lake/tar/test", s3).shards == shards
     assert list_archive("s3://lake/tar/test/shard-{000001..000002}.tar", s3).shards == shards[1:3]
     storage.write_bytes("s3://lake/lists/test.txt", b"s3://lake/tar/test/shard-{000000..000003}.tar\n", s3)
     assert list_archive("s3://lake/lists/test.txt", s3).shards == shards
+
+
+def test_shards_read_in_blocks_of_several_names_give_the_rows_one_shard_per_block_gives(s3, monkeypatch):
+    shards = list_archive("s3://lake/tar/test", s3).shards
+
+    def rows():
+        ds = read_shards_decoded(shards, input_size=32, batch_size=2, options=s3)
+        return sorted((r["path"], r[SHARD_ROWS], r["pixels"].tobytes()) for r in ds.take_all())
+
+    assert shards_per_block(len(shards)) == 1
+    one_per_block = rows()
+    monkeypatch.setattr(runtime, "BLOCKS_OF_ONE_SHARD", 1)
+    assert shards_per_block(len(shards)) == 4
+    assert rows() == one_per_block and len(one_per_block) == 10
 
 
 def test_fit_and_score_from_tar_shards_equal_fit_and_score_from_the_files(models, s3):
