@@ -3,10 +3,12 @@
 Two forms, told apart by the name's suffix:
 
 - `.tar` in the WebDataset convention: each member's key is its path up to the first dot of its base name
-  (`a/0001.jpg`, `a/0001.cls` and `a/0001.seg.png` are one sample, key `a/0001`). Every member whose
-  extension is an image extension (anomaly_core.images.IMAGE_EXTENSIONS) is an image; the other members
-  of a sample (labels, metadata) are ignored. A member name repeated later in the tar replaces the
-  earlier one, as extracting the tar would.
+  and its extension the rest (`a/0001.jpg`, `a/0001.cls` and `a/0001.seg.png` are one sample, key
+  `a/0001`, extensions `jpg`, `cls`, `seg.png`). A sample is one image: of its members whose extension
+  ends with an image extension (anomaly_core.images.IMAGE_EXTENSIONS), the first by IMAGE_PREFERENCE, a
+  plain extension (`png`) before a compound one (`seg.png`, a mask or another view); its other members
+  (labels, metadata, masks) are ignored. A member name repeated later in the tar replaces the earlier
+  one, as extracting the tar would.
 - `.parquet`: a table with an image column, either a struct with `bytes` (and `path`), as Hugging Face
   datasets store images, or a binary column; optionally an id column.
 
@@ -36,6 +38,11 @@ from anomaly_core.storage import StorageOptions
 TAR, PARQUET = ".tar", ".parquet"
 SHARD_SUFFIXES = (TAR, PARQUET)
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
+# which member of a WebDataset sample is its image: the first of these extensions it has
+IMAGE_PREFERENCE = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+assert sorted(IMAGE_PREFERENCE) == sorted(IMAGE_EXTENSIONS)
+# `<shard>#row=<i>` names Parquet row i: an id of that form would name another row
+ROW_URI = re.compile(r"row=[0-9]+")
 
 # (uri, bytes, error): error "" when the bytes are the image's; bytes b"" when error is set
 Sample = tuple[str, bytes, str]
@@ -68,10 +75,28 @@ def expand_braces(uri: str) -> list[str]:
     return [head + str(i).zfill(width) + rest for i in range(int(lo), int(hi) + 1) for rest in expand_braces(tail)]
 
 
+def sample_key(member: str) -> tuple[str, str]:
+    """(key, extension) of a tar member in the WebDataset convention: "a/0001.seg.png" -> ("a/0001",
+    "seg.png"); the extension is "" when the base name has no dot."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def image_rank(ext: str) -> tuple[int, int] | None:
+    """Sort key of a member's extension among its sample's images (lower first), None when it is no image:
+    a plain image extension by IMAGE_PREFERENCE, then a compound one ending with one (`seg.png`)."""
+    ext = ext.lower()
+    if ext in IMAGE_PREFERENCE:
+        return 0, IMAGE_PREFERENCE.index(ext)
+    last = ext.rpartition(".")[2]
+    return (1, IMAGE_PREFERENCE.index(last)) if last in IMAGE_PREFERENCE else None
+
+
 def tar_samples(shard: str, data: bytes) -> Iterator[Sample]:
-    """The image samples of tar file `shard` whose bytes are `data`, in member order (a replaced member
-    keeps the place of its first occurrence)."""
-    found: dict[str, Sample] = {}
+    """The image samples of tar file `shard` whose bytes are `data`, one per WebDataset sample (module
+    docstring), in the order of each sample's first member."""
+    found: dict[str, tuple[tuple[int, int], Sample]] = {}     # key -> (rank, sample of its image)
     try:
         tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
     except tarfile.TarError as e:
@@ -89,16 +114,18 @@ def tar_samples(shard: str, data: bytes) -> Iterator[Sample]:
             if data[tf.offset:].strip(b"\0"):
                 failure = f"{len(data) - tf.offset} bytes after the last whole member are not a member"
             break
-        if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES):
+        key, ext = sample_key(member.name)
+        rank = image_rank(ext) if member.isfile() else None
+        if rank is None or (key in found and found[key][0] < rank):
             continue
         uri = f"{shard}#{member.name}"
         try:
-            found[uri] = (uri, tf.extractfile(member).read(), "")
+            found[key] = (rank, (uri, tf.extractfile(member).read(), ""))
         except (tarfile.TarError, EOFError) as e:
-            found[uri] = (uri, b"", f"{uri}: member cut short ({e})")
+            found[key] = (rank, (uri, b"", f"{uri}: member cut short ({e})"))
             failure = str(e)
             break
-    yield from found.values()
+    yield from (sample for _, sample in found.values())
     if failure:
         yield shard, b"", f"{shard}: truncated or corrupt tar after {len(found)} image members ({failure})"
     elif not found:
@@ -127,11 +154,25 @@ def check_parquet_schema(schema: pa.Schema, *, image_column: str, id_column: str
     image_column_bytes(pa.array([], schema.field(image_column).type), image_column)
 
 
+def row_uri(shard: str, i: int, key, seen: set[str]) -> tuple[str, str]:
+    """(uri, error) of Parquet row `i` whose id is `key` (None: no id), `seen` the URIs of the rows
+    before it: `<shard>#<id>`, else `<shard>#row=<i>` with an error when the id repeats one of `seen` or
+    has the form row=<n> (it could name another row). Every row of a file so gets its own URI."""
+    uri = f"{shard}#row={i}"
+    if key is None:
+        return uri, ""
+    if ROW_URI.fullmatch(str(key)):
+        return uri, f"{uri}: id {key!r} has the form row=<n>, which names rows by number; use other ids"
+    if f"{shard}#{key}" in seen:
+        return uri, f"{uri}: id {key!r} repeats an earlier row's"
+    return f"{shard}#{key}", ""
+
+
 def parquet_samples(shard: str, data: bytes, *, image_column: str = "image",
                     id_column: str | None = None) -> Iterator[Sample]:
     """The image samples of Parquet file `shard` whose bytes are `data`, row by row. A row group that
-    cannot be decoded gives an error sample per row (`#row=<i>`, ids being unreadable too); a null or
-    duplicated id gives `#row=<i>`, the duplicate with an error."""
+    cannot be decoded gives an error sample per row (`#row=<i>`, ids being unreadable too); a null id
+    gives `#row=<i>`, and so does a repeated id or one of the form row=<n>, with an error (row_uri)."""
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
         check_parquet_schema(pf.schema_arrow, image_column=image_column, id_column=id_column, where=shard)
@@ -153,11 +194,8 @@ def parquet_samples(shard: str, data: bytes, *, image_column: str = "image",
             start += n
             continue
         for i, (blob, key) in enumerate(zip(blobs, ids, strict=True), start=start):
-            uri = f"{shard}#row={i}" if key is None or f"{shard}#{key}" in seen else f"{shard}#{key}"
-            error = ""
-            if key is not None and uri.endswith(f"#row={i}"):
-                error = f"{uri}: id {key!r} repeats an earlier row's"
-            elif blob is None:
+            uri, error = row_uri(shard, i, key, seen)
+            if not error and blob is None:
                 error = f"{uri}: no image bytes in column {image_column!r}"
             seen.add(uri)
             yield uri, b"" if error else blob, error

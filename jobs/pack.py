@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 
 from anomaly_core import storage
-from anomaly_core.shards import pack_tar
+from anomaly_core.shards import pack_tar, sample_key
 from anomaly_core.storage import StorageOptions
 from jobs.runtime import list_inputs
 
@@ -35,6 +35,19 @@ def member_names(uris: list[str], root: str) -> list[str]:
     return [u[len(root) + 1:] for u in uris]
 
 
+def check_sample_keys(names: list[str]) -> None:
+    """Raise ValueError when two images would be one WebDataset sample (the same path up to the first
+    dot of the base name, anomaly_core.shards.sample_key): a reader would take only one of them."""
+    first: dict[str, str] = {}
+    for name in names:
+        key = sample_key(name)[0]
+        if key in first:
+            raise ValueError(f"{first[key]!r} and {name!r} would be one sample in a tar shard (WebDataset key "
+                             f"{key!r}: the path up to the first dot of the file name), and only one of them "
+                             f"read; rename one (e.g. replace dots before the extension with '_')")
+        first[key] = name
+
+
 def shard_uri(out: str, index: int) -> str:
     return storage.join(out, f"shard-{index:0{SHARD_DIGITS}d}.tar")
 
@@ -44,7 +57,8 @@ def run_pack(images: str, out: str, *, shard_size: int = 1000, workers: int = 8,
     """Pack the images named by `images` (jobs.runtime.list_inputs) into tar shards of `shard_size`
     images under `out`; `workers` shards are built at once (each fetches its images and writes one
     object). An image that disappeared since the listing is left out, with a warning; any other storage
-    error stops the command. Refuses an `out` that holds shards already. Returns {"shards": brace range
+    error stops the command. Refuses an `out` that holds shards already, and images that would share a
+    WebDataset sample (check_sample_keys). Returns {"shards": brace range
     of the written shards, "count": shards written, "images": images packed, "missing": images left out}."""
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1 (images per tar shard, e.g. 1000)")
@@ -55,6 +69,7 @@ def run_pack(images: str, out: str, *, shard_size: int = 1000, workers: int = 8,
     if existing := storage.list_files(out, options, suffixes=(".tar",)):
         raise FileExistsError(f"{out} holds shards already (e.g. {existing[0]}); pack into an empty folder or prefix")
     names = member_names(uris, storage.normalise(images))
+    check_sample_keys(names)
     chunks = [list(zip(uris[s:s + shard_size], names[s:s + shard_size], strict=True))
               for s in range(0, len(uris), shard_size)]
 

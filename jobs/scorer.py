@@ -28,12 +28,14 @@ from anomaly_core.threshold import normalise
 
 log = logging.getLogger(__name__)
 
-_PATH_LABEL = {key: re.compile(rf"(?:^|/){key}=([^/]+)/") for key in ("product", "line")}
+# a folder starts the URI, follows a '/', or starts a shard member's name (after '#')
+_PATH_LABEL = {key: re.compile(rf"(?:^|[/#]){key}=([^/#]+)/") for key in ("product", "line")}
 
 
 def path_label(uri: str, key: str) -> str:
-    """Value of a Hive-style `key=value` folder in `uri` ("" when absent): archives laid out as
-    .../product=P/line=L/... get those as columns without a side table."""
+    """Value of the first Hive-style `key=value` folder in `uri` ("" when absent): archives laid out as
+    .../product=P/line=L/... get those as columns without a side table. In a shard's image URI the
+    folders of the shard's path come first, then those of the member name (`anomaly pack` keeps them)."""
     m = _PATH_LABEL[key].search(uri)
     return m.group(1) if m else ""
 

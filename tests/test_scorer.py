@@ -8,6 +8,8 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.decode import decode_batch
 from anomaly_core.model import Model
 from anomaly_core.scoring import peak_locations
+from anomaly_core.shards import tar_samples
+from jobs.pack import run_pack
 from jobs.scorer import Scorer, path_label
 from tests.helpers import png_bytes
 from tests.test_model import parts, stained
@@ -82,6 +84,17 @@ def test_product_and_line_come_from_hive_folders():
     uri = "s3://archive/product=plate/line=3/2026-11-22/a.png"
     assert (path_label(uri, "product"), path_label(uri, "line")) == ("plate", "3")
     assert path_label("s3://archive/a.png", "line") == ""
+
+
+def test_product_and_line_of_a_packed_archive_come_from_the_member_names_too(tmp_path):
+    folder = tmp_path / "in" / "product=tile" / "line=L1"
+    folder.mkdir(parents=True)
+    (folder / "0.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    run_pack(str(tmp_path / "in"), str(tmp_path / "out"))
+    ((uri, _, _),) = tar_samples("s3://shards/line=L9/shard-000000.tar",
+                                 (tmp_path / "out" / "shard-000000.tar").read_bytes())
+    assert uri == "s3://shards/line=L9/shard-000000.tar#product=tile/line=L1/0.png"
+    assert (path_label(uri, "product"), path_label(uri, "line")) == ("tile", "L9")    # the shard's path first
 
 
 def test_each_scorer_logs_its_device_index_and_search_path(model_dir, caplog):

@@ -49,12 +49,20 @@ def test_a_brace_range_expands_padded_to_the_width_of_its_bounds():
 
 
 def test_tar_members_are_images_by_extension_in_order_and_a_repeated_name_replaces_the_earlier():
-    data = pack_tar([("a/0001.jpg", b"j1"), ("a/0001.cls", b"3"), ("a/0001.seg.png", b"s1"), ("0002.PNG", b"p2"),
+    data = pack_tar([("a/0001.jpg", b"j1"), ("a/0001.cls", b"3"), ("0002.PNG", b"p2"), ("b.c/0003.x.bmp", b"b3"),
                      ("a/0001.jpg", b"j1-again")])
     assert list(tar_samples("s3://b/s.tar", data)) == [
-        ("s3://b/s.tar#a/0001.jpg", b"j1-again", ""), ("s3://b/s.tar#a/0001.seg.png", b"s1", ""),
-        ("s3://b/s.tar#0002.PNG", b"p2", "")]
+        ("s3://b/s.tar#a/0001.jpg", b"j1-again", ""), ("s3://b/s.tar#0002.PNG", b"p2", ""),
+        ("s3://b/s.tar#b.c/0003.x.bmp", b"b3", "")]
     assert shard_of("s3://b/s.tar#a/0001.jpg") == shard_of("s3://b/s.tar") == "s3://b/s.tar"
+
+
+def test_a_webdataset_sample_is_one_image_its_member_by_the_extension_preference():
+    data = pack_tar([("a/0001.seg.png", b"mask"), ("a/0001.png", b"png"), ("a/0001.cls", b"3"), ("a/0001.jpg", b"jpg"),
+                     ("a/0002.seg.png", b"mask only"), ("a/0002.json", b"{}"), ("b/0001.tiff", b"tiff"),
+                     ("b/0001.webp", b"webp"), ("b/0001.depth.tif", b"depth")])
+    assert [(u.split("#")[1], b) for u, b, _ in tar_samples("s.tar", data)] == [
+        ("a/0001.jpg", b"jpg"), ("a/0002.seg.png", b"mask only"), ("b/0001.webp", b"webp")]
 
 
 def test_a_truncated_tar_yields_its_whole_members_and_one_error_naming_the_shard():
@@ -89,6 +97,14 @@ def test_parquet_binary_column_with_ids_and_a_repeated_id_is_an_error_row():
     assert [(u, b, bool(e)) for u, b, e in samples] == [("t.parquet#p-1", b"a", False), ("t.parquet#p-2", b"b", False),
                                                         ("t.parquet#row=2", b"", True)]
     assert "repeats" in samples[2][2]
+
+
+def test_an_id_shaped_as_a_row_number_never_takes_another_rows_uri():
+    table = pa.table({"png": pa.array([b"a", b"b", b"c"]), "part": ["row=1", None, "row=2"]})
+    samples = list(parquet_samples("t.parquet", parquet(table), image_column="png", id_column="part"))
+    assert [(u, b, bool(e)) for u, b, e in samples] == [
+        ("t.parquet#row=0", b"", True), ("t.parquet#row=1", b"b", False), ("t.parquet#row=2", b"", True)]
+    assert "has the form row=<n>" in samples[0][2]
 
 
 def test_an_unreadable_parquet_file_or_a_missing_column_is_one_error_row_naming_the_file():
@@ -234,3 +250,12 @@ def test_pack_writes_sorted_shards_of_the_given_size_with_paths_below_the_folder
     assert read_image(f"{tmp_path}/out/shard-000002.tar#line=L1/4.png") == image(4)
     with pytest.raises(FileExistsError, match="holds shards already"):
         run_pack(str(tmp_path / "in"), str(tmp_path / "out"), shard_size=2)
+
+
+def test_pack_refuses_images_that_would_be_one_webdataset_sample(tmp_path):
+    for name in ("a.1.png", "a.2.png"):
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(image(0))
+    with pytest.raises(ValueError, match=r"'a.1.png' and 'a.2.png' would be one sample .* key 'a'"):
+        run_pack(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
