@@ -158,3 +158,20 @@ def test_a_missing_image_column_stops_the_job_naming_the_columns_there_are(model
     with pytest.raises(ValueError, match=r"has no column 'pixels'; its columns: \['image', 'name'\]"):
         run_score("s3://lake/parquet/test", "s3://lake/models/files", "s3://lake/out/nocol", image_column="pixels",
                   run_date="2026-11-30", options=s3)
+
+
+def test_an_outage_while_reading_a_shard_stops_the_job_and_a_rerun_finishes_it(models, s3, s3_server):
+    out = "s3://lake/out/outage"
+    s3_server.cut_at(rb"^GET /lake/tar/test/shard-000002\.tar", after=0)     # the server gone at that read
+    try:
+        with pytest.raises(OSError, match="NETWORK_CONNECTION") as e:
+            run_score("s3://lake/tar/test", "s3://lake/models/files", out, batch_size=4, run_date="2026-11-30",
+                      options=s3)
+    finally:
+        s3_server.restore()
+    assert not isinstance(e.value, storage.StorageError)                    # an outage is not a permanent error
+    assert storage.list_files(storage.join(out, "_runs"), s3, suffixes=(".json",)) == []   # not complete
+    summary = run_score("s3://lake/tar/test", "s3://lake/models/files", out, batch_size=4, run_date="2026-11-30",
+                        options=s3)
+    assert (summary["images"], summary["errors"], summary["duplicates"], summary["shards"]) == (10, 0, 0, 4)
+    assert summary["scored_now"] + summary["resumed_from"] == 10
