@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from anomaly_core.backbone import normalised_tokens
 from anomaly_core.config import ModelConfig
-from anomaly_core.index import MemoryBank, flat_vectors
+from anomaly_core.index import MemoryBank
 from anomaly_core.patches import position_code
 from anomaly_core.scoring import reduce_grids, smoothing_matrix, upsampling_matrix
 from anomaly_core.tiling import cut_tiles, stitch_tiles
@@ -78,12 +78,12 @@ def exportable(config: ModelConfig, bank: MemoryBank) -> None:
 
 
 def bank_vectors(bank: MemoryBank) -> np.ndarray:
-    """The bank's vectors [M, D] float32 unit rows, shards in order (index.flat_vectors: flat, HNSW and IVF
-    store them whole). The order within a shard does not matter to the graph's maximum."""
-    out = [flat_vectors(shard) for shard in bank.shards]
-    if any(v is None for v in out):
+    """The bank's vectors [M, D] float32 unit rows, shards in order (MemoryBank.vectors), for the graph's
+    exact search; an ivfpq bank is refused (its codes are not the vectors it was fitted on). The order
+    within a shard does not matter to the graph's maximum."""
+    if bank.kind == "ivfpq":
         raise ValueError(f"index kind {bank.kind!r}: its vectors are not stored whole; refit with --index flat")
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)                  # [M, D]
+    return np.ascontiguousarray(bank.vectors(), dtype=np.float32)                       # [M, D]
 
 
 def tile_index(config: ModelConfig) -> np.ndarray:

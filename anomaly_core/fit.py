@@ -217,6 +217,28 @@ def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: M
                if "width" in block else np.zeros((0, 2), dtype=np.int64)))
 
 
+def calibration_passes(blocks: Sequence, *, plan: SplitPlan | None, n_estimate: int, banked: Callable,
+                       config: ModelConfig, map_fn: MapFn, block_of: Callable) -> tuple[tuple, list[BlockCalibration]]:
+    """The bank passes of a calibrated fit (fit_bank) or update (anomaly_core.update), and their calibration.
+
+    banked(leave_out, estimate) -> (selection, MemoryBank): a bank of the blocks' images less fold
+    `leave_out` (None: every image), `estimate` the patches expected in it. Cross-fitted plan: each fold
+    is scored by a bank built without it, then the final bank holds every image. Otherwise (a hold-out
+    plan, or None) fold 0 is left out of the one bank and scored by it.
+    Returns (the final banked(...) result, the calibration of every block, fold by fold).
+    """
+    def calibrated(fold: int, bank: MemoryBank) -> list[BlockCalibration]:
+        return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
+                      bank.serialize())
+
+    if plan is not None and plan.crossfit:
+        fold_estimate = n_estimate * (plan.n_folds - 1) // plan.n_folds
+        parts = [c for f in range(plan.n_folds) for c in calibrated(f, banked(f, fold_estimate)[1])]
+        return banked(None, n_estimate), parts
+    final = banked(0, n_estimate)
+    return final, calibrated(0, final[1])
+
+
 def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estimate: int,
              map_fn: MapFn = local_map, block_of: Callable = identity,
              search_device: str = "cpu") -> tuple[MemoryBank, Calibration, FitStats]:
@@ -241,17 +263,8 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
         return core, MemoryBank.build(core.features, kind=kind, shard_size=config.shard_size,
                                       seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
 
-    def calibrated(fold: int, bank: MemoryBank) -> list[BlockCalibration]:
-        return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
-                      bank.serialize())
-
-    if plan.crossfit:
-        fold_estimate = n_estimate * (plan.n_folds - 1) // plan.n_folds
-        parts = [c for f in range(plan.n_folds) for c in calibrated(f, fitted(f, fold_estimate)[1])]
-        core, bank = fitted(None, n_estimate)
-    else:
-        core, bank = fitted(0, n_estimate)
-        parts = calibrated(0, bank)
+    (core, bank), parts = calibration_passes(blocks, plan=plan, n_estimate=n_estimate, banked=fitted,
+                                             config=config, map_fn=map_fn, block_of=block_of)
     t_core = time.perf_counter() - t0
     log.info("coreset: %d of %d patches, cover radius %.4f; calibration %s; %.1fs",
              core.features.shape[0], core.n_points, core.cover_radius, plan.name, t_core)

@@ -294,6 +294,20 @@ class MemoryBank:
                  self.search_path)
         return self
 
+    def vectors(self) -> np.ndarray:
+        """[M, D] float32 vectors of the bank, shards in order: the stored vectors of flat, hnsw and ivf shards
+        (flat_vectors), the reconstruction from the codes for ivfpq (what its search compares against).
+        The shards are not modified."""
+        out = []
+        for shard in self.shards:
+            vectors = flat_vectors(shard)
+            if vectors is None:
+                shard = faiss.clone_index(shard)
+                shard.make_direct_map()
+                vectors = shard.reconstruct_n(0, shard.ntotal)
+            out.append(vectors)
+        return np.concatenate(out)
+
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """queries: [N, D] float32 L2-normalised -> ([N] float32 cosine distance to the nearest entry,
         [N] int64 its index in the bank, shards in order), by this process's search path (place)."""

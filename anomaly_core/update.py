@@ -2,7 +2,7 @@
 statistics of a new model that also covers them, without a refit and without the features of the
 parent's training images.
 
-**Bank.** The parent's bank vectors (bank_vectors) are the centres from which greedy k-center continues
+**Bank.** The parent's bank vectors (MemoryBank.vectors) are the centres from which greedy k-center continues
 over the new patches (anomaly_core.coreset.continue_coreset): a new patch farther than the parent's
 recorded cover radius from every centre is a candidate, and greedy picks among the candidates up to a
 budget (default: coreset_ratio of the new patches, the density a fit gives them) or until every candidate
@@ -46,30 +46,15 @@ import numpy as np
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import Extension, MapFn, continue_coreset, coreset_size, identity, local_map
-from anomaly_core.fit import FitStats, SplitPlan, bank_patches, calibrate_block, compose, split_calibration
+from anomaly_core.fit import FitStats, SplitPlan, bank_patches, calibration_passes, compose, split_calibration
 from anomaly_core.images import size_range
-from anomaly_core.index import MemoryBank, flat_vectors
+from anomaly_core.index import MemoryBank
 from anomaly_core.threshold import Calibration, calibrate
 
 log = logging.getLogger(__name__)
 
 # New images below which none is held out: all go into the bank (split_calibration needs 3 for a hold-out).
 MIN_NEW_CALIBRATION = 3
-
-
-def bank_vectors(bank: MemoryBank) -> np.ndarray:
-    """[M, D] float32 vectors of the bank, shards in order: the stored vectors of flat, hnsw and ivf shards
-    (index.flat_vectors), the reconstruction from the codes for ivfpq (what its search compares against);
-    `bank` is not modified."""
-    out = []
-    for shard in bank.shards:
-        vectors = flat_vectors(shard)
-        if vectors is None:
-            shard = faiss.clone_index(shard)
-            shard.make_direct_map()
-            vectors = shard.reconstruct_n(0, shard.ntotal)
-        out.append(vectors)
-    return np.concatenate(out)
 
 
 def extend_bank(bank: MemoryBank, added: np.ndarray, *, config: ModelConfig) -> MemoryBank:
@@ -117,7 +102,7 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
     radius before and after, and which scores calibrated).
     """
     t0 = time.perf_counter()
-    centres = bank_vectors(bank)                                                   # [M, D]
+    centres = bank.vectors()                                                   # [M, D]
 
     def extended(leave_out: int | None, estimate: int) -> tuple[Extension, MemoryBank]:
         budget = max_added if max_added is not None else coreset_size(estimate, ratio=config.coreset_ratio, size=None)
@@ -127,19 +112,10 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
                                map_fn=map_fn)
         return ext, extend_bank(bank, ext.features, config=config)
 
-    def calibrated(fold: int, new_bank: MemoryBank) -> list:
-        return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
-                      new_bank.serialize())
-
-    if plan is not None and plan.crossfit:
-        fold_estimate = n_estimate * (plan.n_folds - 1) // plan.n_folds
-        parts = [c for f in range(plan.n_folds) for c in calibrated(f, extended(f, fold_estimate)[1])]
-        ext, new_bank = extended(None, n_estimate)
-    else:
-        # hold-out: fold 0 is the new calibration part; none: every fold is -1, so fold 0 selects no image
-        # and the pass only counts the images, their sizes and the unreadable ones
-        ext, new_bank = extended(0, n_estimate)
-        parts = calibrated(0, new_bank)
+    # hold-out: fold 0 is the new calibration part; no plan: every fold is -1, so fold 0 selects no image
+    # and the calibration pass only counts the images, their sizes and the unreadable ones
+    (ext, new_bank), parts = calibration_passes(blocks, plan=plan, n_estimate=n_estimate, banked=extended,
+                                                config=config, map_fn=map_fn, block_of=block_of)
     one_pass = parts[:len(blocks)]                         # every block seen once (the first fold's pass)
     new_images = [p for c in one_pass for p in c.originals]
     new_names = [p for c in parts for p in c.paths]

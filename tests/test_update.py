@@ -13,7 +13,7 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor
 from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model
-from anomaly_core.update import bank_vectors, extend_bank, merge_sizes
+from anomaly_core.update import extend_bank, merge_sizes
 from tests.helpers import TEST_CONFIG_KW, png_bytes, unit_rows
 
 CFG = ModelConfig(image_size=56, tiles=1, blocks=(5,), coreset_ratio=0.5)
@@ -73,15 +73,15 @@ def test_the_new_bank_keeps_every_old_entry_and_adds_the_new_kind(parent):
     model, _ = parent
     rng = np.random.default_rng(2)
     child = model.update_features(clustered(rng, 10, model.new_kind), paths=[f"new{i}" for i in range(10)])
-    old = bank_vectors(model.bank)
-    np.testing.assert_array_equal(bank_vectors(child.bank)[:len(old)], old)
+    old = model.bank.vectors()
+    np.testing.assert_array_equal(child.bank.vectors()[:len(old)], old)
     probe = clustered(rng, 4, model.new_kind).reshape(-1, 384)
     assert child.bank.nearest(probe).max() < model.bank.nearest(probe).min()
 
 
 def test_images_the_bank_already_covers_add_nothing(parent):
     model, _ = parent
-    old = bank_vectors(model.bank)
+    old = model.bank.vectors()
     # new images made of the bank's own entries: no patch lies beyond the cover radius
     same = np.stack([old[i:i + 16] for i in range(0, 16 * 6, 16)])
     child = model.update_features(same, paths=[f"same{i}" for i in range(6)])
@@ -126,12 +126,12 @@ def test_extending_a_bank_keeps_its_kind_and_its_entries(rng, kind):
     added = unit_rows(rng, 20, 16)
     grown = extend_bank(bank, added, config=dataclasses.replace(CFG, nprobe=64))
     assert (grown.kind, grown.size, bank.size) == (kind, 320, 300)
-    np.testing.assert_array_equal(bank_vectors(grown)[:300], bank_vectors(bank))
+    np.testing.assert_array_equal(grown.vectors()[:300], bank.vectors())
     if kind != "ivfpq":                                  # product quantisation stores codes, not the vectors
         d, ix = grown.search(added)
         np.testing.assert_array_equal(ix, np.arange(300, 320))
         np.testing.assert_allclose(d, 0, atol=1e-5)
-        np.testing.assert_array_equal(bank_vectors(grown), np.concatenate([old, added]))
+        np.testing.assert_array_equal(grown.vectors(), np.concatenate([old, added]))
 
 
 def test_extending_a_full_shard_starts_new_ones(rng):
