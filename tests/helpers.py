@@ -3,6 +3,10 @@ tests/conftest.py holds only fixtures and the environment set-up."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +50,19 @@ def upload(local: Path, uri: str, options) -> list[str]:
         out.append(storage.join(uri, f.relative_to(local).as_posix()))
         storage.write_bytes(out[-1], f.read_bytes(), options)
     return out
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, *, timeout_s: float = 120) -> None:
+    """Return once a `ray start --head` process's dashboard at `url` answers (a 401 without the token counts);
+    raise RuntimeError if the process exits first or `timeout_s` passes. The caller owns the process."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:                   # 401 without the token: the dashboard is up
+            return
+        except OSError:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray head did not start (exit {head.poll()})") from None
+            time.sleep(0.5)

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from tests.helpers import wait_for_dashboard
 from tests.s3server import free_port
 
 # starts a Ray head with `ray start --head` and submits jobs to it
@@ -42,17 +41,10 @@ def ray_head(tmp_path_factory):
                                  "runtime-env-agent-port", "metrics-export-port"))],
                             env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:                   # 401 without the token: the dashboard is up
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray head did not start (exit {proc.poll()}); see {log.name}") from None
-            time.sleep(1)
+    try:
+        wait_for_dashboard(url, proc)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}; see {log.name}") from None
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)                  # `ray start --block` stops its cluster on SIGTERM
     try:

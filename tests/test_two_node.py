@@ -18,8 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from anomaly_core.images import decode_image, resize_square
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from jobs.analyst import connect
-from tests.helpers import TEST_CONFIG_KW, make_bucket, png_bytes
+from tests.helpers import TEST_CONFIG_KW, make_bucket, png_bytes, wait_for_dashboard
 from tests.s3server import MotoServer, free_port
 
 # starts a Ray head, GPU nodes and an S3 server, and submits jobs
@@ -68,19 +66,11 @@ class Cluster:
         self.head = self._start("head", "--head", f"--port={self.gcs}", "--num-cpus=2", "--num-gpus=0",
                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                                 f"--ray-client-server-port={free_port()}")
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:               # 401 without the token: the dashboard is up
-                break
-            except OSError:
-                if self.head.poll() is not None or time.time() > deadline:
-                    _kill_group(self.head)
-                    raise RuntimeError(f"ray head did not start (exit {self.head.poll()}):\n"
-                                       f"{self.log('head')[-3000:]}") from None
-                time.sleep(0.5)
+        try:
+            wait_for_dashboard(self.url, self.head)
+        except RuntimeError as e:
+            _kill_group(self.head)
+            raise RuntimeError(f"{e}:\n{self.log('head')[-3000:]}") from None
 
     def _start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "wb")
