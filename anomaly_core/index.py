@@ -98,15 +98,19 @@ def set_search_threads(n: int) -> None:
 WHOLE_VECTOR_KINDS = (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
 
 
-def flat_vectors(index: faiss.Index) -> np.ndarray | None:
-    """[n, D] float32 vectors of a shard that stores them whole (flat, HNSW, IVF); None for IVF-PQ. The
-    order of an IVF shard's rows is its ids' order (a copy gets the id map; the shard is left as it is)."""
-    if not isinstance(index, WHOLE_VECTOR_KINDS):
-        return None
+def reconstruct(index: faiss.Index) -> np.ndarray:
+    """[n, D] float32 rows of a shard in id order: its stored vectors, or for IVF-PQ their reconstruction
+    from the codes. An IVF shard is copied to get the id map; the shard is left as it is."""
     if isinstance(index, faiss.IndexIVF):
         index = faiss.clone_index(index)
         index.make_direct_map()
     return index.reconstruct_n(0, index.ntotal)
+
+
+def flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """[n, D] float32 vectors of a shard that stores them whole (flat, HNSW, IVF), in id order; None for
+    IVF-PQ, whose codes are not the vectors it was built from."""
+    return reconstruct(index) if isinstance(index, WHOLE_VECTOR_KINDS) else None
 
 
 def as_flat(index: faiss.Index) -> faiss.Index:
@@ -296,17 +300,9 @@ class MemoryBank:
 
     def vectors(self) -> np.ndarray:
         """[M, D] float32 vectors of the bank, shards in order: the stored vectors of flat, hnsw and ivf shards
-        (flat_vectors), the reconstruction from the codes for ivfpq (what its search compares against).
+        (reconstruct), the reconstruction from the codes for ivfpq (what its search compares against).
         The shards are not modified."""
-        out = []
-        for shard in self.shards:
-            vectors = flat_vectors(shard)
-            if vectors is None:
-                shard = faiss.clone_index(shard)
-                shard.make_direct_map()
-                vectors = shard.reconstruct_n(0, shard.ntotal)
-            out.append(vectors)
-        return np.concatenate(out)
+        return np.concatenate([reconstruct(s) for s in self.shards])
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """queries: [N, D] float32 L2-normalised -> ([N] float32 cosine distance to the nearest entry,
