@@ -71,7 +71,7 @@ def feature_blocks(ds: ray.data.Dataset, *, config: ModelConfig, folds: dict[str
         ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
                             batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
-        "config": config, "device": "cuda" if gpus else device, "num_threads": threads},
+        "config": config, "device": device, "num_threads": threads},
         batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
         total=len(held) + (n_images - len(held)) * config.n_augment, label=label)
     ds = ds.map_batches(mark_folds, fn_kwargs={"folds": folds}, batch_size=images_per_block(config),
