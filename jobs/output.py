@@ -44,7 +44,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasink
+from ray.data.aggregate import Max, Sum
+from ray.data.context import ShuffleStrategy
 
 from anomaly_core import storage
 from anomaly_core.decode import SHARD_ROWS
@@ -225,9 +228,75 @@ def read_run(out: str, run_id: str, run_date: str, columns: list[str],
     return read_columns(run_files(out, run_id, run_date, options), columns, options)
 
 
-def committed_uris(out: str, run_id: str, run_date: str, options: StorageOptions | None = None) -> set[str]:
-    """Image URIs already scored by the run (in any of its committed files)."""
-    return set(read_run(out, run_id, run_date, ["uri"], options)["uri"].to_pylist())
+def committed_rows(files: list[str], options: StorageOptions | None = None) -> ray.data.Dataset:
+    """COUNT_COLUMNS of the rows of `files` (committed files of one run), read by Ray Data's Parquet
+    reader in Ray tasks."""
+    if not files:
+        return ray.data.from_arrow(read_columns([], COUNT_COLUMNS))
+    fs, _ = storage.filesystem(files[0], options)
+    return ray.data.read_parquet([storage.filesystem(f, options)[1] for f in files], filesystem=fs,
+                                 columns=COUNT_COLUMNS, schema=output_schema())
+
+
+TALLY = ["listed", "rows", "anomalous", "errors", "warnings"]
+
+
+def listed_side(block: pa.Table) -> pa.Table:
+    """A block of image names (column `path`) as tally rows: listed once, no row."""
+    zeros = pa.array(np.zeros(block.num_rows, np.int64))
+    return pa.table({"path": block["path"], "listed": pa.array(np.ones(block.num_rows, np.int64)),
+                     **{c: zeros for c in TALLY[1:]}})
+
+
+def committed_side(block: pa.Table) -> pa.Table:
+    """A block of committed rows (COUNT_COLUMNS) as tally rows: not listed, one row each."""
+    flag = lambda column, value: pc.cast(pc.fill_null(pc.equal(block[column], value), False), pa.int64())  # noqa: E731
+    return pa.table({"path": block["uri"], "listed": pa.array(np.zeros(block.num_rows, np.int64)),
+                     "rows": pa.array(np.ones(block.num_rows, np.int64)), "anomalous": flag("verdict", "anomalous"),
+                     "errors": flag("status", "error"), "warnings": flag("status", "warning")})
+
+
+def tally(names: ray.data.Dataset, files: list[str], options: StorageOptions | None = None) -> ray.data.Dataset:
+    """One row per image that `names` (column `path`; a name may repeat) lists or a committed file of
+    `files` holds: path, listed (0/1), rows (how many committed rows it has), and of those rows how many
+    are anomalous, errors and warnings. Grouped by path in Ray tasks (a sort shuffle), so neither the
+    names nor the committed URIs are ever all on the driver; this is the resume (pending) and the
+    completeness check (tally_counts) of an archive of single images."""
+    both = names.map_batches(listed_side, batch_format="pyarrow").union(
+        committed_rows(files, options).map_batches(committed_side, batch_format="pyarrow"))
+    # the hash shuffle starts aggregator actors (~9 s a grouping on 2 CPUs, whatever the size); the sort
+    # shuffle runs plain tasks
+    both.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return both.groupby("path").aggregate(Max("listed", alias_name="listed"),
+                                          *(Sum(c, alias_name=c) for c in TALLY[1:]))
+
+
+def pending(tallied: ray.data.Dataset) -> ray.data.Dataset:
+    """The names (column `path`) of a tally (tally()) that are listed and have no committed row."""
+    return tallied.map_batches(_pending, batch_format="pyarrow")
+
+
+def _pending(block: pa.Table) -> pa.Table:
+    return block.filter(pc.and_(pc.equal(block["listed"], 1), pc.equal(block["rows"], 0))).select(["path"])
+
+
+def tally_block_counts(block: pa.Table) -> pa.Table:
+    """One row of counts of a block of a tally: count_rows's (images = committed rows, duplicates =
+    rows beyond the first of an image), plus listed (distinct listed names) and missing (listed
+    names without a row)."""
+    rows = block["rows"].to_numpy()
+    listed = block["listed"].to_numpy().astype(bool)
+    return pa.table({"images": [int(rows.sum())],
+                     **{c: [int(pc.sum(block[c]).as_py() or 0)] for c in ("anomalous", "errors", "warnings")},
+                     "duplicates": [int(np.maximum(rows - 1, 0).sum())], "listed": [int(listed.sum())],
+                     "missing": [int((listed & (rows == 0)).sum())]})
+
+
+def tally_counts(tallied: ray.data.Dataset) -> dict:
+    """The counts of a whole tally (tally_block_counts summed): one row per block reaches the driver."""
+    per_block = tallied.map_batches(tally_block_counts, batch_size=None, batch_format="pyarrow").take_all()
+    keys = ["images", "anomalous", "errors", "warnings", "duplicates", "listed", "missing"]
+    return {k: sum(b[k] for b in per_block) for k in keys}
 
 
 def file_part(file: str) -> str:

@@ -169,8 +169,16 @@ class Archive:
     shards: list[str]
 
 
-def list_archive(uri: str | list[str], options: StorageOptions | None = None) -> Archive:
-    """The images or shards named by `uri` (one or a list of):
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One part of an archive as given: `kind` "name" (one image or shard URI, listed as it is),
+    "manifest" (a file of URIs) or "prefix" (a folder or s3:// prefix, listed recursively)."""
+    kind: str
+    uri: str
+
+
+def archive_sources(uri: str | list[str], options: StorageOptions | None = None) -> list[Source]:
+    """The sources `uri` (one or a list of) names, without listing any of them:
 
     - a folder or s3:// prefix, listed recursively: its images, or its shards (*.tar, *.parquet);
     - a manifest file (.txt/.lst: one URI per line, `#` comments; relative entries are relative to the
@@ -178,11 +186,9 @@ def list_archive(uri: str | list[str], options: StorageOptions | None = None) ->
     - one image or shard URI, or a brace range of them (`shard-{000000..000999}.tar`);
     - a brace range of folders or prefixes (`line-{1..3}/`): each listed as a folder is.
 
-    A listed name that does not exist becomes an error row when read (as a missing image in a manifest
-    does); a folder, prefix or single URI that does not exist fails here, as does an empty archive (a
-    nightly job started before the upload finished must fail, not record an empty audit). Only names
-    travel to the driver, never image bytes."""
-    found: set[str] = set()
+    Each bucket is checked once here (a wrong bucket fails before any work, not as an error row per
+    image)."""
+    sources: list[Source] = []
     checked: set[str] = set()                         # buckets: one request each, not one per name
     for given in [uri] if isinstance(uri, str) else uri:
         expanded = expand_braces(given)
@@ -191,31 +197,124 @@ def list_archive(uri: str | list[str], options: StorageOptions | None = None) ->
                 storage.check_bucket(u, options)
                 checked.add(bucket)
             if u.lower().endswith(MANIFEST_SUFFIXES):
-                found.update(read_manifest_file(u, options))
+                sources.append(Source("manifest", u))
             elif expanded != [given] and u.lower().endswith(IMAGE_SUFFIXES + SHARD_SUFFIXES):
-                found.add(u)                          # named one by one: a missing one is an error row
+                sources.append(Source("name", u))     # named one by one: a missing one is an error row
             elif is_shard(u) and storage.is_file(u, options):
-                found.add(u)
+                sources.append(Source("name", u))
             else:                                     # a folder or prefix (a brace range of them too)
-                listed = storage.list_files(u, options, suffixes=IMAGE_SUFFIXES + SHARD_SUFFIXES, skip_hidden=False)
-                if not listed and not storage.exists(u, options):
-                    raise FileNotFoundError(f"{u} not found: give a folder, an s3://bucket/prefix, a manifest "
-                                            f"file ({', '.join(MANIFEST_SUFFIXES)}) listing image or shard URIs, "
-                                            f"or shard URIs (a brace range: shard-{{000000..000099}}.tar)")
-                found.update(listed)
-    shards = sorted(u for u in found if is_shard(u))
-    images = sorted(u for u in found if not is_shard(u))
+                sources.append(Source("prefix", u))
+    return sources
+
+
+def source_names(source: Source, options: StorageOptions | None = None) -> list[str]:
+    """The normalised image and shard URIs of one source (archive_sources); a folder or prefix that
+    does not exist fails (one that holds no image is just empty)."""
+    if source.kind == "name":
+        return [source.uri]
+    if source.kind == "manifest":
+        return sorted(read_manifest_file(source.uri, options))
+    assert source.kind == "prefix", source
+    listed = storage.list_files(source.uri, options, suffixes=IMAGE_SUFFIXES + SHARD_SUFFIXES, skip_hidden=False)
+    if not listed and not storage.exists(source.uri, options):
+        raise FileNotFoundError(f"{source.uri} not found: give a folder, an s3://bucket/prefix, a manifest "
+                                f"file ({', '.join(MANIFEST_SUFFIXES)}) listing image or shard URIs, "
+                                f"or shard URIs (a brace range: shard-{{000000..000099}}.tar)")
+    return listed
+
+
+def check_archive(uri: str | list[str], *, images: int, shards: int, image: str | None, shard: str | None,
+                  shard_with_hash: str | None) -> None:
+    """Refuse an archive of `images` image names and `shards` shard names that mixes both, is empty, or
+    has a shard name with '#'; image, shard: an example of each (the first in sort order)."""
     if shards and images:
-        raise ValueError(f"{uri!r} names both images ({len(images)}, e.g. {images[0]}) and shards ({len(shards)}, "
-                         f"e.g. {shards[0]}); audit them separately, or pack the images into shards "
+        raise ValueError(f"{uri!r} names both images ({images}, e.g. {image}) and shards ({shards}, "
+                         f"e.g. {shard}); audit them separately, or pack the images into shards "
                          f"(`anomaly pack`)")
-    if bad := [s for s in shards if "#" in s]:
-        raise ValueError(f"shard URI {bad[0]!r} contains '#', which separates a shard from its members in "
+    if shard_with_hash is not None:
+        raise ValueError(f"shard URI {shard_with_hash!r} contains '#', which separates a shard from its members in "
                          f"image URIs; rename it")
-    if not found:
+    if not images and not shards:
         raise FileNotFoundError(f"no images or shards in {uri!r} (extensions: {', '.join(IMAGE_EXTENSIONS)}; "
                                 f"shards: {', '.join(SHARD_SUFFIXES)})")
+
+
+def list_archive(uri: str | list[str], options: StorageOptions | None = None) -> Archive:
+    """The images or shards named by `uri` (archive_sources), listed here, on the driver: every name
+    is held at once (stream_archive lists in Ray tasks instead). A listed name that does not exist
+    becomes an error row when read (as a missing image in a manifest does); a folder, prefix or single
+    URI that does not exist fails here, as does an empty archive (a nightly job started before the
+    upload finished must fail, not record an empty audit). Only names travel to the driver, never
+    image bytes."""
+    found: set[str] = set()
+    for source in archive_sources(uri, options):
+        found.update(source_names(source, options))
+    shards = sorted(u for u in found if is_shard(u))
+    images = sorted(u for u in found if not is_shard(u))
+    check_archive(uri, images=len(images), shards=len(shards), image=images[0] if images else None,
+                  shard=shards[0] if shards else None, shard_with_hash=next((s for s in shards if "#" in s), None))
     return Archive(images=images, shards=shards)
+
+
+# names per block of a streamed listing: ~6 MB of Arrow strings, and 10^8 names are ~1,500 blocks
+LISTING_BLOCK_ROWS = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedArchive:
+    """An archive listed by Ray tasks (stream_archive). images: a materialized Ray Dataset of one
+    column, `path`, the image names (a name repeats where sources overlap; output.tally counts it
+    once); None for an archive of shards. shards: sorted, de-duplicated (an archive of shards is
+    resumed by shard, so its names are held here). local: a name of the archive that is a local path
+    (the first in sort order), or None."""
+    images: ray.data.Dataset | None
+    shards: list[str]
+    local: str | None
+
+
+def stream_archive(uri: str | list[str], options: StorageOptions | None = None) -> StreamedArchive:
+    """What list_archive finds, with the same checks and errors, listed in Ray tasks: one task call
+    per source (archive_sources), whose names go into the object store in blocks of LISTING_BLOCK_ROWS.
+    The driver holds the sources and one row of counts per block (name_kinds), never the names of an
+    archive of images; a worker listing a prefix holds that prefix's names while it lists (so an
+    archive laid out in several prefixes, e.g. by date or line, is also listed in parallel). Ray
+    must be started (ensure_ray)."""
+    sources = archive_sources(uri, options)
+    names = ray.data.from_items([dataclasses.asdict(s) for s in sources]).map_batches(
+        _list_sources, fn_kwargs={"options": options}, batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+    try:
+        names = names.materialize()
+    except ray.exceptions.RayTaskError as e:          # the listing's own error (a missing prefix, storage)
+        raise e.cause from None
+    kinds = names.map_batches(name_kinds, batch_size=None, batch_format="pyarrow").take_all()
+    first = lambda key: min((k[key] for k in kinds if k[key] is not None), default=None)   # noqa: E731
+    n_images, n_shards = sum(k["images"] for k in kinds), sum(k["shards"] for k in kinds)
+    check_archive(uri, images=n_images, shards=n_shards, image=first("image"), shard=first("shard"),
+                  shard_with_hash=first("shard_with_hash"))
+    if n_shards:
+        return StreamedArchive(images=None, shards=sorted({r["path"] for r in names.take_all()}),
+                               local=first("local"))
+    return StreamedArchive(images=names, shards=[], local=first("local"))
+
+
+def _list_sources(batch: pa.Table, *, options: StorageOptions | None):
+    """Blocks of the names of the sources in `batch` (columns kind, uri): one Ray task's listing."""
+    for kind, uri in zip(batch["kind"].to_pylist(), batch["uri"].to_pylist(), strict=True):
+        names = source_names(Source(kind, uri), options)
+        for s in range(0, len(names), LISTING_BLOCK_ROWS):
+            yield pa.table({"path": pa.array(names[s:s + LISTING_BLOCK_ROWS], pa.string())})
+
+
+def name_kinds(block: pa.Table) -> pa.Table:
+    """One row describing a block of names (column `path`): how many are images and shards, and the
+    first (in sort order) image, shard, shard with '#' in its name, and local path, or null."""
+    names = block["path"].to_pylist()
+    shards = [n for n in names if is_shard(n)]
+    images = [n for n in names if not is_shard(n)]
+    first = lambda xs: pa.array([min(xs, default=None)], pa.string())    # noqa: E731
+    return pa.table({"images": [len(images)], "shards": [len(shards)], "image": first(images),
+                     "shard": first(shards), "shard_with_hash": first([s for s in shards if "#" in s]),
+                     "local": first([n for n in names if not storage.is_s3(n)])})
 
 
 def read_manifest_file(uri: str, options: StorageOptions | None = None) -> set[str]:
@@ -246,13 +345,16 @@ def list_inputs(uri: str | list[str], options: StorageOptions | None = None) -> 
     return archive.images
 
 
-def read_decoded(uris: list[str], *, input_size: int, batch_size: int, options: StorageOptions | None = None,
-                 block_rows: int = 64) -> ray.data.Dataset:
-    """Ray Data dataset of decoded images (anomaly_core.decode.read_batch) for `uris`. Objects are
-    fetched and decoded in parallel CPU tasks, never on the driver and never on a GPU actor.
+def read_decoded(uris: list[str] | ray.data.Dataset, *, input_size: int, batch_size: int,
+                 options: StorageOptions | None = None, block_rows: int = 64) -> ray.data.Dataset:
+    """Ray Data dataset of decoded images (anomaly_core.decode.read_batch) for `uris`: a list, or a
+    dataset of one column, `path` (stream_archive, output.pending). Objects are fetched and decoded in
+    parallel CPU tasks, never on the driver and never on a GPU actor.
     block_rows: URIs per block (one read task); 64 amortises a task and still spreads over workers."""
-    blocks = [pa.table({"path": uris[s:s + block_rows]}) for s in range(0, len(uris), block_rows)]
-    ds = ray.data.from_arrow(blocks)
+    if isinstance(uris, ray.data.Dataset):
+        ds = uris.repartition(target_num_rows_per_block=block_rows)
+    else:
+        ds = ray.data.from_arrow([pa.table({"path": uris[s:s + block_rows]}) for s in range(0, len(uris), block_rows)])
     # half a CPU per read task: its resources then differ from the model actors', so Ray Data does not
     # fuse reading into the actor (the actor would wait on I/O and decoding between forwards)
     return ds.map_batches(read_batch, fn_kwargs={"input_size": input_size, "options": options},

@@ -21,6 +21,7 @@ import logging
 import time
 
 import numpy as np
+import ray
 
 from anomaly_core import storage
 from anomaly_core.artifact import check_manifest, read_manifest
@@ -34,11 +35,11 @@ from jobs.runtime import (
     check_paths_reach_every_node,
     default_actors,
     ensure_ray,
-    list_archive,
     model_stage,
     ray_map,
     read_decoded,
     read_shards_decoded,
+    stream_archive,
     track,
 )
 from jobs.scorer import Scorer
@@ -95,18 +96,18 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     with output.RunLease(out=out_uri, run_id=run_id, options=options) as lease:
         if not replace and (done := output.read_summary(out_uri, run_id, options)) is not None:
             return done                               # finished by the run that held the lease before us
-        archive = list_archive(data_uri, options)    # before --replace deletes anything
-        names = archive.images or archive.shards
-        if not shared_fs and any(not storage.is_s3(u) for u in [model_uri, out_uri, *names]):
-            ensure_ray(address)                       # local paths: only on one node, or a shared file system
-            check_paths_reach_every_node({"model": [model_uri], "output": [out_uri], "archive": names})
+        ensure_ray(address)                           # the archive is listed in Ray tasks
+        archive = stream_archive(data_uri, options)   # before --replace deletes anything
+        if not shared_fs:                             # local paths: only on one node, or a shared file system
+            check_paths_reach_every_node({"model": [model_uri], "output": [out_uri],
+                                          "archive": [u for u in [archive.local, *archive.shards] if u]})
         if replace:
             output.delete_run(out_uri, run_id, run_date, options)
         scorer = {"model_path": model_uri, "model_id": model_id, "device": device,   # auto: cuda where Ray gave a GPU
                   "run_id": run_id, "run_time": now.isoformat(timespec="seconds"), "run_date": run_date,
                   "options": options, "heatmap_png": heatmap_png}
         run = dict(out_uri=out_uri, run_id=run_id, run_date=run_date, batch_size=batch_size, actors=actors,
-                   address=address, options=options, scorer=scorer)
+                   options=options, scorer=scorer)
         if archive.shards:
             counts = _score_shards(archive.shards, input_size=config.input_size, image_column=image_column,
                                    id_column=id_column, rows_per_write=rows_per_file, lease=lease, **run)
@@ -124,17 +125,19 @@ def run_score(data_uri: str | list[str], model_uri: str, out_uri: str, *, batch_
     return summary
 
 
-def _score_images(uris: list[str], *, out_uri: str, run_id: str, run_date: str, input_size: int, batch_size: int,
-                  actors: int | None, address: str | None, rows_per_file: int, options: StorageOptions,
-                  scorer: dict, lease: output.RunLease) -> dict:
-    """Score the images of `uris` no committed file holds, publish, and check that every image has
-    exactly one row; returns the run's counts (output.count_rows) with scored_now and resumed_from."""
-    committed = output.committed_uris(out_uri, run_id, run_date, options)
-    todo = [u for u in uris if u not in committed]
+def _score_images(images: ray.data.Dataset, *, out_uri: str, run_id: str, run_date: str, input_size: int,
+                  batch_size: int, actors: int | None, rows_per_file: int, options: StorageOptions, scorer: dict,
+                  lease: output.RunLease) -> dict:
+    """Score the images of `images` (stream_archive: column `path`, a name may repeat) no committed file
+    holds, publish, and check that every image has exactly one row; returns the run's counts
+    (output.count_rows's) with scored_now and resumed_from. What is pending and the check are counted
+    in Ray tasks (output.tally), so the driver never holds the archive's names or the committed URIs."""
+    before = output.tally(images, output.run_files(out_uri, run_id, run_date, options), options).materialize()
+    todo = output.pending(before).materialize()
+    listed, n_todo = output.tally_counts(before)["listed"], todo.count()
     log.info("score: run %s: %d images, %d committed by an earlier attempt, %d to score",
-             run_id, len(uris), len(uris) - len(todo), len(todo))
-    if todo:
-        ensure_ray(address)
+             run_id, listed, listed - n_todo, n_todo)
+    if n_todo:
         n_actors, threads, gpus = default_actors(actors)
         # blocks no larger than a file, so that small --rows-per-file values commit as they go
         ds = read_decoded(todo, input_size=input_size, batch_size=batch_size, options=options,
@@ -142,18 +145,19 @@ def _score_images(uris: list[str], *, out_uri: str, run_id: str, run_date: str, 
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={**scorer, "num_threads": threads},
                             batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus,
                             batch_format="numpy")
-        ds = track(ds, total=len(todo), label="score")
+        ds = track(ds, total=n_todo, label="score")
         ds.write_datasink(output.StagedParquetSink(out_uri, run_id, rows_per_file=rows_per_file, options=options))
     lease.check()
     output.publish(out_uri, run_id, run_date, options)
-    rows = output.read_run(out_uri, run_id, run_date, output.COUNT_COLUMNS, options)
-    counts = output.count_rows(rows)
-    missing = set(uris) - set(rows["uri"].to_pylist())
-    if missing or counts["duplicates"]:               # never mark an incomplete or doubled run complete
-        raise RuntimeError(f"run {run_id} in {out_uri}: {len(missing)} images without a row (e.g. "
-                           f"{sorted(missing)[:3]}) and {counts['duplicates']} duplicated rows; not marked "
+    after = output.tally(images, output.run_files(out_uri, run_id, run_date, options), options).materialize()
+    counts = output.tally_counts(after)
+    if counts["missing"] or counts["duplicates"]:     # never mark an incomplete or doubled run complete
+        missing = [r["path"] for r in output.pending(after).take(3)]
+        raise RuntimeError(f"run {run_id} in {out_uri}: {counts['missing']} images without a row (e.g. "
+                           f"{missing}) and {counts['duplicates']} duplicated rows; not marked "
                            f"complete. Re-run to finish it, or re-run with replace (--replace) to start over")
-    return {**counts, "scored_now": len(todo), "resumed_from": len(uris) - len(todo)}
+    counts = {k: counts[k] for k in ("images", "anomalous", "errors", "warnings", "duplicates")}
+    return {**counts, "scored_now": n_todo, "resumed_from": listed - n_todo}
 
 
 class ShardScorer(Scorer):
@@ -167,7 +171,7 @@ FILES_PER_COUNT_TASK = 64
 
 
 def _score_shards(shards: list[str], *, out_uri: str, run_id: str, run_date: str, input_size: int,
-                  batch_size: int, actors: int | None, address: str | None, rows_per_write: int,
+                  batch_size: int, actors: int | None, rows_per_write: int,
                   image_column: str, id_column: str | None, options: StorageOptions, scorer: dict,
                   lease: output.RunLease) -> dict:
     """Score the shards no committed file holds (one file per shard, output.ShardSink), publish, and
@@ -177,7 +181,6 @@ def _score_shards(shards: list[str], *, out_uri: str, run_id: str, run_date: str
     todo = [s for s in shards if output.part_name([s]) not in committed]
     log.info("score: run %s: %d shards, %d committed by an earlier attempt, %d to score",
              run_id, len(shards), len(shards) - len(todo), len(todo))
-    ensure_ray(address)                               # the per-file counts run as Ray tasks too
     check_image_columns(shards, image_column=image_column, id_column=id_column, options=options)
     if todo:
         output.clear_pieces(out_uri, run_id, options)

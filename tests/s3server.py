@@ -158,3 +158,27 @@ class Relay:
                 s.close()
             with self._lock:
                 self._conns = [c for c in self._conns if c not in (src, dst)]
+
+
+def serve_names(buckets: list[str], names_per_bucket: int, *, template: str) -> None:
+    """Run moto's server in this process, on a free port, with `buckets` each holding the 0-byte objects
+    template.format(i=0) .. template.format(i=names_per_bucket - 1); print its URL on one line, then
+    serve until killed. The objects are put into moto's own store directly (a PUT each over HTTP goes at
+    ~20 objects/s); every listing still goes through the S3 API over HTTP. Each list request scans every
+    key of its bucket in moto, so a large listing is spread over many buckets."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import FakeKey, s3_backends
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    for bucket_name in buckets:
+        bucket = backend.create_bucket(bucket_name, "us-east-1")
+        for i in range(names_per_bucket):
+            key = template.format(i=i)
+            bucket.keys[key] = FakeKey(key, b"", account_id=DEFAULT_ACCOUNT_ID, region_name="us-east-1",
+                                       bucket_name=bucket_name)
+    print(f"http://127.0.0.1:{port}", flush=True)
+    threading.Event().wait()

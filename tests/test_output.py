@@ -37,11 +37,15 @@ def rows(uris, *, run_id="r1", run_date="2026-11-22", errors=False) -> pa.Table:
     return pa.table(cols)
 
 
+def committed_uris(out: str, run_id: str) -> set[str]:
+    return set(output.read_run(out, run_id, "2026-11-22", ["uri"])["uri"].to_pylist())
+
+
 def test_a_block_of_only_unreadable_images_is_written_beside_normal_ones(tmp_path):
     sink = output.StagedParquetSink(str(tmp_path), "r1", rows_per_file=10)
     assert rows(["/a/bad.png"], errors=True).schema.field("heatmap_png").type == pa.null()
     assert sink.write([rows(["/a/1.png", "/a/2.png"]), rows(["/a/bad.png"], errors=True)], None) == 3
-    assert output.committed_uris(str(tmp_path), "r1", "2026-11-22") == {"/a/1.png", "/a/2.png", "/a/bad.png"}
+    assert committed_uris(str(tmp_path), "r1") == {"/a/1.png", "/a/2.png", "/a/bad.png"}
 
 
 def test_files_are_named_by_their_images_so_a_retried_write_replaces_itself(tmp_path):
@@ -69,7 +73,7 @@ def test_a_run_never_claims_the_files_of_a_run_whose_id_it_prefixes(tmp_path):
     for run_id, uri in (("nightly", "/a/1.png"), ("nightly-2", "/a/2.png")):
         output.StagedParquetSink(out, run_id, rows_per_file=10).write([rows([uri], run_id=run_id)], None)
         output.publish(out, run_id, "2026-11-22")
-    assert output.committed_uris(out, "nightly", "2026-11-22") == {"/a/1.png"}
+    assert committed_uris(out, "nightly") == {"/a/1.png"}
 
 
 @pytest.mark.parametrize("bad", ["", "_hidden", ".dot", "a/b", "x" * 200, "spaces here"])
@@ -172,3 +176,56 @@ def test_a_held_lease_is_renewed_and_a_lost_one_stops_the_commit(tmp_path):
         assert not lease.renew() and not storage.exists(lease.uri)        # renewal does not bring it back
         with pytest.raises(output.RunBusyError, match="lost its lease"):
             lease.check()
+
+
+def random_run(seed: int) -> tuple[list[str], pa.Table]:
+    """Listed names (some repeated, as overlapping sources give them) and committed rows (some images
+    twice, some not listed) drawn from 30 names."""
+    rng = np.random.default_rng(seed)
+    pool = [f"s3://a/{i:02d}.png" for i in range(30)]
+    listed = list(rng.choice(pool, size=rng.integers(0, 40)))
+    uris = list(rng.choice(pool, size=rng.integers(0, 30)))
+    status = list(rng.choice(["ok", "error", "warning"], size=len(uris)))
+    verdict = [("error" if s == "error" else str(rng.choice(["normal", "anomalous"]))) for s in status]
+    return listed, pa.table({"uri": pa.array(uris, pa.string()), "status": pa.array(status, pa.string()),
+                             "verdict": pa.array(verdict, pa.string())})
+
+
+def expected_counts(listed: list[str], committed: pa.Table) -> dict:
+    """tally_counts by sets and counters."""
+    uris, status, verdict = (committed[c].to_pylist() for c in output.COUNT_COLUMNS)
+    per_uri = {u: uris.count(u) for u in uris}
+    return {"images": len(uris), "anomalous": verdict.count("anomalous"), "errors": status.count("error"),
+            "warnings": status.count("warning"), "duplicates": sum(n - 1 for n in per_uri.values()),
+            "listed": len(set(listed)), "missing": len(set(listed) - set(uris))}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_tally_counts_of_listed_names_and_committed_rows_equal_set_arithmetic(seed):
+    listed, committed = random_run(seed)
+    both = pa.concat_tables([output.listed_side(pa.table({"path": pa.array(listed, pa.string())})),
+                             output.committed_side(committed)])
+    grouped = both.group_by("path").aggregate([("listed", "max"), *((c, "sum") for c in output.TALLY[1:])])
+    grouped = grouped.rename_columns([c.rsplit("_", 1)[0] for c in grouped.column_names])   # as Ray names them
+    assert output.tally_block_counts(grouped).to_pylist() == [expected_counts(listed, committed)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("seed", range(3))
+def test_tally_in_ray_tasks_finds_pending_names_and_counts_as_sets_do(seed, tmp_path, ray_local):
+    import ray
+    listed, committed = random_run(seed)
+    files = []
+    for i in range(0, committed.num_rows, 7):                  # committed files of up to 7 rows
+        part = committed.slice(i, 7)
+        block = rows(part["uri"].to_pylist())
+        block = block.set_column(block.schema.get_field_index("status"), "status", part["status"])
+        block = block.set_column(block.schema.get_field_index("verdict"), "verdict", part["verdict"])
+        files.append(str(tmp_path / f"{i}.parquet"))
+        storage.write_bytes(files[-1], output.parquet_bytes(block))
+    names = ray.data.from_arrow([pa.table({"path": pa.array(listed[i:i + 5], pa.string())})
+                                 for i in range(0, max(len(listed), 1), 5)])
+    tallied = output.tally(names, files).materialize()
+    assert output.tally_counts(tallied) == expected_counts(listed, committed)
+    pending = sorted(r["path"] for r in output.pending(tallied).take_all())
+    assert pending == sorted(set(listed) - set(committed["uri"].to_pylist()))

@@ -1,8 +1,11 @@
-"""jobs/runtime.py without Ray: local paths against the cluster's nodes (a node list as ray.nodes() gives it)."""
+"""jobs/runtime.py without Ray: local paths against the cluster's nodes (a node list as ray.nodes() gives it);
+what a block of listed names holds, and the archives refused from those counts."""
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from jobs.runtime import check_paths_reach_every_node
+from jobs.runtime import check_archive, check_paths_reach_every_node, name_kinds
 
 
 def nodes(alive: int, dead: int = 0) -> list[dict]:
@@ -27,3 +30,27 @@ def test_local_paths_are_fine_on_one_live_node(view):
 
 def test_object_storage_paths_are_fine_on_any_cluster():
     check_paths_reach_every_node({"archive": ["s3://archive/a.png"], "model": ["s3://models/m"]}, nodes=nodes(8))
+
+
+def test_name_kinds_counts_a_block_and_names_the_first_of_each_kind():
+    rng = np.random.default_rng(0)
+    pool = ["s3://a/x.png", "s3://a/y.jpg", "/local/z.png", "s3://a/s-1.tar", "s3://a/s#2.tar", "/local/t.parquet"]
+    for _ in range(20):
+        names = list(rng.choice(pool, size=rng.integers(0, 8)))
+        row = name_kinds(pa.table({"path": pa.array(names, pa.string())})).to_pylist()
+        shards = [n for n in names if n.endswith((".tar", ".parquet"))]
+        images = [n for n in names if n not in shards]
+        assert row == [{"images": len(images), "shards": len(shards), "image": min(images, default=None),
+                        "shard": min(shards, default=None),
+                        "shard_with_hash": min([s for s in shards if "#" in s], default=None),
+                        "local": min([n for n in names if n.startswith("/")], default=None)}]
+
+
+def test_an_archive_of_both_kinds_an_empty_one_and_a_shard_named_with_a_hash_are_refused():
+    with pytest.raises(ValueError, match=r"names both images \(3, e.g. /a.png\) and shards \(1, e.g. /s.tar\)"):
+        check_archive("/x", images=3, shards=1, image="/a.png", shard="/s.tar", shard_with_hash=None)
+    with pytest.raises(ValueError, match="contains '#'"):
+        check_archive("/x", images=0, shards=1, image=None, shard="/s#.tar", shard_with_hash="/s#.tar")
+    with pytest.raises(FileNotFoundError, match="no images or shards in '/x'"):
+        check_archive("/x", images=0, shards=0, image=None, shard=None, shard_with_hash=None)
+    check_archive("/x", images=2, shards=0, image="/a.png", shard=None, shard_with_hash=None)
