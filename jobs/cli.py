@@ -349,9 +349,10 @@ def export(model_dir, out, opset, dtype, verbose, **kw):
 @_storage_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing model at NEW_MODEL.")
 @SHARED_FS
+@_shard_options
 def update(model, paths, from_labels, verbose, **kw):
-    """Write NEW_MODEL: MODEL with what the good images in GOOD_IMAGES (folder, s3:// prefix or .txt
-    manifest), or those labelled normal in OUT, add to its bank, and its threshold recalibrated. MODEL
+    """Write NEW_MODEL: MODEL with what the good images in GOOD_IMAGES (what `anomaly fit` takes: images
+    or shards), or those labelled normal in OUT, add to its bank, and its threshold recalibrated. MODEL
     is not modified and its training images are not read again."""
     from jobs.update import run_update, update_arguments
     options = _storage(kw)
