@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import ray
@@ -22,11 +24,20 @@ from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import coreset_size
 from anomaly_core.decode import shard_uris
 from anomaly_core.features import FeatureExtractor, augment_batch
-from anomaly_core.fit import fit_bank, images_per_block, mark_folds, patch_estimate, split_calibration
+from anomaly_core.fit import (
+    SplitPlan,
+    compose,
+    fit_bank,
+    images_per_block,
+    mark_folds,
+    patch_estimate,
+    split_calibration,
+)
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
 from jobs.runtime import (
+    Archive,
     check_image_columns,
     check_paths_reach_every_node,
     default_actors,
@@ -60,23 +71,102 @@ def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | No
                          f"(PatchCore: 0.01 is enough at this scale) or raise --memory-budget-mb")
 
 
-def feature_blocks(ds: ray.data.Dataset, *, config: ModelConfig, folds: dict[str, int], held: frozenset[str],
-                   n_images: int, batch_size: int, actors: int | None, device: str, label: str) -> list:
+def feature_blocks(ds: ray.data.Dataset, *, config: ModelConfig, held: frozenset[str], total: int | None,
+                   batch_size: int, actors: int | None, device: str, label: str) -> list:
     """ObjectRefs of the feature blocks (anomaly_core.fit's format, one coreset partition each) of the
-    decoded images of `ds` (`n_images` of them): augmented copies of the bank images when the config
-    augments (`held`: the names kept out of the bank), features from the actor pool, folds from `folds`
-    (name -> fold; -1 for the others). The blocks stay in Ray's object store (spilled to disk beyond it)."""
+    decoded images of `ds`: augmented copies of the bank images when the config augments (`held`: the
+    names kept out of the bank), features from the actor pool. Every block's "fold" is -1: the folds are
+    set when a pass reads a block (GoodFeatures.block_of). total: the rows the actor pool will put out,
+    for the progress line (None: unknown, no line). The blocks stay in Ray's object store (spilled to
+    disk beyond it)."""
     n_actors, threads, gpus = default_actors(actors)
     if config.n_augment > 1:
         ds = ds.map_batches(augment_batch, fn_kwargs={"name": config.augment, "held": held},
                             batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
-    ds = track(ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
+    ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={
         "config": config, "device": device, "num_threads": threads},
-        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy"),
-        total=len(held) + (n_images - len(held)) * config.n_augment, label=label)
-    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": folds}, batch_size=images_per_block(config),
+        batch_size=batch_size, compute=model_stage(n_actors), num_cpus=1, num_gpus=gpus, batch_format="numpy")
+    if total is not None:
+        ds = track(ds, total=total, label=label)
+    ds = ds.map_batches(mark_folds, fn_kwargs={"folds": {}}, batch_size=images_per_block(config),
                         batch_format="numpy", num_cpus=0.5)
     return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
+def block_names(block) -> list[str]:
+    """Names of the images (originals, not augmented copies) of an Arrow feature block, in order."""
+    b = numpy_block(block)
+    return [str(p) for p, c in zip(b["path"], b["copy"], strict=True) if c == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodFeatures:
+    """Feature blocks of good images and the calibration split of their names."""
+    blocks: list                      # ObjectRefs of the blocks in Ray's object store, folds not set
+    names: list[str]                  # every image's name (unreadable ones too), in read order
+    plan: SplitPlan | None            # None: no image calibrates (anomaly_core.update.update_split)
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Names kept out of the final bank (a hold-out's calibration images)."""
+        return self.plan.held_out(self.names) if self.plan is not None else frozenset()
+
+    @property
+    def n_bank_images(self) -> int:
+        return len(self.names) - len(self.held)
+
+    def block_of(self) -> Callable:
+        """The passes' block_of: an Arrow block -> its numpy block with each image's fold (SplitPlan.folds_of)."""
+        folds = self.plan.folds_of(self.names) if self.plan is not None else {}
+        return compose(partial(mark_folds, folds=folds), numpy_block)
+
+
+def shard_names(shards: list[str], *, options: StorageOptions, image_column: str,
+                id_column: str | None) -> list[str]:
+    """Every image URI of `shards`, in shard then member order: one Ray task per shard reads it."""
+    return [u for part in ray_map(shard_uris, shards, options, image_column, id_column) for u in part]
+
+
+def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[list[str]], SplitPlan | None],
+                  check: Callable[[list[str], SplitPlan | None], None] | None = None, batch_size: int,
+                  actors: int | None, device: str, options: StorageOptions, image_column: str,
+                  id_column: str | None, label: str) -> GoodFeatures:
+    """Read and describe the good images of `archive` (image files or shards, jobs.runtime.list_archive)
+    in Ray (read tasks, then the feature actors) and split their names for calibration with `split`;
+    the fit and update jobs' common first stage. Ray must be running.
+
+    The split needs every image's name. Image files: the listing's, split before any image is read.
+    Shards: their images are named only when a shard is read, so the split is made from the names in
+    the feature blocks, each shard being read once; the split depends only on the set of names and the
+    seed (split_calibration), so it is the one a listing first would give. With augmentation the
+    held-out images must be known before the features (they get no augmented copies, and the copies
+    decide how the blocks are cut), so there one Ray task per shard lists its rows first (shard_names),
+    reading each shard twice.
+    check(names, plan): called as soon as the split is known (the fit's memory budget); for shards
+    without augmentation, after the features."""
+    if archive.shards:
+        check_image_columns(archive.shards, image_column=image_column, id_column=id_column, options=options)
+        names = shard_names(archive.shards, options=options, image_column=image_column,
+                            id_column=id_column) if config.n_augment > 1 else None
+        ds = read_shards_decoded(archive.shards, input_size=config.input_size, batch_size=batch_size,
+                                 options=options, image_column=image_column, id_column=id_column)
+    else:
+        names = archive.images
+        ds = read_decoded(names, input_size=config.input_size, batch_size=batch_size, options=options)
+    listed = names is not None
+    plan = split(names) if listed else None
+    if listed and check is not None:
+        check(names, plan)
+    before = GoodFeatures(blocks=[], names=names or [], plan=plan)
+    blocks = feature_blocks(ds, config=config, held=before.held, batch_size=batch_size, actors=actors,
+                            total=len(before.held) + before.n_bank_images * config.n_augment if listed else None,
+                            device=device, label=label)
+    if not listed:
+        names = [n for part in ray_map(block_names, blocks) for n in part]
+        plan = split(names)
+        if check is not None:
+            check(names, plan)
+    return GoodFeatures(blocks=blocks, names=names, plan=plan)
 
 
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
@@ -100,35 +190,23 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     storage.check_bucket(model_uri, options)
     check_target(model_uri, overwrite=overwrite, options=options)          # before hours of work
     archive = list_archive(data_uri, options)
-    if archive.shards:
-        # the calibration split needs every image's name first: one Ray task per shard lists its rows
-        ensure_ray(address, object_store_mb=memory_budget_mb)
-        check_image_columns(archive.shards, image_column=image_column, id_column=id_column, options=options)
-        uris = [u for part in ray_map(shard_uris, archive.shards, options, image_column, id_column) for u in part]
-    else:
-        uris = archive.images
-    plan = split_calibration(uris, config=config)
-    held = plan.held_out(uris)                                # kept out of the final bank (hold-out only)
-    n_estimate = patch_estimate(len(uris) - len(held), config=config)
-    check_budget(config, n_estimate, memory_budget_mb)
     ensure_ray(address, object_store_mb=memory_budget_mb)
     if not shared_fs:
         check_paths_reach_every_node({"training images": archive.images or archive.shards, "model": [model_uri]})
     gpus = default_actors(actors)[2]
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True              # same blocks, same coreset, on every run
-    if archive.shards:                                        # the order listed above: shards, then members
-        ds = read_shards_decoded(archive.shards, input_size=config.input_size, batch_size=batch_size,
-                                 options=options, image_column=image_column, id_column=id_column)
-    else:
-        ds = read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options)
-    blocks = feature_blocks(ds, config=config, folds=plan.folds_of(uris), held=held, n_images=len(uris),
-                            batch_size=batch_size, actors=actors, device=device, label="fit: features")
+    ray.data.DataContext.get_current().execution_options.preserve_order = True   # same blocks, same coreset
+    good = good_features(
+        archive, config=config, split=partial(split_calibration, config=config),
+        check=lambda names, plan: check_budget(config, patch_estimate(len(names) - len(plan.held_out(names)),
+                                                                      config=config), memory_budget_mb),
+        batch_size=batch_size, actors=actors, device=device, options=options, image_column=image_column,
+        id_column=id_column, label="fit: features")
     t_feat = time.time() - t0
-    log.info("fit: features of %d images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
-    bank, cal, stats = fit_bank(blocks, config=config, plan=plan, n_estimate=n_estimate, map_fn=ray_map,
-                                block_of=numpy_block, search_device="cuda" if gpus else "cpu")
-    del blocks
+    log.info("fit: features of %d images in %d blocks, %.1fs", len(good.names), len(good.blocks), t_feat)
+    bank, cal, stats = fit_bank(good.blocks, config=config, plan=good.plan,
+                                n_estimate=patch_estimate(good.n_bank_images, config=config), map_fn=ray_map,
+                                block_of=good.block_of(), search_device="cuda" if gpus else "cpu")
+    del good
     for path, error in stats.unreadable:
         log.warning("skipped unreadable training image %s: %s", path, error)
     stats = dataclasses.replace(stats, feature_seconds=round(t_feat, 2), fit_seconds=round(time.time() - t0, 2))

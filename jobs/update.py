@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from functools import partial
 
 import ray
 
@@ -24,8 +25,8 @@ from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.update import update_bank, update_split
 from anomaly_core.weights import load_weights
-from jobs.fit import feature_blocks, numpy_block
-from jobs.runtime import check_paths_reach_every_node, ensure_ray, list_inputs, ray_map, read_decoded
+from jobs.fit import good_features
+from jobs.runtime import Archive, check_paths_reach_every_node, ensure_ray, list_archive, ray_map
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,13 @@ def labelled_normal(out: str, options: StorageOptions | None = None) -> list[str
 def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: str, *,
                from_labels: str | None = None, max_added: int | None = None, batch_size: int = 16,
                actors: int | None = None, device: str = "auto", address: str | None = None,
-               overwrite: bool = False, options: StorageOptions | None = None, shared_fs: bool = False) -> dict:
+               overwrite: bool = False, options: StorageOptions | None = None, shared_fs: bool = False,
+               image_column: str = "image", id_column: str | None = None) -> dict:
     """Write to `new_model_uri` the model at `model_uri` updated with the good images named by `data_uri`
-    (folder, s3:// prefix or manifest file) or, with `from_labels`, the images labelled normal in that
-    scored output; returns the new manifest. max_added: most vectors added to the bank (None:
-    coreset_ratio of the new patches). The other options are run_fit's."""
+    (what run_fit takes: folder, s3:// prefix or manifest file of images, or shards) or, with
+    `from_labels`, the images labelled normal in that scored output; returns the new manifest.
+    max_added: most vectors added to the bank (None: coreset_ratio of the new patches). The other
+    options are run_fit's."""
     t0 = time.time()
     options = (options or StorageOptions()).resolved()
     model_uri, new_model_uri = storage.normalise(model_uri), storage.normalise(new_model_uri)
@@ -80,24 +83,23 @@ def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: 
         raise ValueError(f"model {parent.model_id} was fitted with weights {parent.weights} but "
                          f"{config.weights!r} now loads tensors with sha256 {weights['state_sha256'][:12]}...; "
                          f"install the same weights (an update adds features of the same backbone) or refit")
-    uris = labelled_normal(from_labels, options) if from_labels else list_inputs(data_uri, options)
-    plan = update_split(uris, config=config)
-    held = plan.held_out(uris) if plan is not None else frozenset()
+    archive = (Archive(images=labelled_normal(from_labels, options), shards=[]) if from_labels
+               else list_archive(data_uri, options))
     ensure_ray(address)
     if not shared_fs:
-        check_paths_reach_every_node({"good images": uris, "models": [model_uri, new_model_uri]})
+        check_paths_reach_every_node({"good images": archive.images or archive.shards,
+                                      "models": [model_uri, new_model_uri]})
     ray.data.DataContext.get_current().execution_options.preserve_order = True    # same blocks on every run
-    blocks = feature_blocks(read_decoded(uris, input_size=config.input_size, batch_size=batch_size, options=options),
-                            config=config, folds=plan.folds_of(uris) if plan is not None else {}, held=held,
-                            n_images=len(uris), batch_size=batch_size, actors=actors, device=device,
-                            label="update: features")
+    good = good_features(archive, config=config, split=partial(update_split, config=config), batch_size=batch_size,
+                         actors=actors, device=device, options=options, image_column=image_column,
+                         id_column=id_column, label="update: features")
     t_feat = time.time() - t0
-    log.info("update: features of %d new images in %d blocks, %.1fs", len(uris), len(blocks), t_feat)
+    log.info("update: features of %d new images in %d blocks, %.1fs", len(good.names), len(good.blocks), t_feat)
     bank, cal, stats, added = update_bank(
-        blocks, config=config, bank=parent.bank, stats=parent.stats, plan=plan,
-        n_estimate=patch_estimate(len(uris) - len(held), config=config), max_added=max_added,
-        map_fn=ray_map, block_of=numpy_block)
-    del blocks
+        good.blocks, config=config, bank=parent.bank, stats=parent.stats, plan=good.plan,
+        n_estimate=patch_estimate(good.n_bank_images, config=config), max_added=max_added,
+        map_fn=ray_map, block_of=good.block_of())
+    del good
     for path, error in stats.unreadable[len(parent.stats.unreadable):]:
         log.warning("skipped unreadable new image %s: %s", path, error)
     stats = dataclasses.replace(stats, feature_seconds=round(t_feat, 2), fit_seconds=round(time.time() - t0, 2))

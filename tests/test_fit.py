@@ -1,4 +1,5 @@
-"""The fit recipe on feature blocks: calibration split, blocks, bank and threshold, statistics."""
+"""The fit recipe on feature blocks: calibration split, blocks, bank and threshold, statistics; the fit
+job's split of names known only once shards are read."""
 
 import dataclasses
 
@@ -135,3 +136,52 @@ def test_auto_index_builds_hnsw_beyond_the_target_devices_threshold(rng, monkeyp
 def test_an_explicit_index_is_built_whatever_the_bank_size(rng):
     bank, _, stats = fit_on_random(rng, dataclasses.replace(CROSSFIT, index="hnsw"))
     assert bank.kind == stats.index == "hnsw"
+
+
+def test_the_folds_of_the_split_are_set_on_the_blocks_when_a_pass_reads_them():
+    """The fit job cuts its blocks before the names of shard images are known; block_of gives each image
+    the fold of the split made once they are."""
+    from ray.data.block import BlockAccessor
+
+    from jobs.fit import GoodFeatures, block_names
+    names = [f"s.tar#{i}.png" for i in range(6)]
+    arrow = [BlockAccessor.batch_to_block(b) for b in feature_blocks(np.zeros((6, 4, 8), np.float32), np.full(6, -1),
+                                                                    images_per_block=4, paths=names)]
+    plan = split_calibration(names, config=CROSSFIT)
+    good = GoodFeatures(blocks=arrow, names=names, plan=plan)
+    assert [n for b in arrow for n in block_names(b)] == names
+    np.testing.assert_array_equal(np.concatenate([good.block_of()(b)["fold"] for b in arrow]), plan.fold)
+    hold = GoodFeatures(blocks=arrow, names=names, plan=split_calibration(names, config=HOLDOUT))
+    assert hold.held == {n for n, k in zip(names, hold.plan.fold, strict=True) if k == 0} and len(hold.held) == 2
+    assert hold.n_bank_images == 4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("augment", ["none", "flips"])
+def test_a_fit_from_tar_shards_lists_them_first_only_to_augment_and_makes_the_model_the_files_make(
+        ray_local, texture_dataset, tmp_path, monkeypatch, augment):
+    """Without augmentation each shard is read once: the split comes from the names in the feature
+    blocks. With it, the held-out images must be known before the copies are made: the shards are
+    listed first. Either way the model is the one the same images as files give."""
+    from anomaly_core.shards import pack_tar
+    from jobs import fit
+    from tests.helpers import TEST_CONFIG_KW
+    images = sorted((texture_dataset / "train" / "good").glob("*.png"))[:5]
+    (tmp_path / "files").mkdir()
+    for f in images:
+        (tmp_path / "files" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "tar").mkdir()
+    for i, part in enumerate((images[:4], images[4:])):
+        (tmp_path / "tar" / f"shard-{i:06d}.tar").write_bytes(pack_tar([(f.name, f.read_bytes()) for f in part]))
+    listed = []
+    shard_names = fit.shard_names
+    monkeypatch.setattr(fit, "shard_names", lambda shards, **kw: listed.append(shards) or shard_names(shards, **kw))
+    config = ModelConfig(**TEST_CONFIG_KW, augment=augment, calibration="holdout")
+    by_tar = fit.run_fit(str(tmp_path / "tar"), str(tmp_path / "m_tar"), config=config, batch_size=4)
+    by_files = fit.run_fit(str(tmp_path / "files"), str(tmp_path / "m_files"), config=config, batch_size=4)
+    assert len(listed) == (augment != "none")
+    assert by_tar["model_id"] == by_files["model_id"]
+    banked = 3 * config.n_augment * config.grid_size ** 2                # 2 of the 5 held out, not augmented
+    assert by_tar["stats"]["n_train_patches"] == by_files["stats"]["n_train_patches"] == banked
+    assert [n.rsplit("#", 1)[1] for n in by_tar["stats"]["calibration_images"]] == \
+        [n.rsplit("/", 1)[1] for n in by_files["stats"]["calibration_images"]]

@@ -220,3 +220,41 @@ def test_a_false_alarm_labelled_normal_scores_under_the_updated_threshold_and_a_
 def _rows(out) -> list[dict]:
     import duckdb
     return duckdb.sql(f"SELECT * FROM read_parquet('{out}/run_date=*/*.parquet')").df().to_dict("records")
+
+
+@pytest.mark.integration
+def test_an_update_from_shards_makes_the_model_an_update_from_the_same_images_as_files_makes(
+        fitted_model_dir, tmp_path):
+    """GOOD_IMAGES as a tar shard, or as a Parquet table named by --image-column/--id-column (through the
+    command), gives the new model that the same images as files give: same id, same bank."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from anomaly_core.shards import pack_tar
+    from jobs.cli import main
+    from jobs.demo import _texture, make_part
+    from jobs.update import run_update
+    parent, _ = fitted_model_dir
+    rng = np.random.default_rng(11)
+    # a new supplier's parts (gravel, where the parent has seen only brick): the bank grows
+    images = {f"gravel{i}.png": png_bytes(np.repeat(make_part(_texture("gravel"), rng, size=112)[..., None], 3, 2))
+              for i in range(4)}
+    (tmp_path / "files").mkdir()
+    for name, data in images.items():
+        (tmp_path / "files" / name).write_bytes(data)
+    (tmp_path / "tar").mkdir()
+    (tmp_path / "tar" / "shard-000000.tar").write_bytes(pack_tar(sorted(images.items())))
+    pq.write_table(pa.table({"png": list(images.values()), "name": list(images)}), tmp_path / "table.parquet")
+    files = run_update(str(parent), str(tmp_path / "files"), str(tmp_path / "by_files"), batch_size=8)
+    tar = run_update(str(parent), str(tmp_path / "tar"), str(tmp_path / "by_tar"), batch_size=8)
+    result = CliRunner().invoke(main, ["update", str(parent), str(tmp_path / "table.parquet"),
+                                       str(tmp_path / "by_parquet"), "--batch-size", "8",
+                                       "--image-column", "png", "--id-column", "name"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "by_parquet" / "manifest.json").read_text())
+    assert files["added"]["vectors"] > 0
+    assert tar["model_id"] == files["model_id"] == table["model_id"]
+    assert tar["files"] == files["files"] == table["files"]                   # the bank's files, by sha256
+    assert sorted(tar["added"]["images"]) == [f"{tmp_path}/tar/shard-000000.tar#{n}" for n in sorted(images)]
+    assert sorted(table["added"]["images"]) == [f"{tmp_path}/table.parquet#{n}" for n in sorted(images)]
