@@ -277,15 +277,17 @@ def evaluate(dataset, out, verbose, **kw):
 @click.option("--html", "html_path", default=None, help="Report file (default: SCORES_DIR/../report.html).")
 @click.option("--top", type=int, default=12, show_default=True, help="Anomalies shown with their heatmaps.")
 @click.option("--model", default=None, help="The model that scored SCORES_DIR: its calibration beside the drift.")
+@_shard_options
 @VERBOSE
-def report(scores_dir, html_path, top, model, verbose):
+def report(scores_dir, html_path, top, model, verbose, image_column, id_column):
     """Write a self-contained HTML report (counts, score histogram, worst images with heatmaps, errors)."""
     from pathlib import Path
 
     from anomaly_core.artifact import read_manifest
     from jobs.report import write_report
     html_path = html_path or str(Path(scores_dir).resolve().parent / "report.html")
-    click.echo(str(write_report(scores_dir, html_path, top=top, manifest=read_manifest(model) if model else None)))
+    click.echo(str(write_report(scores_dir, html_path, top=top, manifest=read_manifest(model) if model else None,
+                                image_column=image_column, id_column=id_column)))
 
 
 @main.command()
@@ -311,12 +313,13 @@ def show(image, model_dir, out, device, verbose):
               help="Interface to listen on; another than 127.0.0.1 lets other machines label (the page has no login).")
 @click.option("--reviewer", default=None, help="Name stored with your labels (default: $ANOMALY_REVIEWER).")
 @_storage_options
+@_shard_options
 @VERBOSE
 def review(out, model, port, host, reviewer, verbose, **kw):
     """Serve a page to review and label the scored images in OUT (docs/review.md); labels go to OUT/_labels."""
     from jobs.labels import reviewer_name
     from jobs.review import serve
-    serve(out, model=model, host=host, port=port, reviewer=reviewer_name(reviewer), options=_storage(kw))
+    serve(out, model=model, host=host, port=port, reviewer=reviewer_name(reviewer), options=_storage(kw), **kw)
 
 
 @main.command()
