@@ -25,7 +25,9 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -215,17 +217,71 @@ def shard_samples(shard: str, data: bytes, *, image_column: str = "image",
 
 
 def read_image(uri: str, options: StorageOptions | None = None, *, image_column: str = "image",
-               id_column: str | None = None) -> bytes:
+               id_column: str | None = None, cache: ShardCache | None = None) -> bytes:
     """The bytes of the image at `uri`: an object, or an image in a shard (`<shard>#<member>`,
-    `<shard>#row=<i>`, `<shard>#<id>`; the shard is fetched whole). FileNotFoundError when there is none."""
+    `<shard>#row=<i>`, `<shard>#<id>`; the shard is fetched whole, or taken from `cache`, which then
+    keeps it). FileNotFoundError when there is none."""
     shard = shard_of(uri)
     if shard == uri or not is_shard(shard):
         return storage.read_bytes(uri, options)
-    for name, blob, error in shard_samples(shard, storage.read_bytes(shard, options), image_column=image_column,
-                                           id_column=id_column):
-        if name == uri and not error:
-            return blob
-    raise FileNotFoundError(f"{uri} not found: {shard} holds no readable image by that name")
+
+    def images() -> dict[str, bytes]:
+        data = storage.read_bytes(shard, options)
+        return {name: blob for name, blob, error in shard_samples(shard, data, image_column=image_column,
+                                                                  id_column=id_column) if not error}
+
+    found = (images() if cache is None else cache.get((shard, image_column, id_column), images)).get(uri)
+    if found is None:
+        raise FileNotFoundError(f"{uri} not found: {shard} holds no readable image by that name")
+    return found
+
+
+class ShardCache:
+    """The readable images of recently read shards ({uri: bytes} per shard), up to `max_bytes` of image
+    bytes, the least recently used shard dropped first: a page that shows many images of one shard
+    fetches it once. Safe to share between threads: while one thread fetches a shard, the others asking
+    for it wait for that fetch. A shard holding more than `max_bytes` is not kept (each read fetches it)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._shards: OrderedDict[tuple, dict[str, bytes]] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}
+        self._fetching: dict[tuple, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Image bytes held now."""
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def get(self, key: tuple, fetch: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
+        """The images of the shard `key` names: kept ones, or fetch()'s, which are then kept."""
+        while True:
+            with self._lock:
+                if key in self._shards:
+                    self._shards.move_to_end(key)
+                    return self._shards[key]
+                waiting = self._fetching.get(key)
+                if waiting is None:
+                    done = self._fetching[key] = threading.Event()
+            if waiting is None:
+                break
+            waiting.wait()           # kept by then, unless too large or failed: then fetched here
+        try:
+            images = fetch()
+            size = sum(map(len, images.values()))
+            with self._lock:
+                if size <= self.max_bytes:
+                    self._shards[key], self._sizes[key] = images, size
+                    while sum(self._sizes.values()) > self.max_bytes:
+                        old, _ = self._shards.popitem(last=False)
+                        del self._sizes[old]
+            return images
+        finally:
+            with self._lock:
+                del self._fetching[key]
+            done.set()
 
 
 def pack_tar(members: Sequence[tuple[str, bytes]]) -> bytes:

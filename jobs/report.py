@@ -25,13 +25,14 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.images import ImageDecodeError, decode_image  # noqa: E402
 from anomaly_core.schema import HEATMAP_COLUMNS  # noqa: E402
 from anomaly_core.scoring import decode_heatmap  # noqa: E402
-from anomaly_core.shards import read_image  # noqa: E402
+from anomaly_core.shards import ShardCache, read_image  # noqa: E402
 from anomaly_core.storage import StorageOptions  # noqa: E402
 from jobs.analyst import connect, fetch, run_query  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 THUMB = 200
+SHARD_CACHE_BYTES = 256 * 2 ** 20     # image bytes of the shards last read, kept while the report is built
 
 # Drift: a night is flagged when its median normalised score (0 = the calibration mean, 1 = the threshold)
 # lies more than DRIFT_BOUND from 0, i.e. the typical part has moved a quarter of the way to the threshold
@@ -79,8 +80,8 @@ def _thumb(arr: np.ndarray) -> np.ndarray:
 
 def _pair(row: dict, threshold: float, **read) -> tuple[str, str] | None:
     """(original, overlay) thumbnails of an output row as data URIs; None when the original cannot be
-    read any more. read: options, image_column and id_column of read_image (a file, an object or an
-    image in a shard)."""
+    read any more. read: options, image_column, id_column and cache of read_image (a file, an object or
+    an image in a shard)."""
     try:
         image = decode_image(read_image(row["uri"], **read))
     except (OSError, ImageDecodeError) as e:
@@ -141,8 +142,10 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
     worst = fetch(con, f"SELECT uri, score, score_normalised, verdict, {', '.join(HEATMAP_COLUMNS)} "
                        "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top])
     cards = []
+    shards = ShardCache(SHARD_CACHE_BYTES)                 # the worst images of one shard: one fetch of it
     for row in worst:
-        pair = _pair(row, threshold, options=options, image_column=image_column, id_column=id_column)
+        pair = _pair(row, threshold, options=options, image_column=image_column, id_column=id_column,
+                     cache=shards)
         imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
                 else "<p class='missing'>original image no longer readable</p>")
         cards.append(f"<div class='card'>{imgs}<p><b>{row['score']:.4f}</b> (normalised "

@@ -3,9 +3,10 @@
 A Starlette app served by uvicorn. It reads the complete runs under OUT through DuckDB
 (jobs.analyst.connect) and does all filtering, sorting and paging in SQL, so the browser only ever holds
 one page of rows however large the output is. Images are read from their uri, an object or a member of
-a shard (anomaly_core.shards.read_image, which fetches the whole shard), and each overlay is rebuilt from
-the row's stored grid (decode_heatmap) when the browser asks for it; a small cache keeps the ones just
-seen. Labels go through jobs.labels.append_labels, one file per label, so several reviewers (each
+a shard (anomaly_core.shards.read_image: a shard is fetched whole, and kept in a cache bounded in bytes,
+so a page of images of one shard fetches it once), and each overlay is rebuilt from the row's stored
+grid (decode_heatmap) when the browser asks for it; a small cache keeps the ones just seen.
+Labels go through jobs.labels.append_labels, one file per label, so several reviewers (each
 running the page) can label the same output at once.
 
 The page binds to 127.0.0.1 unless asked otherwise; it has no login, so whoever reaches the port can
@@ -38,7 +39,7 @@ from anomaly_core.artifact import read_manifest
 from anomaly_core.images import ImageDecodeError, decode_image
 from anomaly_core.schema import HEATMAP_COLUMNS
 from anomaly_core.scoring import decode_heatmap
-from anomaly_core.shards import read_image
+from anomaly_core.shards import ShardCache, read_image
 from anomaly_core.storage import StorageOptions
 from jobs.analyst import connect, fetch
 from jobs.labels import LABELS, LabelCache, append_labels, check_reviewer, create_labels_view
@@ -186,10 +187,11 @@ class ReviewData:
     or of other reviewers, on every query (read once each, LabelCache)."""
 
     def __init__(self, out: str, *, reviewer: str, model: str | None = None, options: StorageOptions | None = None,
-                 refresh_s: float = 30.0, cache_images: int = 512, image_column: str = "image",
-                 id_column: str | None = None):
-        """image_column, id_column: those the output's Parquet shards were scored with (`anomaly score
-        --image-column/--id-column`), to find an image named `<shard>.parquet#<id>`."""
+                 refresh_s: float = 30.0, cache_images: int = 512, cache_shards_mb: int = 256,
+                 image_column: str = "image", id_column: str | None = None):
+        """cache_images: JPEGs kept (image or overlay at one size); cache_shards_mb: image bytes of the
+        shards last read kept (ShardCache). image_column, id_column: those the output's Parquet shards
+        were scored with (`anomaly score --image-column/--id-column`), to find `<shard>.parquet#<id>`."""
         self.out, self.options = storage.normalise(out), (options or StorageOptions()).resolved()
         self.columns = {"image_column": image_column, "id_column": id_column}
         self.reviewer, self.refresh_s = check_reviewer(reviewer), refresh_s
@@ -201,6 +203,7 @@ class ReviewData:
         self._con, self._connected = None, 0.0
         self._labels = LabelCache(self.out, self.options)
         self.image = functools.lru_cache(maxsize=cache_images)(self._image)
+        self.shards = ShardCache(cache_shards_mb * 2 ** 20)
 
     def _connection(self):
         """The connection, with the labels as they are now; reconnected (new runs) after refresh_s.
@@ -263,7 +266,7 @@ class ReviewData:
         _choice("size", size, IMAGE_SIZES)
         row = self._row(run_id, uri, f"uri, status, error, threshold, {', '.join(HEATMAP_COLUMNS)}")
         try:
-            image = decode_image(read_image(uri, self.options, **self.columns))
+            image = decode_image(read_image(uri, self.options, **self.columns, cache=self.shards))
         except (OSError, ImageDecodeError) as e:
             raise FileNotFoundError(f"{uri} cannot be read: {e}") from None
         im = Image.fromarray(image)
@@ -383,10 +386,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(out: str, *, model: str | None = None, host: str = "127.0.0.1", port: int = 8050,
-          reviewer: str, options: StorageOptions | None = None) -> None:
-    """Serve the review page of OUT until interrupted; prints its address first."""
+          reviewer: str, options: StorageOptions | None = None, image_column: str = "image",
+          id_column: str | None = None) -> None:
+    """Serve the review page of OUT until interrupted; prints its address first. image_column,
+    id_column: ReviewData's."""
     import uvicorn
-    data = ReviewData(out, reviewer=reviewer, model=model, options=options)
+    data = ReviewData(out, reviewer=reviewer, model=model, options=options, image_column=image_column,
+                      id_column=id_column)
     sock = bind(host, port)
     port = sock.getsockname()[1]
     if host not in LOOPBACK:

@@ -22,6 +22,7 @@ from jobs.labels import append_labels
 from jobs.report import calibration_reference, overlay, write_report
 from tests.helpers import make_bucket, upload
 from tests.scored_output import NORMAL_MEAN, NORMAL_STD, THRESHOLD, move_images, write_output
+from tests.test_review import as_parquet_table
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Chromium (Makefile); elsewhere the browser test says why it did not run.
@@ -132,6 +133,20 @@ def test_the_report_shows_images_read_from_tar_shard_members(tmp_path):
         with tarfile.open(shard) as tf:                                  # the reference: the member's pixels
             want = np.asarray(Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB"))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), want)   # lossless PNG
+
+
+def test_the_report_command_reads_a_parquet_table_by_the_columns_it_was_scored_with(tmp_path):
+    out, archive, html_file = tmp_path / "scores", tmp_path / "archive", tmp_path / "r.html"
+    write_output(out, {"2026-11-21": 6}, seed=4, defect_rate=0.5, images=archive, tar=True)
+    as_parquet_table(out, archive, "2026-11-21")
+    res = CliRunner().invoke(main, ["report", str(out), "--html", str(html_file), "--top", "3",
+                                    "--image-column", "png", "--id-column", "name"])
+    assert res.exit_code == 0, res.output
+    text = html_file.read_text()
+    assert text.count("<img alt='image' src='data:image/png;base64,") == 3 and "no longer readable" not in text
+    assert "2026-11-21.parquet#product=" in text
+    assert CliRunner().invoke(main, ["report", str(out), "--html", str(html_file), "--top", "3"]).exit_code == 0
+    assert html_file.read_text().count("original image no longer readable") == 3    # no column "image" there
 
 
 @pytest.mark.integration

@@ -13,12 +13,15 @@ import subprocess
 import sys
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -180,7 +183,7 @@ def test_an_image_in_a_tar_shard_is_served_from_its_member_uri(tmp_path):
 
 
 @pytest.mark.integration
-def test_images_in_a_tar_shard_on_s3_are_served(tmp_path, s3_server):
+def test_images_in_a_tar_shard_on_s3_are_served_and_the_shard_is_fetched_once(tmp_path, s3_server):
     out, archive = tmp_path / "scores", tmp_path / "archive"
     rows = write_output(out, {"2026-11-21": 4}, seed=2, images=archive, tar=True)
     originals = np.stack([member_pixels(u) for u in rows["uri"].to_pylist()]).astype(int)
@@ -191,11 +194,51 @@ def test_images_in_a_tar_shard_on_s3_are_served(tmp_path, s3_server):
     move_images(out, str(archive), "s3://review-shards/archive")
     data = ReviewData(str(out), reviewer="ana", options=options)
     members = [u.split("#", 1)[1] for u in rows["uri"].to_pylist()]
-    for row in data.rows(Filters())["rows"]:
+    page = data.rows(Filters())["rows"]
+    before = s3_server.requests
+    data.image(page[0]["run_id"], page[0]["uri"], "image", 240)
+    one_fetch = s3_server.requests - before
+    for row in page:
         shard, member = row["uri"].split("#", 1)
         assert shard == "s3://review-shards/archive/2026-11-21.tar"
         served = np.asarray(Image.open(io.BytesIO(data.image(row["run_id"], row["uri"], "image", 240))))
         assert np.abs(originals - served).mean(axis=(1, 2, 3)).argmin() == members.index(member)
+        data.image(row["run_id"], row["uri"], "overlay", 800)
+    assert s3_server.requests - before == one_fetch > 0                 # 8 images of one shard: one fetch
+
+
+def as_parquet_table(out: Path, archive: Path, night: str) -> Path:
+    """Rewrite an output written with write_output(..., tar=True) as if its images had been scored from a
+    Parquet table: the members of `<archive>/<night>.tar` become rows of `<archive>/<night>.parquet`
+    (image bytes in column "png", member names in column "name"), the rows' uris `<table>#<name>`.
+    Returns the table's path."""
+    shard, table = archive / f"{night}.tar", archive / f"{night}.parquet"
+    with tarfile.open(shard) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    pq.write_table(pa.table({"png": [b for _, b in members], "name": [n for n, _ in members]}), table)
+    shard.unlink()
+    move_images(out, str(shard), str(table))
+    return table
+
+
+@pytest.mark.integration
+def test_the_command_serves_images_of_a_parquet_table_by_its_image_and_id_columns(tmp_path):
+    out, archive = tmp_path / "scores", tmp_path / "archive"
+    rows = write_output(out, {"2026-11-21": 3}, seed=2, images=archive, tar=True)
+    want = {u.split("#", 1)[1]: member_pixels(u) for u in rows["uri"].to_pylist()}
+    table = as_parquet_table(out, archive, "2026-11-21")
+    (row,) = [r for r in ReviewData(str(out), reviewer="ana").rows(Filters())["rows"]
+              if r["uri"].endswith("000001.png")]
+    assert row["uri"] == f"{table}#product=tile/line=L1/img_000001.png"
+    query = urllib.parse.urlencode({"run_id": row["run_id"], "uri": row["uri"], "kind": "image", "size": 240})
+    with review_server(out, "--image-column", "png", "--id-column", "name") as url:
+        status, jpeg = request(f"{url}api/image?{query}")
+    assert status == 200
+    served = np.asarray(Image.open(io.BytesIO(jpeg))).astype(int)
+    nearest = min(want, key=lambda m: np.abs(want[m] - served).mean())   # a JPEG: nearest to its own pixels
+    assert nearest == "product=tile/line=L1/img_000001.png"
+    with review_server(out) as url:                                   # the default column "image": not there
+        assert request(f"{url}api/image?{query}")[0] == 404
 
 
 def test_an_error_row_cannot_be_labelled(tmp_path):

@@ -5,6 +5,9 @@ import io
 import multiprocessing
 import re
 import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +17,7 @@ import pytest
 from anomaly_core import storage
 from anomaly_core.decode import SHARD_ROWS, read_shards
 from anomaly_core.shards import (
+    ShardCache,
     expand_braces,
     pack_tar,
     parquet_samples,
@@ -135,6 +139,56 @@ def test_an_image_in_a_shard_is_read_back_by_its_uri(tmp_path):
     assert read_image(f"{tmp_path}/t.parquet#row=1") == b"r1"
     with pytest.raises(FileNotFoundError, match="holds no readable image"):
         read_image(f"{tmp_path}/s.tar#d/2.png")
+
+
+def test_images_of_a_cached_shard_are_read_without_fetching_it_again(tmp_path):
+    (tmp_path / "s.tar").write_bytes(pack_tar([("0.png", b"zero"), ("1.png", b"one"), ("x.json", b"{}")]))
+    cache = ShardCache(max_bytes=1000)
+    assert read_image(f"{tmp_path}/s.tar#0.png", cache=cache) == b"zero" and cache.nbytes == len(b"zeroone")
+    (tmp_path / "s.tar").unlink()                                       # only the cached copy is left
+    assert read_image(f"{tmp_path}/s.tar#1.png", cache=cache) == b"one"
+    with pytest.raises(FileNotFoundError, match="holds no readable image"):
+        read_image(f"{tmp_path}/s.tar#x.json", cache=cache)
+
+
+def counting(images: dict[str, bytes], fetched: list[str], key: str):
+    """A fetch of shard `key` that records itself in `fetched`."""
+    return lambda: fetched.append(key) or images
+
+
+def test_the_shard_cache_drops_the_least_recently_used_beyond_its_bytes_and_never_keeps_a_larger_shard():
+    cache, fetched = ShardCache(max_bytes=10), []
+    shards = {"a": {"a#0": b"123456"}, "b": {"b#0": b"1234"}, "c": {"c#0": b"123"}, "big": {"big#0": b"x" * 11}}
+
+    def get(key):
+        return cache.get((key,), counting(shards[key], fetched, key))
+
+    assert [get(k) for k in ("a", "b", "a")] == [shards["a"], shards["b"], shards["a"]] and fetched == ["a", "b"]
+    get("c")                                                      # 13 bytes: b, used least recently, goes
+    get("a"), get("c")
+    assert cache.nbytes == 9 and fetched == ["a", "b", "c"]
+    get("b")
+    assert fetched[-1] == "b" and cache.nbytes == 7                # b back in; a dropped (c was used after it)
+    get("big"), get("big")
+    assert fetched[-2:] == ["big", "big"] and cache.nbytes == 7    # larger than the cache: never kept
+
+
+def test_threads_asking_for_one_shard_at_once_share_one_fetch():
+    cache, fetched, release = ShardCache(max_bytes=100), [], threading.Event()
+
+    def fetch():
+        fetched.append("s")
+        release.wait()                                            # the others ask while this fetch runs
+        return {"s#0": b"data"}
+
+    with ThreadPoolExecutor(8) as pool:
+        got = [pool.submit(cache.get, ("s",), fetch) for _ in range(8)]
+        while not fetched:
+            time.sleep(0.01)
+        time.sleep(0.1)                                           # let the other threads reach the cache
+        release.set()
+        assert all(f.result() == {"s#0": b"data"} for f in got)
+    assert fetched == ["s"]
 
 
 def test_an_archive_of_shards_is_a_prefix_a_brace_range_or_a_manifest(tmp_path):
