@@ -1,13 +1,18 @@
 """Incremental update against a full refit on the union (issue 19 item 3).
 
-    python bench/update.py ../shared/data/mpdd_metal_plate --image-size 224 --tiles 1 --seeds 0,1,2 --cache CACHE_DIR
+    python bench/update.py ../shared/data/mvtec3d_cable_gland --cuts 0,1,2 --model-seeds 0,1,2 --shares 1 --cache DIR
 
-train/good is cut in two by a seeded permutation: the parent model is fitted on the first half; then for
-each share of the second half (--shares) the parent is updated with it (Model.update_features) and,
-beside it, a model is refitted on the first half plus that share (Model.fit_features). Both are scored on
-test/ (image AUROC, threshold, share of the good test images flagged). Each row is one run on one
-machine, so its ratios compare like with like. --seeds repeats it over other cuts; the summary gives the
-spread of update minus refit AUROC and, for scale, of the refits' own AUROC.
+train/good is cut in two by a seeded permutation (--cuts: one cut each): the parent model is fitted on
+the first half; then for each share of the second half (--shares) the parent is updated with it
+(Model.update_features) and, beside it, a model is refitted on the first half plus that share
+(Model.fit_features). All are scored on test/ (image AUROC, threshold, share of the good and of the
+defective test images flagged; with --pixel also pixel AUROC over the test images that have ground truth
+and AUPRO over the defective ones, as jobs/evaluate.py computes them). --model-seeds repeats each cut
+with other model seeds (ModelConfig.seed: the hold-out split, the coreset's projection and start): the
+spread of the refits over them is the noise floor a difference between update and refit is judged
+against. Each row is one run on one machine, so its ratios compare like with like. The summary gives
+update minus refit per row, its mean and spread, and the refits' own spread within a cut (over model
+seeds) and across cuts.
 
 Time. Both paths start from features: the backbone's seconds per image are measured once (FeatureExtractor.describe
 over the images, no cache) and charged to each path for the images it must describe, the new images for the
@@ -23,10 +28,10 @@ image are then read from the cache's record of the run that wrote it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +43,17 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor  # noqa: E402
 from anomaly_core.model import Model  # noqa: E402
+from anomaly_core.scoring import image_maps  # noqa: E402
 from bench.features import list_images, read_pixels  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a set: image paths, descriptors [N, P, D] float32 unit rows, foreground [N, P] bool."""
+    paths: list[Path]
+    features: np.ndarray
+    foreground: np.ndarray
+    seconds_per_image: float
 
 
 def describe(paths: list[Path], extractor: FeatureExtractor, *, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -51,15 +66,22 @@ def describe(paths: list[Path], extractor: FeatureExtractor, *, batch: int = 8) 
     return np.concatenate(feats), np.concatenate(fgs)
 
 
-def features(root: Path, split: str, extractor: FeatureExtractor, cache: Path | None
-             ) -> tuple[list[Path], np.ndarray, np.ndarray, float]:
-    """Paths, features, foreground and backbone seconds per image of train/good or test/."""
-    cfg = extractor.config
+def unit(x: np.ndarray) -> np.ndarray:
+    """[..., D] -> float32 rows of norm 1 (the float16 cache rounds them off it)."""
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def features(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> Split:
+    """train/good or test/ of the set, described with `cfg`'s backbone (or read from the cache)."""
     paths = list_images(root / "train" / "good") if split == "train" else list_images(root / "test")
     f = cache / f"update_{root.name}_{cfg.image_size}_t{cfg.tiles}_{split}.npz" if cache else None
     if f is not None and f.exists():
         z = np.load(f)
-        return paths, z["features"].astype(np.float32), z["foreground"], float(z["seconds_per_image"])
+        if len(z["features"]) != len(paths):
+            raise ValueError(f"{f} holds {len(z['features'])} images, {root / split} has {len(paths)}: delete it")
+        return Split(paths, unit(z["features"]), z["foreground"], float(z["seconds_per_image"]))
+    extractor = FeatureExtractor(config=cfg, device="cpu")
     t0 = time.perf_counter()
     feats, fg = describe(paths, extractor)
     per_image = (time.perf_counter() - t0) / len(paths)
@@ -67,59 +89,90 @@ def features(root: Path, split: str, extractor: FeatureExtractor, cache: Path | 
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
         np.savez(f, features=feats.astype(np.float16), foreground=fg, seconds_per_image=per_image)
-    feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
-    return paths, feats, fg, per_image
+    return Split(paths, unit(feats), fg, per_image)
 
 
-def quality(model: Model, test: np.ndarray, fg: np.ndarray, labels: np.ndarray) -> dict:
-    scores = model.score_features(test, fg, maps=False).scores
-    return {"auroc": round(metrics.auroc(labels, scores), 4), "threshold": round(model.calibration.threshold, 4),
-            "good_flagged": round(float(model.is_anomalous(scores)[~labels].mean()), 3),
-            "defects_flagged": round(float(model.is_anomalous(scores)[labels].mean()), 3)}
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+    """test/ with its labels [N] bool (defective) and, for --pixel, masks [N, S, S] bool and which
+    images have ground truth [N] bool (jobs.evaluate.has_mask: the good ones and the defective with a mask)."""
+    split: Split
+    labels: np.ndarray
+    masks: np.ndarray | None
+    masked: np.ndarray | None
 
 
-def run(root: Path, *, cfg: ModelConfig, shares: list[float], seed: int, cache: Path | None) -> dict:
-    extractor = FeatureExtractor(config=cfg, device="cpu")
-    train_paths, train, train_fg, per_image = features(root, "train", extractor, cache)
-    test_paths, test, test_fg, _ = features(root, "test", extractor, cache)
-    labels = np.array([p.parent.name != "good" for p in test_paths])
-    names = np.array([str(p.relative_to(root)) for p in train_paths])
-    order = np.random.default_rng(seed).permutation(len(names))
+def test_set(root: Path, cfg: ModelConfig, cache: Path | None, *, pixel: bool) -> TestSet:
+    split = features(root, "test", cfg, cache)
+    labels = np.array([p.parent.name != "good" for p in split.paths])
+    if not pixel:
+        return TestSet(split, labels, None, None)
+    from jobs.evaluate import has_mask, load_mask  # imports Ray: only when pixel metrics are asked for
+    masked = np.array([has_mask(root, p) for p in split.paths])
+    masks = np.stack([load_mask(root, p, size=cfg.input_size) for p in split.paths])
+    return TestSet(split, labels, masks, masked)
+
+
+def quality(model: Model, test: TestSet) -> dict:
+    """Image AUROC, threshold, share of the good / defective test images flagged; pixel AUROC and AUPRO
+    when the test set has masks (maps of the grids already searched, as the scorer builds them)."""
+    result = model.score_features(test.split.features, test.split.foreground, maps=False)
+    flagged = model.is_anomalous(result.scores)
+    out = {"auroc": round(metrics.auroc(test.labels, result.scores), 4),
+           "threshold": round(model.calibration.threshold, 4),
+           "good_flagged": round(float(flagged[~test.labels].mean()), 3),
+           "defects_flagged": round(float(flagged[test.labels].mean()), 3)}
+    if test.masks is not None:
+        cfg = model.config
+        maps = image_maps(result.distances[test.masked], out_size=cfg.input_size, sigma=cfg.map_sigma)
+        masks = test.masks[test.masked]
+        out["pixel_auroc"] = round(metrics.auroc(masks.ravel(), maps.ravel()), 4)
+        defective = test.labels[test.masked]
+        out["aupro"] = round(metrics.aupro(masks[defective], maps[defective]), 4)
+    return out
+
+
+def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: list[float], cut: int) -> dict:
+    """Parent on the first half of cut `cut`, then update and refit per share (module docstring)."""
+    names = np.array([str(p.relative_to(root)) for p in train.paths])
+    order = np.random.default_rng(cut).permutation(len(names))
     first, second = order[:len(order) // 2], order[len(order) // 2:]
+    per_image = train.seconds_per_image
 
     def fit(rows: np.ndarray) -> tuple[Model, float]:
         t0 = time.perf_counter()
-        m = Model.fit_features(train[rows], config=cfg, foreground=train_fg[rows], paths=names[rows],
-                               weights=extractor.backbone.identity)
+        m = Model.fit_features(train.features[rows], config=cfg, foreground=train.foreground[rows],
+                               paths=names[rows])
         return m, time.perf_counter() - t0
 
     parent, parent_s = fit(first)
-    parent.save(Path(tempfile.mkdtemp(prefix="bench-update-")) / "parent")        # an id to record as parent
+    parent.manifest = {"model_id": f"bench-parent-{cut}-{cfg.seed}"}       # the id an update records as parent
     out = {"data": root.name, "image_size": cfg.image_size, "tiles": cfg.tiles, "grid": cfg.grid_size,
-           "train_images": len(names), "test_images": len(labels), "seed": seed,
+           "train_images": len(names), "test_images": len(test.labels), "cut": cut, "model_seed": cfg.seed,
            "backbone_seconds_per_image": round(per_image, 3),
-           "parent": {"images": len(first), "bank": parent.bank.size,
+           "parent": {"images": len(first), "bank": parent.bank.size, "index": parent.bank.kind,
                       "cover_radius": round(parent.stats.cover_radius, 4), "selection_seconds": round(parent_s, 2),
-                      **quality(parent, test, test_fg, labels)},
+                      **quality(parent, test)},
            "rows": []}
-    print(json.dumps(out["parent"]), flush=True)
+    print(json.dumps({"cut": cut, "model_seed": cfg.seed, "parent": out["parent"]}), flush=True)
     for share in shares:
         new = second[:max(1, round(share * len(second)))]
         t0 = time.perf_counter()
-        updated = parent.update_features(train[new], foreground=train_fg[new], paths=names[new])
+        updated = parent.update_features(train.features[new], foreground=train.foreground[new], paths=names[new])
         update_s = time.perf_counter() - t0
         refit, refit_s = fit(np.concatenate([first, new]))
         added = updated.lineage["added"]
-        row = {"new_images": len(new),
+        row = {"cut": cut, "model_seed": cfg.seed, "share": share, "new_images": len(new),
                "update": {"bank": updated.bank.size, "added": added["vectors"], "candidates": added["candidates"],
                           "new_patches": added["patches"], "cover_radius": round(updated.stats.cover_radius, 4),
                           "selection_seconds": round(update_s, 2),
                           "seconds": round(update_s + per_image * len(new), 1),
-                          "calibration": added["calibration"], **quality(updated, test, test_fg, labels)},
-               "refit": {"bank": refit.bank.size, "cover_radius": round(refit.stats.cover_radius, 4),
+                          "calibration": added["calibration"], **quality(updated, test)},
+               "refit": {"bank": refit.bank.size, "index": refit.bank.kind,
+                         "cover_radius": round(refit.stats.cover_radius, 4),
                          "selection_seconds": round(refit_s, 2),
                          "seconds": round(refit_s + per_image * (len(first) + len(new)), 1),
-                         **quality(refit, test, test_fg, labels)},
+                         **quality(refit, test)},
                "added_at_fit_density": int(np.ceil(cfg.coreset_ratio * added["patches"]))}
         row["auroc_update_minus_refit"] = round(row["update"]["auroc"] - row["refit"]["auroc"], 4)
         print(json.dumps(row), flush=True)
@@ -127,25 +180,63 @@ def run(root: Path, *, cfg: ModelConfig, shares: list[float], seed: int, cache: 
     return out
 
 
+def spread(values: list[float]) -> dict:
+    """mean, sample standard deviation (0 for one value), min, max, count."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": round(float(v.mean()), 4), "sd": round(float(v.std(ddof=1)) if v.size > 1 else 0.0, 4),
+            "min": round(float(v.min()), 4), "max": round(float(v.max()), 4), "n": int(v.size)}
+
+
+def pooled_sd(rows: list[dict], path: str) -> float | None:
+    """Standard deviation of rows[i][path]["auroc"] within cuts (over model seeds), pooled over the cuts;
+    None without two seeds of one cut."""
+    groups = [[r[path]["auroc"] for r in rows if r["cut"] == c] for c in sorted({r["cut"] for r in rows})]
+    dof = sum(len(g) - 1 for g in groups)
+    return round(float(np.sqrt(sum(np.var(g) * len(g) for g in groups) / dof)), 4) if dof else None
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per share: update minus refit over all rows; the refits' (and updates') standard deviation over model
+    seeds within each cut (the noise floor), pooled; the refits' range across cuts per model seed."""
+    out = {}
+    for share in sorted({r["share"] for r in rows}):
+        rs = [r for r in rows if r["share"] == share]
+        cuts, seeds = sorted({r["cut"] for r in rs}), sorted({r["model_seed"] for r in rs})
+        out[str(share)] = {
+            "update_minus_refit": spread([r["auroc_update_minus_refit"] for r in rs]),
+            "update": spread([r["update"]["auroc"] for r in rs]), "refit": spread([r["refit"]["auroc"] for r in rs]),
+            "refit_sd_within_cut": pooled_sd(rs, "refit"), "update_sd_within_cut": pooled_sd(rs, "update"),
+            "refit_range_across_cuts": {s: spread([r["refit"]["auroc"] for r in rs if r["model_seed"] == s])
+                                        for s in seeds} if len(cuts) > 1 else None}
+        for metric in ("pixel_auroc", "aupro"):
+            if metric in rs[0]["refit"]:
+                out[str(share)][f"{metric}_update_minus_refit"] = spread(
+                    [r["update"][metric] - r["refit"][metric] for r in rs])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", type=Path)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--tiles", type=int, default=1)
-    ap.add_argument("--shares", default="0.25,0.5,1", help="Shares of the second half added, comma-separated.")
-    ap.add_argument("--seeds", default="0", help="Seeds of the cut into halves, comma-separated: one run each.")
+    ap.add_argument("--image-size", type=int, default=None, help="Default: the model default's.")
+    ap.add_argument("--tiles", type=int, default=None, help="Default: the model default's.")
+    ap.add_argument("--shares", default="0.5,1", help="Shares of the second half added, comma-separated.")
+    ap.add_argument("--cuts", default="0", help="Seeds of the cut into halves, comma-separated: one parent each.")
+    ap.add_argument("--model-seeds", default="0", help="ModelConfig.seed values, comma-separated: each cut is "
+                                                        "run with each (their refits' spread is the noise floor).")
+    ap.add_argument("--pixel", action="store_true", help="Pixel AUROC and AUPRO too (imports jobs.evaluate).")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="Write the results here too.")
     a = ap.parse_args()
-    cfg = ModelConfig(image_size=a.image_size, tiles=a.tiles)
-    runs = [run(a.dataset, cfg=cfg, shares=[float(s) for s in a.shares.split(",")], seed=int(seed), cache=a.cache)
-            for seed in a.seeds.split(",")]
-    diffs = [r["auroc_update_minus_refit"] for one in runs for r in one["rows"]]
-    summary = {"date": dt.date.today().isoformat(), "runs": len(runs), "rows": len(diffs),
-               "auroc_update_minus_refit": {"mean": round(float(np.mean(diffs)), 4),
-                                            "min": min(diffs), "max": max(diffs)},
-               "refit_auroc": {"min": min(r["refit"]["auroc"] for one in runs for r in one["rows"]),
-                               "max": max(r["refit"]["auroc"] for one in runs for r in one["rows"])}}
+    given = {k: v for k, v in (("image_size", a.image_size), ("tiles", a.tiles)) if v is not None}
+    base = ModelConfig(**given)
+    train = features(a.dataset, "train", base, a.cache)
+    test = test_set(a.dataset, base, a.cache, pixel=a.pixel)
+    shares = [float(s) for s in a.shares.split(",")]
+    runs = [run(a.dataset, train, test, cfg=dataclasses.replace(base, seed=int(seed)), shares=shares, cut=int(cut))
+            for cut in a.cuts.split(",") for seed in a.model_seeds.split(",")]
+    summary = {"date": dt.date.today().isoformat(), "runs": len(runs),
+               "shares": summarise([r for one in runs for r in one["rows"]])}
     print(json.dumps(summary), flush=True)
     if a.json:
         a.json.write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
