@@ -34,6 +34,7 @@ from anomaly_core.fit import (
     split_calibration,
 )
 from anomaly_core.model import Model
+from anomaly_core.shards import is_shard, shard_of
 from anomaly_core.storage import StorageOptions
 from anomaly_core.weights import load_weights
 from jobs.runtime import (
@@ -127,15 +128,40 @@ def shard_names(shards: list[str], *, options: StorageOptions, image_column: str
     return [u for part in ray_map(shard_uris, shards, options, image_column, id_column) for u in part]
 
 
+def keep_rows(batch: dict[str, np.ndarray], *, names: frozenset[str]) -> dict[str, np.ndarray]:
+    """The rows of a decoded batch whose "path" is one of `names`."""
+    keep = np.array([str(p) in names for p in batch["path"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def read_images(uris: list[str], *, input_size: int, batch_size: int, options: StorageOptions,
+                image_column: str, id_column: str | None) -> ray.data.Dataset:
+    """Decoded images (jobs.runtime's read datasets) named one by one: files and objects, and images in
+    shards (`<shard>#<member>`, as a scored output names them: the images labelled normal there). The
+    shards holding those are read once each and only the named images kept, with the error row of a
+    shard nothing could be read from (it names the shard)."""
+    members = [u for u in uris if "#" in u and is_shard(shard_of(u))]
+    files = sorted(set(uris) - set(members))
+    parts = [read_decoded(files, input_size=input_size, batch_size=batch_size, options=options)] if files else []
+    if members:
+        shards = sorted({shard_of(u) for u in members})
+        check_image_columns(shards, image_column=image_column, id_column=id_column, options=options)
+        parts.append(read_shards_decoded(shards, input_size=input_size, batch_size=batch_size, options=options,
+                                         image_column=image_column, id_column=id_column).map_batches(
+            keep_rows, fn_kwargs={"names": frozenset(members + shards)}, batch_size=batch_size,
+            batch_format="numpy", num_cpus=0.5))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
 def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[list[str]], SplitPlan | None],
                   check: Callable[[list[str], SplitPlan | None], None] | None = None, batch_size: int,
                   actors: int | None, device: str, options: StorageOptions, image_column: str,
                   id_column: str | None, label: str) -> GoodFeatures:
-    """Read and describe the good images of `archive` (image files or shards, jobs.runtime.list_archive)
-    in Ray (read tasks, then the feature actors) and split their names for calibration with `split`;
-    the fit and update jobs' common first stage. Ray must be running.
+    """Read and describe the good images of `archive` (images, read_images, or shards:
+    jobs.runtime.list_archive) in Ray (read tasks, then the feature actors) and split their names for
+    calibration with `split`; the fit and update jobs' common first stage. Ray must be running.
 
-    The split needs every image's name. Image files: the listing's, split before any image is read.
+    The split needs every image's name. Images: the listing's, split before any image is read.
     Shards: their images are named only when a shard is read, so the split is made from the names in
     the feature blocks, each shard being read once; the split depends only on the set of names and the
     seed (split_calibration), so it is the one a listing first would give. With augmentation the
@@ -152,7 +178,8 @@ def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[lis
                                  options=options, image_column=image_column, id_column=id_column)
     else:
         names = archive.images
-        ds = read_decoded(names, input_size=config.input_size, batch_size=batch_size, options=options)
+        ds = read_images(names, input_size=config.input_size, batch_size=batch_size, options=options,
+                         image_column=image_column, id_column=id_column)
     listed = names is not None
     plan = split(names) if listed else None
     if listed and check is not None:

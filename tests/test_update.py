@@ -225,8 +225,9 @@ def _rows(out) -> list[dict]:
 @pytest.mark.integration
 def test_an_update_from_shards_makes_the_model_an_update_from_the_same_images_as_files_makes(
         fitted_model_dir, tmp_path):
-    """GOOD_IMAGES as a tar shard, or as a Parquet table named by --image-column/--id-column (through the
-    command), gives the new model that the same images as files give: same id, same bank."""
+    """GOOD_IMAGES as a tar shard, as a Parquet table named by --image-column/--id-column (through the
+    command), or as members of the shard labelled normal in a scored output, gives the new model that the
+    same images as files give: same id, same bank. Labels may name files and members together."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from click.testing import CliRunner
@@ -234,6 +235,7 @@ def test_an_update_from_shards_makes_the_model_an_update_from_the_same_images_as
     from anomaly_core.shards import pack_tar
     from jobs.cli import main
     from jobs.demo import _texture, make_part
+    from jobs.labels import append_labels
     from jobs.update import run_update
     parent, _ = fitted_model_dir
     rng = np.random.default_rng(11)
@@ -258,3 +260,18 @@ def test_an_update_from_shards_makes_the_model_an_update_from_the_same_images_as
     assert tar["files"] == files["files"] == table["files"]                   # the bank's files, by sha256
     assert sorted(tar["added"]["images"]) == [f"{tmp_path}/tar/shard-000000.tar#{n}" for n in sorted(images)]
     assert sorted(table["added"]["images"]) == [f"{tmp_path}/table.parquet#{n}" for n in sorted(images)]
+
+    def label_normal(out, uris):
+        named = {u: images[u.replace("#", "/").rsplit("/", 1)[1]] for u in uris}       # file or member name
+        append_labels(str(out), [{"content_sha256": hashlib.sha256(data).hexdigest(), "uri": u, "label": "normal"}
+                                 for u, data in named.items()], reviewer="qa")
+
+    members = sorted(tar["added"]["images"])
+    label_normal(tmp_path / "out", members)
+    labelled = run_update(str(parent), None, str(tmp_path / "by_labels"), from_labels=str(tmp_path / "out"),
+                          batch_size=8)
+    assert labelled["model_id"] == files["model_id"] and sorted(labelled["added"]["images"]) == members
+    mixed = members[:2] + sorted(files["added"]["images"])[2:]
+    label_normal(tmp_path / "mixed", mixed)
+    assert sorted(run_update(str(parent), None, str(tmp_path / "by_mixed"), from_labels=str(tmp_path / "mixed"),
+                             batch_size=8)["added"]["images"]) == sorted(mixed)
