@@ -61,7 +61,8 @@ def numpy_block(block) -> dict[str, np.ndarray]:
 
 
 def check_budget(config: ModelConfig, n_patches: int, memory_budget_mb: int | None) -> None:
-    """Fail before any work when the coreset survivors alone (what the driver must hold) exceed the budget."""
+    """Fail when the coreset survivors alone (what the driver must hold) exceed the budget: before any work
+    where the images' names are known first, else (shards, good_features) before the coreset."""
     if memory_budget_mb is None:
         return
     k = coreset_size(n_patches, ratio=config.coreset_ratio, size=config.coreset_size)
@@ -114,6 +115,7 @@ class GoodFeatures:
 
     @property
     def n_bank_images(self) -> int:
+        """Images whose patches the final bank chooses from (augmented copies not counted)."""
         return len(self.names) - len(self.held)
 
     def block_of(self) -> Callable:
