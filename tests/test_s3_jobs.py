@@ -4,8 +4,10 @@ models; no credential leaks."""
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -154,3 +156,43 @@ def test_a_stalled_server_stops_the_job_naming_the_uri_and_records_no_row(s3_mod
     summary = run_score("s3://archive/brick/test", s3_model[0], out, batch_size=2, rows_per_file=2, run_date=date,
                         options=short)
     assert (summary["images"], summary["errors"], summary["duplicates"]) == (10, 0, 0)
+
+
+def test_a_killed_run_over_an_s3_prefix_resumes_with_every_image_once(s3_model, s3, s3_server):
+    out, date = "s3://audits/killed", "2026-11-28"
+    # the 3rd staged file's upload gets no answer: the job hangs there with two files committed, and is
+    # killed (SIGKILL, its Ray with it) as a crashed node would be
+    s3_server.stall_at(rb"^POST /audits/killed/_staging/\S*uploadId=", after=2)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "score", "s3://archive/brick/test", s3_model[0], out, "--batch-size", "2",
+         "--rows-per-file", "2", "--run-date", date, "--endpoint-url", s3_server.url],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    direct = StorageOptions(endpoint_url=s3_server.direct_url)
+    staged = lambda: storage.list_files(storage.join(out, "_staging"), direct)            # noqa: E731
+    try:
+        deadline = time.time() + 300
+        while len(staged()) < 2 and job.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)                                           # the 3rd upload is held by the relay
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        s3_server.restore()
+    assert len(staged()) == 2 and not storage.list_files(storage.join(out, "_runs"), direct, suffixes=(".json",))
+    summary = run_score("s3://archive/brick/test", s3_model[0], out, batch_size=2, rows_per_file=2, run_date=date,
+                        options=s3)
+    # a write the killed job had in flight (held by the relay) can still complete after the kill: that
+    # file is whole, and counted
+    assert 4 <= summary["resumed_from"] < 10 and summary["scored_now"] == 10 - summary["resumed_from"]
+    assert (summary["images"], summary["duplicates"], summary["errors"]) == (10, 0, 0)
+    uris = [u for (u,) in connect(out, s3).execute("SELECT uri FROM scores ORDER BY uri").fetchall()]
+    assert uris == storage.list_files("s3://archive/brick/test", s3)        # each image exactly once
+
+
+def test_sources_that_overlap_give_each_image_one_row(s3_model, s3):
+    summary = run_score(["s3://archive/brick/test", "s3://archive/brick/test/good"], s3_model[0],
+                        "s3://audits/overlap", batch_size=4, run_date="2026-11-28", options=s3)
+    assert (summary["images"], summary["duplicates"], summary["scored_now"]) == (10, 0, 10)
+    uris = [u for (u,) in connect("s3://audits/overlap", s3).execute("SELECT uri FROM scores ORDER BY uri").fetchall()]
+    assert uris == storage.list_files("s3://archive/brick/test", s3)
