@@ -285,7 +285,9 @@ def stream_archive(uri: str | list[str], options: StorageOptions | None = None) 
     try:
         names = names.materialize()
     except ray.exceptions.RayTaskError as e:          # the listing's own error (a missing prefix, storage)
-        raise e.cause from None
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise
     kinds = names.map_batches(name_kinds, batch_size=None, batch_format="pyarrow").take_all()
     first = lambda key: min((k[key] for k in kinds if k[key] is not None), default=None)   # noqa: E731
     n_images, n_shards = sum(k["images"] for k in kinds), sum(k["shards"] for k in kinds)

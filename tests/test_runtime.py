@@ -1,11 +1,14 @@
-"""jobs/runtime.py without Ray: local paths against the cluster's nodes (a node list as ray.nodes() gives it);
-what a block of listed names holds, and the archives refused from those counts."""
+"""jobs/runtime.py: local paths against the cluster's nodes (a node list as ray.nodes() gives it); what a
+block of listed names holds, and the archives refused from those counts; an archive listed in Ray tasks
+against the same archive listed on the driver."""
+
+import re
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.runtime import check_archive, check_paths_reach_every_node, name_kinds
+from jobs.runtime import check_archive, check_paths_reach_every_node, list_archive, name_kinds, stream_archive
 
 
 def nodes(alive: int, dead: int = 0) -> list[dict]:
@@ -54,3 +57,22 @@ def test_an_archive_of_both_kinds_an_empty_one_and_a_shard_named_with_a_hash_are
     with pytest.raises(FileNotFoundError, match="no images or shards in '/x'"):
         check_archive("/x", images=0, shards=0, image=None, shard=None, shard_with_hash=None)
     check_archive("/x", images=2, shards=0, image="/a.png", shard=None, shard_with_hash=None)
+
+
+@pytest.mark.integration
+def test_stream_archive_finds_what_list_archive_finds_and_fails_as_it_does(tmp_path, ray_local):
+    for name in ("line=1/a.png", "line=1/b/_MG_1.JPG", "line=2/c.png", "line=2/notes.txt", "shards/s-1.tar",
+                 "shards/s-2.tar", "mixed/a.png", "mixed/s.tar"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "night.txt").write_text("line=1/a.png\nline=2/gone.png\n")
+    sources = [str(tmp_path / "line={1..2}"), str(tmp_path / "line=1"), str(tmp_path / "night.txt")]
+    streamed = stream_archive(sources)
+    images = sorted({r["path"] for r in streamed.images.take_all()})
+    assert images == list_archive(sources).images and streamed.shards == [] and streamed.local == images[0]
+    assert stream_archive(str(tmp_path / "shards")).shards == list_archive(str(tmp_path / "shards")).shards
+    for bad in ("mixed", "nowhere", "line=2/notes.txt"):
+        with pytest.raises((ValueError, FileNotFoundError)) as listed:
+            list_archive(str(tmp_path / bad))
+        with pytest.raises(type(listed.value), match=re.escape(str(listed.value))):
+            stream_archive(str(tmp_path / bad))
