@@ -256,6 +256,19 @@ def committed_side(block: pa.Table) -> pa.Table:
                      "errors": flag("status", "error"), "warnings": flag("status", "warning")})
 
 
+# input blocks up to which tally() groups with a sort shuffle
+SORT_SHUFFLE_BLOCKS = 64
+
+
+def shuffle_strategy(blocks: int) -> ShuffleStrategy:
+    """How tally() groups `blocks` input blocks. A sort shuffle runs plain tasks (a grouping of a few
+    blocks takes a fraction of a second), but splits each of its M input blocks into M pieces, M^2 objects
+    that the driver owns and, when small, holds in its own memory (10^5 names in 100 blocks: +63 MB at
+    the driver). The hash shuffle sends pieces to aggregator actors instead, O(M) objects at the driver,
+    but starting the actors takes ~9 s per grouping on 2 CPUs, whatever the size."""
+    return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if blocks <= SORT_SHUFFLE_BLOCKS else ShuffleStrategy.HASH_SHUFFLE
+
+
 def tally(names: ray.data.Dataset, files: list[str], options: StorageOptions | None = None) -> ray.data.Dataset:
     """One row per image that `names` (a materialized dataset of one column, `path`; a name may repeat)
     lists or a committed file of `files` holds: path, listed (0/1), rows (how many committed rows it
@@ -269,21 +282,8 @@ def tally(names: ray.data.Dataset, files: list[str], options: StorageOptions | N
     both.context.shuffle_strategy = shuffle_strategy(blocks)
     # a hash partition per 16 input blocks: each aggregator actor takes a share of ~16 blocks' rows
     partitions = None if blocks <= SORT_SHUFFLE_BLOCKS else min(200, -(-blocks // 16))
-    return both.groupby("path", num_partitions=partitions).aggregate(Max("listed", alias_name="listed"),
-                                          *(Sum(c, alias_name=c) for c in TALLY[1:]))
-
-
-# input blocks up to which tally() groups with a sort shuffle
-SORT_SHUFFLE_BLOCKS = 64
-
-
-def shuffle_strategy(blocks: int) -> ShuffleStrategy:
-    """How tally() groups `blocks` input blocks. A sort shuffle runs plain tasks (a grouping of a few
-    blocks takes a fraction of a second), but splits each of its M input blocks into M pieces, M^2 objects
-    that the driver owns and, when small, holds in its own memory (10^5 names in 100 blocks: +63 MB at
-    the driver). The hash shuffle sends pieces to aggregator actors instead, O(M) objects at the driver,
-    but starting the actors takes ~9 s per grouping on 2 CPUs, whatever the size."""
-    return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if blocks <= SORT_SHUFFLE_BLOCKS else ShuffleStrategy.HASH_SHUFFLE
+    return both.groupby("path", num_partitions=partitions).aggregate(
+        Max("listed", alias_name="listed"), *(Sum(c, alias_name=c) for c in TALLY[1:]))
 
 
 def pending(tallied: ray.data.Dataset) -> ray.data.Dataset:
