@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("dataset", type=Path)
     ap.add_argument("--image-size", type=int, default=None, help="Default: the model default's.")
     ap.add_argument("--tiles", type=int, default=None, help="Default: the model default's.")
+    ap.add_argument("--index", default=None, help="Memory-bank index (ModelConfig.index); default: the model default.")
     ap.add_argument("--shares", default="0.5,1", help="Shares of the second half added, comma-separated.")
     ap.add_argument("--cuts", default="0", help="Seeds of the cut into halves, comma-separated: one parent each.")
     ap.add_argument("--model-seeds", default="0", help="ModelConfig.seed values, comma-separated: each cut is "
@@ -228,7 +229,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="Write the results here too.")
     a = ap.parse_args()
-    given = {k: v for k, v in (("image_size", a.image_size), ("tiles", a.tiles)) if v is not None}
+    given = {k: v for k, v in (("image_size", a.image_size), ("tiles", a.tiles), ("index", a.index)) if v is not None}
     base = ModelConfig(**given)
     train = features(a.dataset, "train", base, a.cache)
     test = test_set(a.dataset, base, a.cache, pixel=a.pixel)
