@@ -210,7 +210,7 @@ def faiss_search(shards: list[faiss.Index], queries: np.ndarray, *,
 class MemoryBank:
     """Sharded index; distance = 1 - cosine similarity, in [0, 2]."""
 
-    def __init__(self, shards: list[faiss.Index], *, nprobe: int = 8, ef_search: int = 64):
+    def __init__(self, shards: list[faiss.Index], *, nprobe: int = 8, ef_search: int = 128):
         if not shards:
             raise ValueError("a memory bank needs at least one shard")
         self.shards = shards
@@ -224,7 +224,7 @@ class MemoryBank:
 
     @classmethod
     def build(cls, features: np.ndarray, *, kind: str = "flat", shard_size: int = 1 << 20, seed: int = 0,
-              nprobe: int = 8, ef_search: int = 64) -> MemoryBank:
+              nprobe: int = 8, ef_search: int = 128) -> MemoryBank:
         """features: [M, D] float32, rows L2-normalised; split into shards of at most shard_size rows."""
         f = np.ascontiguousarray(features, dtype=np.float32)
         if f.ndim != 2 or f.shape[0] == 0:
@@ -321,7 +321,7 @@ class MemoryBank:
         return [faiss.serialize_index(s) for s in self.shards]
 
     @classmethod
-    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = 8, ef_search: int = 64) -> MemoryBank:
+    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = 8, ef_search: int = 128) -> MemoryBank:
         return cls([faiss.deserialize_index(b) for b in blobs], nprobe=nprobe, ef_search=ef_search)
 
     def save(self, directory: str | Path) -> list[str]:
@@ -334,5 +334,5 @@ class MemoryBank:
         return names
 
     @classmethod
-    def load(cls, directory: str | Path, names: list[str], *, nprobe: int = 8, ef_search: int = 64) -> MemoryBank:
+    def load(cls, directory: str | Path, names: list[str], *, nprobe: int = 8, ef_search: int = 128) -> MemoryBank:
         return cls([faiss.read_index(str(Path(directory) / n)) for n in names], nprobe=nprobe, ef_search=ef_search)
