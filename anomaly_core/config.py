@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from anomaly_core.augment import AUGMENTATIONS
 from anomaly_core.backbone import BACKBONES, PATCH_SIZE
-from anomaly_core.index import INDEX_CHOICES
+from anomaly_core.index import EF_SEARCH, INDEX_CHOICES, NPROBE
 from anomaly_core.patches import POSITION_DIM
 from anomaly_core.scoring import REDUCTIONS
 
@@ -111,11 +111,9 @@ class ModelConfig:
     # Vectors per bank shard (one file each): 2^20 x 384 float32 = 1.5 GiB, loadable on any worker.
     shard_size: int = option(1 << 20, "Vectors per bank shard file.")
     # Inverted lists probed per query by "ivf"/"ivfpq"; candidate list size of "hnsw" searches.
-    nprobe: int = option(8, "Inverted lists probed per query by the ivf and ivfpq indexes.")
-    # 128, not FAISS's usual 64: on a 6,978-vector cable_gland bank (M=32, efConstruction 80) 0.19% of
-    # test patches got stuck far from their neighbour at 64 (distance up to 0.71 too high, image AUROC
-    # 0.611 against 0.851 exact); at 128 none did (docs/benchmarks.md "Approximate indexes").
-    ef_search: int = option(128, "Candidate list size of hnsw searches.")
+    nprobe: int = option(NPROBE, "Inverted lists probed per query by the ivf and ivfpq indexes.")
+    # 128, not FAISS's usual 64: anomaly_core.index.EF_SEARCH says why.
+    ef_search: int = option(EF_SEARCH, "Candidate list size of hnsw searches.")
     # Image score from patch distances: "topk_mean" (AnomalyDINO: mean of the top 1%) or "max" (PatchCore).
     reduction: str = option("topk_mean", "Image score from patch distances.", choices=REDUCTIONS)
     # Fraction of patches averaged by "topk_mean" (AnomalyDINO uses 1%; at least one patch is used).

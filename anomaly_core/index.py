@@ -92,6 +92,12 @@ def set_search_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+# Search defaults of a bank built or loaded without a config (ModelConfig.nprobe / ef_search use them too).
+# ef_search 128, not FAISS's usual 64: docs/benchmarks.md "Approximate indexes" (at 64, 0.19% of one
+# cable_gland bank's test patches stopped up to 0.71 above their exact neighbour; at 128 none did).
+NPROBE = 8
+EF_SEARCH = 128
+
 # Kinds that store every vector whole, so that a device can search them exactly by brute force: an HNSW
 # graph or IVF's lists only speed up a CPU search (on a GPU the matrix product is both exact and faster);
 # IVF-PQ keeps codes, not vectors.
@@ -210,7 +216,7 @@ def faiss_search(shards: list[faiss.Index], queries: np.ndarray, *,
 class MemoryBank:
     """Sharded index; distance = 1 - cosine similarity, in [0, 2]."""
 
-    def __init__(self, shards: list[faiss.Index], *, nprobe: int = 8, ef_search: int = 128):
+    def __init__(self, shards: list[faiss.Index], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH):
         if not shards:
             raise ValueError("a memory bank needs at least one shard")
         self.shards = shards
@@ -224,7 +230,7 @@ class MemoryBank:
 
     @classmethod
     def build(cls, features: np.ndarray, *, kind: str = "flat", shard_size: int = 1 << 20, seed: int = 0,
-              nprobe: int = 8, ef_search: int = 128) -> MemoryBank:
+              nprobe: int = NPROBE, ef_search: int = EF_SEARCH) -> MemoryBank:
         """features: [M, D] float32, rows L2-normalised; split into shards of at most shard_size rows."""
         f = np.ascontiguousarray(features, dtype=np.float32)
         if f.ndim != 2 or f.shape[0] == 0:
@@ -321,7 +327,7 @@ class MemoryBank:
         return [faiss.serialize_index(s) for s in self.shards]
 
     @classmethod
-    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = 8, ef_search: int = 128) -> MemoryBank:
+    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH) -> MemoryBank:
         return cls([faiss.deserialize_index(b) for b in blobs], nprobe=nprobe, ef_search=ef_search)
 
     def save(self, directory: str | Path) -> list[str]:
@@ -334,5 +340,6 @@ class MemoryBank:
         return names
 
     @classmethod
-    def load(cls, directory: str | Path, names: list[str], *, nprobe: int = 8, ef_search: int = 128) -> MemoryBank:
+    def load(cls, directory: str | Path, names: list[str], *, nprobe: int = NPROBE,
+             ef_search: int = EF_SEARCH) -> MemoryBank:
         return cls([faiss.read_index(str(Path(directory) / n)) for n in names], nprobe=nprobe, ef_search=ef_search)
