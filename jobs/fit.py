@@ -156,7 +156,7 @@ def read_images(uris: list[str], *, input_size: int, batch_size: int, options: S
 
 
 def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[list[str]], SplitPlan | None],
-                  check: Callable[[list[str], SplitPlan | None], None] | None = None, batch_size: int,
+                  check: Callable[[GoodFeatures], None] | None = None, batch_size: int,
                   actors: int | None, device: str, options: StorageOptions, image_column: str,
                   id_column: str | None, label: str) -> GoodFeatures:
     """Read and describe the good images of `archive` (images, read_images, or shards:
@@ -170,8 +170,8 @@ def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[lis
     held-out images must be known before the features (they get no augmented copies, and the copies
     decide how the blocks are cut), so there one Ray task per shard lists its rows first (shard_names),
     reading each shard twice.
-    check(names, plan): called as soon as the split is known (the fit's memory budget); for shards
-    without augmentation, after the features."""
+    check(good): called with the names and split (no blocks yet) as soon as the split is known (the
+    fit's memory budget); for shards without augmentation, after the features."""
     if archive.shards:
         check_image_columns(archive.shards, image_column=image_column, id_column=id_column, options=options)
         names = shard_names(archive.shards, options=options, image_column=image_column,
@@ -183,19 +183,18 @@ def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[lis
         ds = read_images(names, input_size=config.input_size, batch_size=batch_size, options=options,
                          image_column=image_column, id_column=id_column)
     listed = names is not None
-    plan = split(names) if listed else None
+    before = GoodFeatures(blocks=[], names=names or [], plan=split(names) if listed else None)
     if listed and check is not None:
-        check(names, plan)
-    before = GoodFeatures(blocks=[], names=names or [], plan=plan)
+        check(before)
     blocks = feature_blocks(ds, config=config, held=before.held, batch_size=batch_size, actors=actors,
                             total=len(before.held) + before.n_bank_images * config.n_augment if listed else None,
                             device=device, label=label)
     if not listed:
         names = [n for part in ray_map(block_names, blocks) for n in part]
-        plan = split(names)
+        before = GoodFeatures(blocks=[], names=names, plan=split(names))
         if check is not None:
-            check(names, plan)
-    return GoodFeatures(blocks=blocks, names=names, plan=plan)
+            check(before)
+    return dataclasses.replace(before, blocks=blocks)
 
 
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
@@ -226,8 +225,7 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     ray.data.DataContext.get_current().execution_options.preserve_order = True   # same blocks, same coreset
     good = good_features(
         archive, config=config, split=partial(split_calibration, config=config),
-        check=lambda names, plan: check_budget(config, patch_estimate(len(names) - len(plan.held_out(names)),
-                                                                      config=config), memory_budget_mb),
+        check=lambda good: check_budget(config, patch_estimate(good.n_bank_images, config=config), memory_budget_mb),
         batch_size=batch_size, actors=actors, device=device, options=options, image_column=image_column,
         id_column=id_column, label="fit: features")
     t_feat = time.time() - t0
