@@ -214,11 +214,16 @@ def run_files(out: str, run_id: str, run_date: str, options: StorageOptions | No
     return storage.list_files(staging_uri(out, run_id), options, suffixes=(".parquet",)) + published
 
 
+def parquet_paths(files: list[str], options: StorageOptions | None = None):
+    """(pyarrow filesystem, paths on it) of non-empty `files` (one run's files share a filesystem)."""
+    fs, _ = storage.filesystem(files[0], options)
+    return fs, [storage.filesystem(f, options)[1] for f in files]
+
+
 def read_columns(files: list[str], columns: list[str], options: StorageOptions | None = None) -> pa.Table:
     if not files:
         return pa.table({c: pa.array([], output_schema().field(c).type) for c in columns})
-    fs, _ = storage.filesystem(files[0], options)
-    paths = [storage.filesystem(f, options)[1] for f in files]
+    fs, paths = parquet_paths(files, options)
     return pads.dataset(paths, filesystem=fs, format="parquet", schema=output_schema()).to_table(columns=columns)
 
 
@@ -233,9 +238,8 @@ def committed_rows(files: list[str], options: StorageOptions | None = None) -> r
     reader in Ray tasks."""
     if not files:
         return ray.data.from_arrow(read_columns([], COUNT_COLUMNS))
-    fs, _ = storage.filesystem(files[0], options)
-    return ray.data.read_parquet([storage.filesystem(f, options)[1] for f in files], filesystem=fs,
-                                 columns=COUNT_COLUMNS, schema=output_schema())
+    fs, paths = parquet_paths(files, options)
+    return ray.data.read_parquet(paths, filesystem=fs, columns=COUNT_COLUMNS, schema=output_schema())
 
 
 TALLY = ["listed", "rows", "anomalous", "errors", "warnings"]
