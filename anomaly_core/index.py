@@ -193,17 +193,31 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def faiss_search(shards: list[faiss.Index], queries: np.ndarray, *,
-                 batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def shard_search(shard: faiss.Index, queries: np.ndarray, *, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """queries: [n, D] float32 -> ([n, 1] float32 inner product, [n, 1] int64 id in the shard) of the best
+    entry the shard's search finds. exhaustive: compare with every entry the shard stores instead (an HNSW
+    shard's flat storage, an IVF shard with every list probed): exact for flat, HNSW and IVF shards, over the
+    codes for IVF-PQ; no copy of the vectors is made."""
+    if not exhaustive or isinstance(shard, faiss.IndexFlat):
+        return shard.search(queries, 1)
+    if isinstance(shard, faiss.IndexHNSW):
+        return faiss.downcast_index(shard.storage).search(queries, 1)
+    if isinstance(shard, faiss.IndexIVF):
+        return shard.search(queries, 1, params=faiss.SearchParametersIVF(nprobe=shard.nlist))
+    raise TypeError(f"bank shard of unknown type {type(shard).__name__}")
+
+
+def faiss_search(shards: list[faiss.Index], queries: np.ndarray, *, batch_size: int = 65536,
+                 exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """queries: [N, D] float32 unit rows -> ([N] float32 cosine distance, [N] int64 bank index, -1 where an
-    approximate index found nothing) of the best entry over all shards."""
+    approximate index found nothing) of the best entry over all shards (exhaustive: see shard_search)."""
     n = len(queries)
     best = np.full(n, -np.inf, dtype=np.float32)                                   # [N] best similarity
     index = np.full(n, -1, dtype=np.int64)
     offset = 0
     for shard in shards:
         for start in range(0, n, batch_size):
-            sim, label = shard.search(queries[start:start + batch_size], 1)          # [n, 1] each
+            sim, label = shard_search(shard, queries[start:start + batch_size], exhaustive=exhaustive)  # [n, 1]
             better = sim[:, 0] > best[start:start + batch_size]
             best[start:start + batch_size][better] = sim[better, 0]
             index[start:start + batch_size][better] = label[better, 0] + offset
@@ -214,23 +228,44 @@ def faiss_search(shards: list[faiss.Index], queries: np.ndarray, *,
 
 
 class MemoryBank:
-    """Sharded index; distance = 1 - cosine similarity, in [0, 2]."""
+    """Sharded index; distance = 1 - cosine similarity, in [0, 2].
 
-    def __init__(self, shards: list[faiss.Index], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH):
+    exact_above: cosine distance above which FAISS's answer on the CPU is checked exhaustively (None: never).
+    An approximate index (HNSW, IVF) only ever misses, so its distance is never below the exact one; a query
+    whose distance exceeds the bound is searched again over every stored entry (shard_search). With the
+    fit's cover radius as the bound (every training patch lies within it of the bank) a normal patch is
+    rarely above it, so few rows are searched twice, and every distance above the bound, the ones that make
+    a verdict anomalous, is exact; a miss can only leave a distance at or below the bound.
+    """
+
+    def __init__(self, shards: list[faiss.Index], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
+                 exact_above: float | None = None):
         if not shards:
             raise ValueError("a memory bank needs at least one shard")
-        self.shards = shards
+        if exact_above is not None and not 0 <= exact_above <= 2:
+            raise ValueError(f"exact_above={exact_above} is a cosine distance: give one in [0, 2], or None to "
+                             f"trust the index's search everywhere")
+        self.shards, self.exact_above = shards, exact_above
         for s in shards:                                          # search-time knobs of approximate kinds
             if isinstance(s, faiss.IndexIVF):
                 s.nprobe = nprobe
             if isinstance(s, faiss.IndexHNSW):
                 s.hnsw.efSearch = ef_search
         self._engine: TorchFlatSearch | FaissGpuSearch | None = None      # None: FAISS on the CPU
-        self.search_path = f"faiss cpu {self.kind}"
+        self._engine_path = ""                                             # what _engine is, for search_path
+
+    @property
+    def search_path(self) -> str:
+        """How this process searches the bank (place decides), e.g. "faiss cpu hnsw, exhaustive above 0.3120"
+        or "torch cuda:0 float16 flat"."""
+        if self._engine is not None:
+            return self._engine_path
+        guarded = self.exact_above is not None and self.kind != "flat"
+        return f"faiss cpu {self.kind}" + (f", exhaustive above {self.exact_above:.4f}" if guarded else "")
 
     @classmethod
     def build(cls, features: np.ndarray, *, kind: str = "flat", shard_size: int = 1 << 20, seed: int = 0,
-              nprobe: int = NPROBE, ef_search: int = EF_SEARCH) -> MemoryBank:
+              nprobe: int = NPROBE, ef_search: int = EF_SEARCH, exact_above: float | None = None) -> MemoryBank:
         """features: [M, D] float32, rows L2-normalised; split into shards of at most shard_size rows."""
         f = np.ascontiguousarray(features, dtype=np.float32)
         if f.ndim != 2 or f.shape[0] == 0:
@@ -238,7 +273,7 @@ class MemoryBank:
         if shard_size < 1:
             raise ValueError(f"shard_size={shard_size} must be >= 1")
         shards = [_build_shard(f[s:s + shard_size], kind=kind, seed=seed) for s in range(0, f.shape[0], shard_size)]
-        return cls(shards, nprobe=nprobe, ef_search=ef_search)
+        return cls(shards, nprobe=nprobe, ef_search=ef_search, exact_above=exact_above)
 
     @property
     def size(self) -> int:
@@ -275,7 +310,7 @@ class MemoryBank:
         if engine not in SEARCH_ENGINES:
             raise ValueError(f"engine={engine!r} is unknown; choose one of {list(SEARCH_ENGINES)}")
         dev = torch.device(device)
-        self._engine, self.search_path = None, f"faiss cpu {self.kind}"
+        self._engine = None
         if engine == "faiss" or (engine == "auto" and dev.type == "cpu"):
             log.info("bank: %d x %d vectors, index %s, searched by %s", self.size, self.dim, self.kind,
                      self.search_path)
@@ -296,10 +331,10 @@ class MemoryBank:
             return self
         if engine == "auto" and faiss_has_gpu():
             self._engine = FaissGpuSearch([as_flat(s) for s in self.shards], device=dev)
-            self.search_path = f"faiss gpu {dev} float16 flat"
+            self._engine_path = f"faiss gpu {dev} float16 flat"
         else:
             self._engine = TorchFlatSearch([flat_vectors(s) for s in self.shards], device=dev, dtype=dtype)
-            self.search_path = f"torch {dev} {str(dtype).removeprefix('torch.')} flat"
+            self._engine_path = f"torch {dev} {str(dtype).removeprefix('torch.')} flat"
         log.info("bank: %d x %d vectors, index %s, searched exactly by %s", self.size, self.dim, self.kind,
                  self.search_path)
         return self
@@ -312,11 +347,19 @@ class MemoryBank:
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """queries: [N, D] float32 L2-normalised -> ([N] float32 cosine distance to the nearest entry,
-        [N] int64 its index in the bank, shards in order), by this process's search path (place)."""
+        [N] int64 its index in the bank, shards in order), by this process's search path (place); on
+        FAISS, rows beyond exact_above searched again exhaustively."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {q.shape}")
-        return faiss_search(self.shards, q) if self._engine is None else self._engine.search(q)
+        if self._engine is not None:
+            return self._engine.search(q)
+        dist, index = faiss_search(self.shards, q)
+        if self.exact_above is not None and self.kind != "flat":
+            far = np.flatnonzero(dist > self.exact_above)                  # [n] rows a miss may have left there
+            if len(far):
+                dist[far], index[far] = faiss_search(self.shards, q[far], exhaustive=True)
+        return dist, index
 
     def nearest(self, queries: np.ndarray) -> np.ndarray:
         """queries: [N, D] float32 L2-normalised -> [N] float32 cosine distance to the nearest entry."""
@@ -327,8 +370,10 @@ class MemoryBank:
         return [faiss.serialize_index(s) for s in self.shards]
 
     @classmethod
-    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH) -> MemoryBank:
-        return cls([faiss.deserialize_index(b) for b in blobs], nprobe=nprobe, ef_search=ef_search)
+    def deserialize(cls, blobs: list[np.ndarray], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
+                    exact_above: float | None = None) -> MemoryBank:
+        return cls([faiss.deserialize_index(b) for b in blobs], nprobe=nprobe, ef_search=ef_search,
+                   exact_above=exact_above)
 
     def save(self, directory: str | Path) -> list[str]:
         """Write one file per shard into `directory`; returns their names in order."""
@@ -340,6 +385,7 @@ class MemoryBank:
         return names
 
     @classmethod
-    def load(cls, directory: str | Path, names: list[str], *, nprobe: int = NPROBE,
-             ef_search: int = EF_SEARCH) -> MemoryBank:
-        return cls([faiss.read_index(str(Path(directory) / n)) for n in names], nprobe=nprobe, ef_search=ef_search)
+    def load(cls, directory: str | Path, names: list[str], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
+             exact_above: float | None = None) -> MemoryBank:
+        return cls([faiss.read_index(str(Path(directory) / n)) for n in names], nprobe=nprobe, ef_search=ef_search,
+                   exact_above=exact_above)

@@ -177,6 +177,34 @@ def test_approximate_search_misses_neighbours_the_exact_search_finds(kind, rng):
     assert (own_i != (q @ bank.T).argmax(1)).any()
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_rows_beyond_exact_above_are_searched_exactly_and_the_others_left_as_found(kind, rng):
+    bank, q = unit_rows(rng, 3000, 32), unit_rows(rng, 400, 32)
+    own_d, own_i = MemoryBank.build(bank, kind=kind, shard_size=1000, ef_search=1, nprobe=1).search(q)
+    bound = float(np.median(own_d))
+    got_d, got_i = MemoryBank.build(bank, kind=kind, shard_size=1000, ef_search=1, nprobe=1,
+                                    exact_above=bound).search(q)
+    sims = q @ bank.T                                                    # brute force [400, 3000]
+    far = own_d > bound
+    assert (own_i[far] != sims[far].argmax(1)).any()                     # the index alone missed some of them
+    np.testing.assert_array_equal(got_i[far], sims[far].argmax(1))
+    np.testing.assert_allclose(got_d[far], 1 - sims[far].max(1), atol=1e-5)
+    np.testing.assert_array_equal(got_i[~far], own_i[~far])
+    np.testing.assert_array_equal(got_d[~far], own_d[~far])
+
+
+@pytest.mark.parametrize("bound", [-0.1, 2.5])
+def test_exact_above_must_be_a_cosine_distance(bound, rng):
+    with pytest.raises(ValueError, match=r"exact_above=.*\[0, 2\]"):
+        MemoryBank.build(unit_rows(rng, 50, 8), kind="hnsw", exact_above=bound)
+
+
+@pytest.mark.parametrize("kind, path", [("hnsw", "faiss cpu hnsw, exhaustive above 0.2500"),
+                                        ("flat", "faiss cpu flat")])
+def test_search_path_names_the_exhaustive_bound_of_an_approximate_bank(kind, path, rng):
+    assert MemoryBank.build(unit_rows(rng, 400, 16), kind=kind, exact_above=0.25).search_path == path
+
+
 def test_unknown_engine_lists_choices(rng):
     with pytest.raises(ValueError, match="torch"):
         MemoryBank.build(unit_rows(rng, 5, 8)).place("cpu", engine="cupy")
