@@ -1,4 +1,5 @@
-"""Model artifact: a folder (local or s3://) with manifest.json and the FAISS bank, checksummed, no pickle.
+"""Model artifact: a folder (local or s3://) with manifest.json, the FAISS bank and, for models that keep
+them, the calibration images' patches (plain .npy arrays), checksummed, no pickle.
 
 A reader never sees half a model: locally it is written to a temporary sibling folder and renamed into
 place; on S3 the bank files are uploaded first and manifest.json last, so the manifest is the commit
@@ -23,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from anomaly_core import storage
 from anomaly_core.config import ModelConfig
 from anomaly_core.index import MemoryBank
@@ -32,6 +35,9 @@ from anomaly_core.weights import file_sha256
 FORMAT = "anomaly-model"
 FORMAT_VERSION = 2          # 2: the model id covers the bank layout and the calibration too
 MANIFEST = "manifest.json"
+# the manifest key mapping each array of the calibration patches to its .npy file (np.save's bytes depend on
+# the array alone, unlike an .npz's zip timestamps, so the model id stays a function of the content)
+ARRAYS_KEY = "calibration_patches"
 
 
 class ModelFileError(RuntimeError):
@@ -94,6 +100,13 @@ def check_manifest(manifest: dict, uri: str, *, model_id: str | None = None) -> 
     for name in bank["shards"]:
         if _check_file_name(name, where=where) not in files:
             raise ModelFileError(f"{where}: bank shard {name!r} has no checksum in 'files'; refusing the model")
+    arrays = manifest.get(ARRAYS_KEY) or {}
+    if not isinstance(arrays, dict):
+        raise ModelFileError(f"{where}: {ARRAYS_KEY!r} is {arrays!r}, not a mapping of arrays to files; "
+                             f"refit the model")
+    for name in arrays.values():
+        if _check_file_name(name, where=where) not in files:
+            raise ModelFileError(f"{where}: calibration array {name!r} has no checksum in 'files'; refusing the model")
     computed = content_id(manifest)
     if computed != stated:
         raise ModelFileError(f"{where}: the manifest says model id {stated} but its content hashes to {computed}: "
@@ -125,12 +138,15 @@ def check_target(uri: str, *, overwrite: bool, options: StorageOptions | None = 
 
 
 def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: dict,
-               weights: dict, stats: dict, lineage: dict | None = None, overwrite: bool = False,
+               weights: dict, stats: dict, lineage: dict | None = None,
+               calibration_patches: dict[str, np.ndarray] | None = None, overwrite: bool = False,
                options: StorageOptions | None = None) -> dict:
     """Write the model folder at `uri`; returns the manifest. `calibration` and `stats` are stored as given
     (anomaly_core.model.Model.save passes its Calibration and FitStats as dicts). lineage: for a model
     made by an update, {"parent": the parent's model id, "added": what the update added}, stored as the
-    manifest's "parent" and "added" (a record, like stats: not part of the id)."""
+    manifest's "parent" and "added" (a record, like stats: not part of the id). calibration_patches: named
+    numeric arrays (anomaly_core.fit.CalibrationPatches' fields), each stored as calibration_NAME.npy,
+    checksummed like the bank (their checksums are thereby part of the id)."""
     uri = str(uri)
     if lineage is not None:
         if set(lineage) != {"parent", "added"}:
@@ -144,8 +160,12 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
     tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=dst.parent if dst is not None else None))
     try:
         shards = bank.save(tmp)
+        arrays = {key: f"calibration_{key}.npy" for key in (calibration_patches or {})}
+        for key, name in arrays.items():
+            np.save(tmp / name, calibration_patches[key], allow_pickle=False)
+        names = list(shards) + list(arrays.values())
         files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in shards}
+                 for name in names}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -158,6 +178,7 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
             "stats": stats,
             "versions": _versions(),
             "files": files,
+            **({ARRAYS_KEY: arrays} if arrays else {}),
             **(lineage or {}),
         }
         manifest = json.loads(json.dumps(manifest))      # the values exactly as a loader reads them back
@@ -165,7 +186,7 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         if dst is None:
             storage.delete(uri, options)                 # an overwritten model disappears whole first
-            for name in shards:
+            for name in names:
                 storage.write_bytes(storage.join(uri, name), (tmp / name).read_bytes(), options)
             storage.write_bytes(storage.join(uri, MANIFEST), body, options)          # the commit
         else:
@@ -237,11 +258,14 @@ def fetch_model(uri: str, options: StorageOptions | None = None, *, model_id: st
 
 
 def load_artifact(uri: str, options: StorageOptions | None = None, *, model_id: str | None = None
-                  ) -> tuple[dict, MemoryBank]:
-    """(manifest, bank) of the model folder at `uri` (anomaly_core.model.Model.load builds the model from
-    them). Names, id (`model_id` when pinned) and every file's checksum are verified before FAISS reads
-    any file (fetch_model)."""
+                  ) -> tuple[dict, MemoryBank, dict[str, np.ndarray] | None]:
+    """(manifest, bank, calibration patches' arrays or None when the model has none) of the model folder
+    at `uri` (anomaly_core.model.Model.load builds the model from them). Names, id (`model_id` when pinned)
+    and every file's checksum are verified before FAISS or numpy reads any file (fetch_model); the arrays
+    are read without pickle."""
     manifest, path = fetch_model(uri, options, model_id=model_id)
     config = ModelConfig.from_dict(manifest["config"])
     bank = MemoryBank.load(path, manifest["bank"]["shards"], nprobe=config.nprobe, ef_search=config.ef_search)
-    return manifest, bank
+    named = manifest.get(ARRAYS_KEY)
+    arrays = {key: np.load(path / name, allow_pickle=False) for key, name in named.items()} if named else None
+    return manifest, bank, arrays

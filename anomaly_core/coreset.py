@@ -234,16 +234,16 @@ class Extension:
     """What continuing a coreset from existing centres adds (continue_coreset)."""
     features: np.ndarray    # [a, D] float32 added rows (original space, L2-normalised), in greedy order
     n_points: int           # new rows looked at
-    n_candidates: int       # of them farther than the radius from every existing centre
+    n_candidates: int       # of them farther than the stop radius from every existing centre
     cover_radius: float     # max over the new rows of the cosine distance to the nearest old or added centre
 
 
-def _beyond(part, centres: np.ndarray, radius: float, rate: float | None, until: float, *,
+def _beyond(part, centres: np.ndarray, radius: float, rate: float | None, *,
             points_of: Callable) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Round 1 of a continuation on one partition. Its rows farther than `radius` (cosine) from every
-    centre ([M, D]) are candidates; when there are more than ceil(rate * n_p) (rate None: no cap), greedy
-    continued from the centres keeps that many. Returns (proposals [c, D], their squared distance to the
-    centres [c], n_p, candidates before the cap)."""
+    centre ([M, D]) are candidates; when there are more than ceil(rate * candidates) (rate None: no cap),
+    greedy continued from the centres keeps that many. Returns (proposals [c, D], their squared distance
+    to the centres [c], n_p, candidates before the cap)."""
     points = points_of(part)                                                   # [n_p, D]
     n = points.shape[0]
     if n == 0:
@@ -251,46 +251,49 @@ def _beyond(part, centres: np.ndarray, radius: float, rate: float | None, until:
     min_sq = 2.0 * MemoryBank.build(centres).nearest(points)                   # [n_p] ||x - c||^2 = 2 (1 - cos)
     far = min_sq > 2.0 * radius
     cand, min_sq = np.ascontiguousarray(points[far], dtype=np.float32), min_sq[far]
-    cap = len(cand) if rate is None else min(len(cand), math.ceil(rate * n))
+    cap = len(cand) if rate is None else min(len(cand), math.ceil(rate * len(cand)))
     if cap < len(cand):
-        keep = greedy_kcenter(cand, cap, min_sq_dist=min_sq, until=until) if cap else np.zeros(0, dtype=np.int64)
+        keep = greedy_kcenter(cand, cap, min_sq_dist=min_sq, until=2.0 * radius)
         cand, min_sq = cand[keep], min_sq[keep]
     return cand, min_sq, n, int(far.sum())
 
 
-def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, budget: int, n_estimate: int,
-                     oversample: float, points_of: Callable = identity, map_fn: MapFn = local_map) -> Extension:
+def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, ratio: float,
+                     max_added: int | None = None, oversample: float, points_of: Callable = identity,
+                     map_fn: MapFn = local_map) -> Extension:
     """Greedy k-center continued from existing `centres` ([M, D] float32 L2-normalised, a fitted bank)
     over the new rows of `parts` ([n_p, D] float32 L2-normalised through `points_of`).
 
-    A new row is a candidate when its cosine distance to every centre exceeds `radius`, the cover radius
-    the bank was fitted to: what the bank already covers as well as its own training patches adds nothing.
-    Greedy then picks among the candidates, farthest from the centres and the picks so far first, until
-    `budget` picks or until every candidate lies within `radius` of a centre (for unit vectors
-    ||x - c||^2 = 2 (1 - cos), so the stop is exact). Selection runs in the original space, not the fit's
-    projection: the candidates are the few rows the bank does not cover, and exact distances keep the
-    recorded radius a bound wherever the budget does not bind.
-    One partition: exactly that greedy. More (n_estimate: expected new rows): each partition first keeps
-    at most oversample x its share of the budget by the same greedy (round 1 of composable_coreset).
+    A new row is a candidate when its cosine distance to every centre exceeds `radius` (the stop radius
+    the caller chooses; anomaly_core.update). Greedy then picks among the candidates, farthest from the
+    centres and the picks so far first, until ceil(ratio x candidates) picks (a fit's density over the
+    rows the bank does not cover; at most `max_added`, None: no further cap) or until every candidate
+    lies within `radius` of a centre (for unit vectors ||x - c||^2 = 2 (1 - cos), so the stop is exact).
+    Selection runs in the original space, not the fit's projection: exact distances make the stop exact.
+    One partition: exactly that greedy. More: each partition first keeps at most oversample x ratio x its
+    candidates by the same greedy (round 1 of composable_coreset), which is the one-pass greedy whenever
+    no partition's share binds.
     A last map measures the new rows' exact cover radius against the extended bank; the old rows' radius
     cannot grow, since the bank only gains centres.
     """
     if not parts:
         raise ValueError("no partitions: the update needs at least one new image")
-    if budget < 0 or oversample < 1:
-        raise ValueError(f"budget={budget} must be >= 0 and oversample={oversample} >= 1")
-    until = 2.0 * radius
-    rate = None if len(parts) == 1 else oversample * budget / max(n_estimate, 1)
-    first = map_fn(partial(_beyond, points_of=points_of), parts, centres, radius, rate, until)
+    if not 0 < ratio <= 1 or oversample < 1 or (max_added is not None and max_added < 0):
+        raise ValueError(f"ratio={ratio} must be in (0, 1], oversample={oversample} >= 1 and "
+                         f"max_added={max_added} >= 0 or None")
+    rate = None if len(parts) == 1 else min(1.0, oversample * ratio)
+    first = map_fn(partial(_beyond, points_of=points_of), parts, centres, radius, rate)
     n = sum(r[2] for r in first)
     if n == 0:
         raise ValueError("no new patches in any partition: every new image is unreadable or held out")
-    cand = np.concatenate([r[0] for r in first])                               # [C, D]
-    cand_sq = np.concatenate([r[1] for r in first])                            # [C]
+    cand = np.concatenate([r[0] for r in first])                               # [C', D]
+    cand_sq = np.concatenate([r[1] for r in first])                            # [C']
     n_cand = sum(r[3] for r in first)
     del first
-    picks = (greedy_kcenter(cand, min(budget, len(cand)), min_sq_dist=cand_sq, until=until)
-             if budget and len(cand) else np.zeros(0, dtype=np.int64))
+    budget = math.ceil(ratio * n_cand)
+    budget = min(budget, len(cand), budget if max_added is None else max_added)
+    picks = (greedy_kcenter(cand, budget, min_sq_dist=cand_sq, until=2.0 * radius)
+             if budget else np.zeros(0, dtype=np.int64))
     added = cand[picks]
     bank = np.concatenate([centres, added]) if len(added) else centres
     radius_new = max(map_fn(partial(_farthest, points_of=points_of), parts, bank))

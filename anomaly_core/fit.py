@@ -11,9 +11,10 @@ in-process fits (anomaly_core.model.Model.fit) keep them in a list and map with 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
 import numpy as np
@@ -31,6 +32,82 @@ log = logging.getLogger(__name__)
 # Position consistency above which fit suggests the options for fixtured parts: half of the normal
 # patch-distance variance is explained by where a patch is, not by which image it is in.
 POSITION_HINT = 0.5
+
+
+@dataclass(frozen=True)
+class CalibrationPatches:
+    """What re-scores C calibration images against their bank plus added vectors, without their images.
+
+    grids: [C, P] float32 patch distances of each image to the bank that scored it: exact at its stored
+    positions, an upper bound elsewhere (after an update: the distance to the parent's bank, which only
+    gained vectors since). positions: [C, S] int32 its S patches of largest distance, whose features [C, S,
+    D] float16 are kept (unit rows rounded to float16). An image's score from its grid is exact when no
+    bound outside the stored positions can enter the score (`exact`); otherwise it is an upper bound,
+    tighter than the score recorded before the bank grew.
+    """
+    grids: np.ndarray
+    positions: np.ndarray
+    features: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    @classmethod
+    def of(cls, grids: np.ndarray, features: np.ndarray, *, stored: int) -> CalibrationPatches:
+        """From patch distances [C, P] and descriptors [C, P, D] of C images: the `stored` farthest each."""
+        pos = np.argsort(-grids, axis=1, kind="stable")[:, :stored].astype(np.int32)            # [C, S]
+        return cls(grids=np.asarray(grids, dtype=np.float32), positions=pos,
+                   features=np.take_along_axis(features, pos[:, :, None].astype(np.int64), axis=1).astype(np.float16))
+
+    @classmethod
+    def concat(cls, parts: Sequence[CalibrationPatches]) -> CalibrationPatches:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("grids", "positions", "features")))
+
+    def take(self, rows: Sequence[int]) -> CalibrationPatches:
+        """The images at `rows`, in that order."""
+        ix = np.asarray(rows, dtype=np.int64)
+        return CalibrationPatches(self.grids[ix], self.positions[ix], self.features[ix])
+
+    def lowered(self, added: np.ndarray) -> CalibrationPatches:
+        """The grids against the bank plus `added` ([a, D] float32 unit rows): each stored patch's distance
+        becomes the smaller of its distance to the bank and to its nearest added row (exact search); the
+        other positions keep their bounds."""
+        if len(added) == 0 or len(self) == 0:
+            return self
+        c, s, d = self.features.shape
+        near = MemoryBank.build(np.ascontiguousarray(added, dtype=np.float32)).nearest(
+            self.features.reshape(-1, d).astype(np.float32)).reshape(c, s)                    # [C, S]
+        grids = self.grids.copy()
+        rows = np.arange(c)[:, None]
+        grids[rows, self.positions] = np.minimum(grids[rows, self.positions], near)
+        return CalibrationPatches(grids, self.positions, self.features)
+
+    def exact(self, *, config: ModelConfig) -> np.ndarray:
+        """[C] bool: the image's score from its grid is its exact score. topk_mean and max read the k
+        largest distances (k = 1 for max): exact when the k-th largest stored distance is at least every
+        bound outside the stored positions. smoothed_max mixes every position with its neighbours: exact
+        only when every position is stored."""
+        c, p = self.grids.shape
+        outside = np.ones((c, p), dtype=bool)
+        outside[np.arange(c)[:, None], self.positions] = False
+        if not outside.any() or c == 0:
+            return np.ones(c, dtype=bool)
+        if config.reduction == "smoothed_max":
+            return np.zeros(c, dtype=bool)
+        k = 1 if config.reduction == "max" else max(1, math.ceil(config.top_fraction * p))
+        stored = np.take_along_axis(self.grids, self.positions.astype(np.int64), axis=1)      # [C, S]
+        kth = -np.sort(-stored, axis=1)[:, min(k, stored.shape[1]) - 1]                        # [C]
+        bound = np.where(outside, self.grids, -np.inf).max(axis=1)                            # [C]
+        return kth >= bound
+
+
+def stored_patches(config: ModelConfig) -> int:
+    """Patches whose features are kept per calibration image (CalibrationPatches): 8 x the k that topk_mean
+    averages (at least 64; all when the grid is smaller). The update lowers their distances; the score
+    stays exact while its k patches are among them, so the margin is what adding vectors near the
+    farthest patches can take away before a bound outside them enters (the update counts those cases)."""
+    p = config.grid_size ** 2
+    return min(p, max(64, 8 * max(1, math.ceil(config.top_fraction * p))))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,9 +137,15 @@ class FitStats:
     # the calibration images' scores, in the order of calibration_images: what an update (anomaly_core.update)
     # recalibrates with, without their features. None: models fitted before they were recorded
     calibration_scores: list[float] | None = None
+    # what re-scores the calibration images against a bank that gained vectors (CalibrationPatches; an
+    # array file of the model, not part of the manifest's "stats"). None: models fitted before it was stored
+    calibration_patches: CalibrationPatches | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The manifest's "stats": every field but calibration_patches (stored as a file of its own)."""
+        out = asdict(replace(self, calibration_patches=None))
+        del out["calibration_patches"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> FitStats:
@@ -193,6 +276,7 @@ class BlockCalibration:
     originals: list[str]                # their names
     unreadable: list[tuple[str, str]]   # (name, error)
     sizes: np.ndarray                   # [n, 2] int (width, height) of the readable originals; [0, 2] unknown
+    patches: CalibrationPatches         # of the fold-f originals, in the order of `paths`
 
 
 def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig,
@@ -214,7 +298,8 @@ def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: M
         originals=[str(p) for p in block["path"][original]],
         unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)],
         sizes=(np.stack([block["width"][original], block["height"][original]], axis=1).astype(np.int64)
-               if "width" in block else np.zeros((0, 2), dtype=np.int64)))
+               if "width" in block else np.zeros((0, 2), dtype=np.int64)),
+        patches=CalibrationPatches.of(dist, block["features"][sel], stored=stored_patches(config)))
 
 
 def calibration_passes(blocks: Sequence, *, plan: SplitPlan | None, n_estimate: int, banked: Callable,
@@ -292,7 +377,8 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                      position_consistency=round(consistency, 4),
                      unreadable=[u for c in one_pass for u in c.unreadable], index=kind,
                      input_sizes=size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None,
-                     calibration_scores=[float(s) for s in scores])
+                     calibration_scores=[float(s) for s in scores],
+                     calibration_patches=CalibrationPatches.concat([c.patches for c in parts]))
     return bank, cal, stats
 
 

@@ -11,6 +11,7 @@ Everything runs in this process. The Ray jobs (jobs/fit.py, jobs/score.py) run t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -24,13 +25,13 @@ from anomaly_core.artifact import load_artifact, save_model
 from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor, augment_batch
 from anomaly_core.fit import (
+    CalibrationPatches,
     FitStats,
     SplitPlan,
     feature_blocks,
     fit_bank,
     images_per_block,
     mark_folds,
-    patch_estimate,
     split_calibration,
 )
 from anomaly_core.images import size_range
@@ -135,7 +136,8 @@ class Model:
         """A new model whose bank also covers the good images [N, S, S, 3] uint8 (anomaly_core.update): only
         these are read and described, never the images this model was fitted on. names: [N] (default
         "new-0".."new-N-1"; they decide which are held out to calibrate); max_added: most vectors added
-        (None: coreset_ratio of the new patches); sizes: [N, 2] original (width, height), None: unknown.
+        (None: coreset_ratio of the candidates, anomaly_core.update); sizes: [N, 2] original (width,
+        height), None: unknown.
         This model is not modified; the new one records it as its parent (it must have been saved)."""
         t0 = time.perf_counter()
         names = [f"new-{i}" for i in range(len(pixels))] if names is None else [str(x) for x in names]
@@ -166,10 +168,8 @@ class Model:
             fold = plan.fold if plan is not None else np.full(len(names), -1, dtype=np.int16)
         blocks = feature_blocks(features, fold, images_per_block=images_per_block(self.config),
                                 foreground=foreground, paths=names, copy=copy)
-        n_bank = len(set(names)) - (0 if plan is None or plan.crossfit else len(plan.held_out(names)))
-        bank, calibration, stats, added = update_bank(
-            blocks, config=self.config, bank=self.bank, stats=self.stats, plan=plan,
-            n_estimate=patch_estimate(n_bank, config=self.config), max_added=max_added)
+        bank, calibration, stats, added = update_bank(blocks, config=self.config, bank=self.bank, stats=self.stats,
+                                                      plan=plan, max_added=max_added)
         if sizes is not None:
             stats = replace(stats, input_sizes=merge_sizes(self.stats.input_sizes, size_range(*np.asarray(sizes).T)))
         return Model(config=self.config, bank=bank, calibration=calibration, weights=self.weights, stats=stats,
@@ -233,6 +233,8 @@ class Model:
                              "identity (FeatureExtractor(...).backbone.identity) to fit_features to save it")
         self.manifest = save_model(uri, config=self.config, bank=self.bank, calibration=self.calibration.to_dict(),
                                    weights=self.weights, stats=self.stats.to_dict(), lineage=self.lineage,
+                                   calibration_patches=(dataclasses.asdict(self.stats.calibration_patches)
+                                                        if self.stats.calibration_patches is not None else None),
                                    overwrite=overwrite, options=options)
         return self.manifest
 
@@ -240,10 +242,12 @@ class Model:
     def load(cls, uri: str, options: StorageOptions | None = None, *, model_id: str | None = None) -> Model:
         """Load a model folder (local or s3://), every file checked against the manifest; model_id: the id
         it must have (a pinned model), checked before any bank file is read."""
-        manifest, bank = load_artifact(uri, options, model_id=model_id)
+        manifest, bank, patches = load_artifact(uri, options, model_id=model_id)
+        stats = replace(FitStats.from_dict(manifest["stats"]),
+                        calibration_patches=CalibrationPatches(**patches) if patches is not None else None)
         return cls(config=ModelConfig.from_dict(manifest["config"]), bank=bank,
                    calibration=Calibration(**manifest["calibration"]), weights=manifest["weights"],
-                   stats=FitStats.from_dict(manifest["stats"]), manifest=manifest,
+                   stats=stats, manifest=manifest,
                    lineage={"parent": manifest["parent"], "added": manifest["added"]} if "parent" in manifest else None)
 
 

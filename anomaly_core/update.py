@@ -3,27 +3,38 @@ statistics of a new model that also covers them, without a refit and without the
 parent's training images.
 
 **Bank.** The parent's bank vectors (MemoryBank.vectors) are the centres from which greedy k-center continues
-over the new patches (anomaly_core.coreset.continue_coreset): a new patch farther than the parent's
-recorded cover radius from every centre is a candidate, and greedy picks among the candidates up to a
-budget (default: coreset_ratio of the new patches, the density a fit gives them) or until every candidate
-lies within that radius of a centre, so that the recorded radius stays a bound for the new patches too
-unless the budget binds (the new model records the radius it measured). What the bank already covers as
-well as its own training patches adds nothing, so the bank grows with what is new, not with the number
-of images. The parent's index is copied and extended by the picks (extend_bank): the same kind, the
-parent's entries unchanged.
+over the new patches (anomaly_core.coreset.continue_coreset). The rule, and why:
+
+- Stop radius: half the parent's recorded cover radius R (stop_radius). The parent's greedy centres and
+  its farthest training patch are R apart pairwise, so no bank of the parent's size can cover the
+  parent's patches closer than R / 2 (two of those points would share a centre): R / 2 is the finest
+  density a fit at the parent's size is known to reach. A new patch within it of a centre is covered as
+  well as that, and adds nothing; the others are candidates.
+- Budget: coreset_ratio of the candidates, the vectors a fit spends on that many patches (capped by
+  max_added). Where the new patches are as new to the bank as the parent's own were to each other, the
+  budget binds and the update adds what a refit on the union adds for them, so the bank's density where
+  they lie is a refit's (a refit reaches a smaller radius than its parent: it has more centres for the
+  same kind of patches). Where they repeat what the bank holds, the stop radius binds first and the bank
+  grows with what is new, not with the number of images.
+
+Stopping at R itself, as the first version did, left the updated bank sparser than a refit's (whose
+radius is below R) and cost image AUROC (bench/update.py, docs/benchmarks.md). The parent's index is
+copied and extended by the picks (extend_bank): the same kind, the parent's entries unchanged.
 
 **Calibration.** The threshold needs scores of normal images that the new bank did not see
 (anomaly_core.threshold). Two sources, both without the parent's training features:
 
-- The parent's calibration scores, recorded at fit time (FitStats.calibration_scores). Their images'
-  features are not stored, and recomputing them would cost time in proportion to the parent's images,
-  so they are not re-scored. For a held-out parent the new bank contains the bank those images were
-  scored against, so with exact search each one's score against the new bank is at most its recorded
-  score: the recorded scores are upper bounds, and a threshold set from upper bounds is at least the one
-  the exact scores would give. The false-alarm bound of the threshold therefore still holds; the error
-  is towards fewer alarms. A cross-fitted parent's scores are those its fit already took for the
-  scores of unseen normal images. Calibration images that are among the new images are dropped, since
-  the new bank now sees them.
+- The parent's calibration images, re-scored. A fit keeps, for each calibration image, its patch
+  distances and the features of its farthest patches (anomaly_core.fit.CalibrationPatches, a file of
+  the model). Against the new bank, which holds the bank that scored them plus the added vectors, a
+  stored patch's distance is the smaller of its recorded one and its distance to the nearest added
+  vector (exact search); the rest keep their recorded distances as upper bounds. The score is exact
+  whenever those bounds cannot enter it (CalibrationPatches.exact; the update logs how many are), an
+  upper bound otherwise. A cross-fitted parent's images are thereby scored against their fold's bank
+  plus the added vectors, as a cross-fitted refit would score them against its fold's bank.
+  A parent saved before the patches were stored keeps its recorded scores: upper bounds, since the new
+  bank only lowers them, so the threshold is at least the exact one and errs towards fewer alarms (logged).
+  Calibration images that are among the new images are dropped, since the new bank now sees them.
 - A held-out part of the new images, split as a fit splits its images (anomaly_core.fit.split_calibration:
   held out, or cross-fitted when few), scored exactly against a bank extended without them.
 
@@ -45,10 +56,19 @@ import faiss
 import numpy as np
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.coreset import Extension, MapFn, continue_coreset, coreset_size, identity, local_map
-from anomaly_core.fit import FitStats, SplitPlan, bank_patches, calibration_passes, compose, split_calibration
+from anomaly_core.coreset import Extension, MapFn, continue_coreset, identity, local_map
+from anomaly_core.fit import (
+    CalibrationPatches,
+    FitStats,
+    SplitPlan,
+    bank_patches,
+    calibration_passes,
+    compose,
+    split_calibration,
+)
 from anomaly_core.images import size_range
 from anomaly_core.index import MemoryBank
+from anomaly_core.scoring import image_scores
 from anomaly_core.threshold import Calibration, calibrate
 
 log = logging.getLogger(__name__)
@@ -88,51 +108,84 @@ def merge_sizes(parent: dict | None, new: dict | None) -> dict | None:
             "max_aspect": max(parent["max_aspect"], new["max_aspect"])}
 
 
+def stop_radius(cover_radius: float) -> float:
+    """The continuation's stop radius (cosine) for a parent of recorded cover radius `cover_radius`: half
+    of it, the finest a bank of the parent's size is known to cover its own patches (module docstring)."""
+    return cover_radius / 2
+
+
+def rescored(stats: FitStats, keep: Sequence[int], added: np.ndarray, *, config: ModelConfig
+             ) -> tuple[np.ndarray, CalibrationPatches | None, int]:
+    """The parent's calibration images at `keep` (indices into stats.calibration_images) scored against
+    its bank plus `added` ([a, D] float32 unit rows): (scores [c] float64, their CalibrationPatches with
+    the lowered grids, how many scores are exact). A parent without stored patches: its recorded scores
+    (upper bounds), None, 0."""
+    recorded = np.array([stats.calibration_scores[i] for i in keep], dtype=np.float64)
+    if stats.calibration_patches is None:
+        return recorded, None, 0
+    patches = stats.calibration_patches.take(keep).lowered(added)
+    g = config.grid_size
+    scores = image_scores(patches.grids.reshape(-1, g, g), **config.score_options).astype(np.float64)
+    return scores, patches, int(patches.exact(config=config).sum())
+
+
 def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stats: FitStats, plan: SplitPlan | None,
-                n_estimate: int, max_added: int | None = None, map_fn: MapFn = local_map,
+                max_added: int | None = None, map_fn: MapFn = local_map,
                 block_of: Callable = identity) -> tuple[MemoryBank, Calibration, FitStats, dict]:
     """The parent's (config, bank, stats) extended by the new images' feature blocks (anomaly_core.fit's
     block format; their folds from `plan`, None: no new image calibrates), passes run through `map_fn`
     as fit_bank runs them.
 
-    n_estimate: expected new patches of the bank part (anomaly_core.fit.patch_estimate). max_added: most
-    vectors added (None: ceil(coreset_ratio x new bank patches)).
+    max_added: most vectors added (None: the budget alone, coreset_ratio of the candidates).
     Returns (new bank, calibration, new FitStats, what was added: the manifest's "added" record, with the
     new images' names, their patches, the candidates among them, the vectors added, bank size and cover
-    radius before and after, and which scores calibrated).
+    radius before and after, the stop radius, and which scores calibrated).
     """
     t0 = time.perf_counter()
     centres = bank.vectors()                                                   # [M, D]
+    radius = stop_radius(stats.cover_radius)
 
-    def extended(leave_out: int | None, estimate: int) -> tuple[Extension, MemoryBank]:
-        budget = max_added if max_added is not None else coreset_size(estimate, ratio=config.coreset_ratio, size=None)
-        ext = continue_coreset(blocks, centres, radius=stats.cover_radius, budget=budget, n_estimate=estimate,
+    def extended(leave_out: int | None, _estimate: int) -> tuple[Extension, MemoryBank]:
+        ext = continue_coreset(blocks, centres, radius=radius, ratio=config.coreset_ratio, max_added=max_added,
                                oversample=config.coreset_oversample,
                                points_of=compose(partial(bank_patches, leave_out=leave_out), block_of),
                                map_fn=map_fn)
         return ext, extend_bank(bank, ext.features, config=config)
 
     # hold-out: fold 0 is the new calibration part; no plan: every fold is -1, so fold 0 selects no image
-    # and the calibration pass only counts the images, their sizes and the unreadable ones
-    (ext, new_bank), parts = calibration_passes(blocks, plan=plan, n_estimate=n_estimate, banked=extended,
+    # and the calibration pass only counts the images, their sizes and the unreadable ones. The budget
+    # counts the candidates as they are found, so the passes need no estimate of the patches (0).
+    (ext, new_bank), parts = calibration_passes(blocks, plan=plan, n_estimate=0, banked=extended,
                                                 config=config, map_fn=map_fn, block_of=block_of)
     one_pass = parts[:len(blocks)]                         # every block seen once (the first fold's pass)
     new_images = [p for c in one_pass for p in c.originals]
     new_names = [p for c in parts for p in c.paths]
     new_scores = np.concatenate([c.scores for c in parts]).astype(np.float64)
     seen = set(new_images)
-    kept = [(name, s) for name, s in zip(stats.calibration_images, stats.calibration_scores or [], strict=False)
-            if name not in seen]
+    keep = [i for i, name in enumerate(stats.calibration_images)
+            if stats.calibration_scores is not None and name not in seen]
+    parent_scores, parent_patches, n_exact = rescored(stats, keep, ext.features, config=config)
     if stats.calibration_scores is None:
         log.warning("the parent model records no calibration scores (fitted before they were recorded): the "
                     "threshold rests on the %d held-out new images alone", new_scores.size)
-    if len(kept) + new_scores.size < 2:
-        raise ValueError(f"{len(kept)} recorded parent scores and {new_scores.size} held-out new images: the threshold "
+    elif parent_patches is None:
+        log.warning("the parent model stores no calibration patches (saved before they were kept): its %d "
+                    "calibration images keep their recorded scores, upper bounds of their scores against the new "
+                    "bank, so the threshold errs high (fewer alarms); a refit stores them", len(keep))
+    else:
+        log.info("update: %d parent calibration images re-scored against the new bank, %d exactly, %d as upper "
+                 "bounds", len(keep), n_exact, len(keep) - n_exact)
+    if len(keep) + new_scores.size < 2:
+        raise ValueError(f"{len(keep)} recorded parent scores and {new_scores.size} held-out new images: the threshold "
                          f"needs at least 2 normal scores the new bank did not see; add good images (from "
                          f"{MIN_NEW_CALIBRATION} new images up, some are held out) or refit")
-    scores = np.concatenate([np.array([s for _, s in kept], dtype=np.float64), new_scores])
+    scores = np.concatenate([parent_scores, new_scores])
     cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
     sizes = np.concatenate([c.sizes for c in one_pass])                    # [n, 2] (width, height)
+    # in the order of calibration_images; none when kept parent images have none (a chained update then
+    # keeps upper bounds for them, as for its parent)
+    patches = (None if parent_patches is None and keep else CalibrationPatches.concat(
+        ([parent_patches] if parent_patches is not None else []) + [c.patches for c in parts]))
     t_update = time.perf_counter() - t0
     new_stats = FitStats(
         n_images=stats.n_images + len(new_images),
@@ -142,18 +195,21 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
         calibration_split=f"{stats.calibration_split}+{plan.name if plan is not None else 'none'}",
         n_train_patches=stats.n_train_patches + ext.n_points, bank_size=new_bank.size,
         cover_radius=max(stats.cover_radius, ext.cover_radius), coreset_seconds=round(t_update, 2),
-        calibration_images=[n for n, _ in kept] + new_names, calibration_scores=[float(s) for s in scores],
+        calibration_images=[stats.calibration_images[i] for i in keep] + new_names,
+        calibration_scores=[float(s) for s in scores],
+        calibration_patches=patches,
         position_consistency=stats.position_consistency,
         unreadable=list(stats.unreadable) + [u for c in one_pass for u in c.unreadable], index=new_bank.kind,
         input_sizes=merge_sizes(stats.input_sizes, size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None))
     added = {"images": new_images, "patches": ext.n_points, "candidates": ext.n_candidates,
              "vectors": int(len(ext.features)), "bank_size": [bank.size, new_bank.size],
-             "cover_radius": [stats.cover_radius, new_stats.cover_radius], "calibration": {
-                 "parent_scores": len(kept), "new_scores": int(new_scores.size),
+             "cover_radius": [stats.cover_radius, new_stats.cover_radius], "stop_radius": radius, "calibration": {
+                 "parent_scores": len(keep), "parent_rescored": len(keep) if parent_patches is not None else 0,
+                 "parent_exact": n_exact, "new_scores": int(new_scores.size),
                  "new_split": plan.name if plan is not None else "none"},
              "seconds": round(t_update, 2)}
-    log.info("update: %d new images, %d new patches, %d beyond the cover radius %.4f, %d added (bank %d -> %d); "
+    log.info("update: %d new images, %d new patches, %d beyond the stop radius %.4f, %d added (bank %d -> %d); "
              "threshold on %d parent + %d new scores: %.4f; %.1fs", len(new_images), ext.n_points,
-             ext.n_candidates, stats.cover_radius, len(ext.features), bank.size, new_bank.size, len(kept),
+             ext.n_candidates, radius, len(ext.features), bank.size, new_bank.size, len(keep),
              new_scores.size, cal.threshold, t_update)
     return new_bank, cal, new_stats, added

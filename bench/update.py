@@ -165,6 +165,7 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
         row = {"cut": cut, "model_seed": cfg.seed, "share": share, "new_images": len(new),
                "update": {"bank": updated.bank.size, "added": added["vectors"], "candidates": added["candidates"],
                           "new_patches": added["patches"], "cover_radius": round(updated.stats.cover_radius, 4),
+                          "stop_radius": round(added["stop_radius"], 4),
                           "selection_seconds": round(update_s, 2),
                           "seconds": round(update_s + per_image * len(new), 1),
                           "calibration": added["calibration"], **quality(updated, test)},
@@ -208,7 +209,7 @@ def summarise(rows: list[dict]) -> dict:
             "refit_sd_within_cut": pooled_sd(rs, "refit"), "update_sd_within_cut": pooled_sd(rs, "update"),
             "refit_range_across_cuts": {s: spread([r["refit"]["auroc"] for r in rs if r["model_seed"] == s])
                                         for s in seeds} if len(cuts) > 1 else None}
-        for metric in ("pixel_auroc", "aupro"):
+        for metric in ("pixel_auroc", "aupro", "good_flagged", "defects_flagged"):
             if metric in rs[0]["refit"]:
                 out[str(share)][f"{metric}_update_minus_refit"] = spread(
                     [r["update"][metric] - r["refit"][metric] for r in rs])

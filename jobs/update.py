@@ -20,7 +20,6 @@ import ray
 
 from anomaly_core import storage
 from anomaly_core.artifact import check_target
-from anomaly_core.fit import patch_estimate
 from anomaly_core.model import Model
 from anomaly_core.storage import StorageOptions
 from anomaly_core.update import update_bank, update_split
@@ -62,8 +61,8 @@ def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: 
     """Write to `new_model_uri` the model at `model_uri` updated with the good images named by `data_uri`
     (what run_fit takes: folder, s3:// prefix or manifest file of images, or shards) or, with
     `from_labels`, the images labelled normal in that scored output; returns the new manifest.
-    max_added: most vectors added to the bank (None: coreset_ratio of the new patches). The other
-    options are run_fit's."""
+    max_added: most vectors added to the bank (None: the budget alone, coreset_ratio of the candidates;
+    anomaly_core.update). The other options are run_fit's."""
     t0 = time.time()
     options = (options or StorageOptions()).resolved()
     model_uri, new_model_uri = storage.normalise(model_uri), storage.normalise(new_model_uri)
@@ -97,8 +96,7 @@ def run_update(model_uri: str, data_uri: str | list[str] | None, new_model_uri: 
     log.info("update: features of %d new images in %d blocks, %.1fs", len(good.names), len(good.blocks), t_feat)
     bank, cal, stats, added = update_bank(
         good.blocks, config=config, bank=parent.bank, stats=parent.stats, plan=good.plan,
-        n_estimate=patch_estimate(good.n_bank_images, config=config), max_added=max_added,
-        map_fn=ray_map, block_of=good.block_of())
+        max_added=max_added, map_fn=ray_map, block_of=good.block_of())
     del good
     for path, error in stats.unreadable[len(parent.stats.unreadable):]:
         log.warning("skipped unreadable new image %s: %s", path, error)

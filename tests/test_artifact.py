@@ -28,10 +28,23 @@ def _save(path, rng, **kw):
 
 def test_round_trip(tmp_path, rng):
     manifest = _save(tmp_path / "m", rng)
-    loaded, bank = load_artifact(tmp_path / "m")
+    loaded, bank, arrays = load_artifact(tmp_path / "m")
     assert ModelConfig.from_dict(loaded["config"]) == ModelConfig(blocks=(5, 8))
-    assert bank.size == 30 and loaded["model_id"] == manifest["model_id"]
+    assert bank.size == 30 and loaded["model_id"] == manifest["model_id"] and arrays is None
     assert not list(tmp_path.glob(".m.tmp-*"))                       # no temporary left behind
+
+
+def test_calibration_arrays_round_trip_checksummed_and_in_the_id(tmp_path, rng):
+    arrays = {"grids": rng.random((3, 16), dtype=np.float32), "positions": np.arange(12, dtype=np.int32).reshape(3, 4)}
+    plain = _save(tmp_path / "a", np.random.default_rng(1))
+    manifest = _save(tmp_path / "m", np.random.default_rng(1), calibration_patches=arrays)
+    again = _save(tmp_path / "n", np.random.default_rng(1), calibration_patches=arrays)
+    assert manifest["model_id"] == again["model_id"] != plain["model_id"]        # same arrays, same id
+    _, _, loaded = load_artifact(tmp_path / "m")
+    assert loaded.keys() == arrays.keys() and all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
+    (tmp_path / "m" / manifest["calibration_patches"]["grids"]).write_bytes(b"tampered")
+    with pytest.raises(ModelFileError, match="modified or corrupted"):
+        load_artifact(tmp_path / "m")
 
 
 def test_an_updated_model_records_its_parent_and_what_was_added_outside_its_id(tmp_path, rng):
@@ -195,7 +208,7 @@ def test_an_s3_model_is_cached_whole_and_a_pinned_mismatch_fetches_nothing(bucke
     with pytest.raises(ModelFileError, match=f"holds model {other['model_id']}, not the pinned"):
         load_artifact(f"s3://{name}/other", opts, model_id=manifest["model_id"])
     assert not cache.exists()                                     # refused before a byte of the bank
-    loaded, bank = load_artifact(f"s3://{name}/m", opts, model_id=manifest["model_id"])
+    loaded, bank, _ = load_artifact(f"s3://{name}/m", opts, model_id=manifest["model_id"])
     assert bank.size == 30 and _files(cache) == {f"models/{manifest['model_id']}/{f}"
                                                   for f in ("bank-00000.faiss", MANIFEST)}
 

@@ -124,11 +124,13 @@ def test_greedy_stops_once_every_point_is_covered_within_until(rng):
     np.testing.assert_array_equal(greedy_kcenter(x, 100, start=0, until=float(d.max()) + 1e-4), full[:12])
 
 
-def brute_continuation(new, centres, *, radius, budget):
+def brute_continuation(new, centres, *, radius, ratio, max_added=None):
     """Greedy k-center from `centres` over the new rows farther than `radius` (cosine) from all of them,
-    up to `budget` picks or until all lie within squared distance 2 x radius (cosine distance radius)."""
+    up to ceil(ratio x those rows) picks (at most max_added) or until all lie within squared distance
+    2 x radius (cosine distance radius)."""
     new, centres = new.astype(np.float64), centres.astype(np.float64)
     cand = new[1 - (new @ centres.T).max(1) > radius]
+    budget = int(np.ceil(ratio * len(cand))) if max_added is None else min(max_added, int(np.ceil(ratio * len(cand))))
     d = ((cand[:, None] - centres[None]) ** 2).sum(-1).min(1)
     chosen = []
     while len(chosen) < budget and d.max() > 2 * radius:
@@ -149,17 +151,26 @@ def bank_and_new(rng, d=16):
 def test_continuation_picks_what_greedy_from_the_old_centres_picks_among_the_candidates(rng, partition):
     centres, new = bank_and_new(rng)
     parts = [new[s:s + partition] for s in range(0, 300, partition)]
-    # oversample large enough that no partition's share binds: the result is the one-pass greedy's
-    ext = continue_coreset(parts, centres, radius=0.3, budget=25, n_estimate=300, oversample=100)
-    want = brute_continuation(new, centres, radius=0.3, budget=25)
-    assert len(want) == 25
+    # oversample x ratio >= 1: no partition's share binds, so the result is the one-pass greedy's
+    ext = continue_coreset(parts, centres, radius=0.3, ratio=0.125, oversample=8)
+    want = brute_continuation(new, centres, radius=0.3, ratio=0.125)
+    n_cand = int((1 - (new @ centres.T).max(1) > 0.3).sum())
+    assert len(want) == int(np.ceil(0.125 * n_cand))             # the budget binds before the radius
     np.testing.assert_array_equal(ext.features, want)
-    assert ext.n_points == 300 and ext.n_candidates == int((1 - (new @ centres.T).max(1) > 0.3).sum())
+    assert ext.n_points == 300 and ext.n_candidates == n_cand
+
+
+def test_the_budget_is_the_ratio_of_the_candidates_capped_by_max_added(rng):
+    centres, new = bank_and_new(rng)
+    ext = continue_coreset([new], centres, radius=0.3, ratio=0.125, max_added=7, oversample=2)
+    np.testing.assert_array_equal(ext.features, brute_continuation(new, centres, radius=0.3, ratio=0.125,
+                                                                   max_added=7))
+    assert len(ext.features) == 7
 
 
 def test_continuation_reports_the_exact_cover_radius_of_the_new_rows(rng):
     centres, new = bank_and_new(rng)
-    ext = continue_coreset([new], centres, radius=0.3, budget=25, n_estimate=300, oversample=2)
+    ext = continue_coreset([new], centres, radius=0.3, ratio=0.1, oversample=2)
     bank = np.concatenate([centres, ext.features]).astype(np.float64)
     assert ext.cover_radius == pytest.approx((1 - (new @ bank.T).max(1)).max(), abs=1e-5)
 
@@ -167,8 +178,8 @@ def test_continuation_reports_the_exact_cover_radius_of_the_new_rows(rng):
 def test_continuation_adds_nothing_where_the_bank_already_covers(rng):
     centres, _ = bank_and_new(rng)
     near = centres + 0.01 * rng.standard_normal(centres.shape).astype(np.float32)
-    ext = continue_coreset([near / np.linalg.norm(near, axis=1, keepdims=True)], centres, radius=0.3, budget=25,
-                           n_estimate=40, oversample=2)
+    ext = continue_coreset([near / np.linalg.norm(near, axis=1, keepdims=True)], centres, radius=0.3, ratio=0.5,
+                           oversample=2)
     assert ext.features.shape == (0, 16) and ext.n_candidates == 0 and ext.cover_radius < 0.3
 
 
@@ -176,6 +187,6 @@ def test_continuation_stops_at_the_radius_before_the_budget(rng):
     centres, _ = bank_and_new(rng)
     # one new kind of patch, far from the bank, in a tight cluster: one centre covers it
     blob = unit_rows(rng, 1, 16) + 0.01 * rng.standard_normal((200, 16)).astype(np.float32)
-    ext = continue_coreset([blob / np.linalg.norm(blob, axis=1, keepdims=True)], centres, radius=0.3, budget=50,
-                           n_estimate=200, oversample=2)
+    ext = continue_coreset([blob / np.linalg.norm(blob, axis=1, keepdims=True)], centres, radius=0.3, ratio=0.25,
+                           oversample=2)
     assert ext.n_candidates == 200 and len(ext.features) == 1 and ext.cover_radius < 0.3

@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.fit import FitStats, bank_patches, feature_blocks, fit_bank, patch_estimate, split_calibration
+from anomaly_core.fit import (
+    CalibrationPatches,
+    FitStats,
+    bank_patches,
+    feature_blocks,
+    fit_bank,
+    patch_estimate,
+    split_calibration,
+)
 from anomaly_core.index import MemoryBank
+from anomaly_core.scoring import image_scores
 from tests.helpers import unit_rows
 
 HOLDOUT = ModelConfig(image_size=28, tiles=1, blocks=(5,), coreset_ratio=1.0, calibration="holdout")
@@ -185,3 +194,45 @@ def test_a_fit_from_tar_shards_lists_them_first_only_to_augment_and_makes_the_mo
     assert by_tar["stats"]["n_train_patches"] == by_files["stats"]["n_train_patches"] == banked
     assert [n.rsplit("#", 1)[1] for n in by_tar["stats"]["calibration_images"]] == \
         [n.rsplit("/", 1)[1] for n in by_files["stats"]["calibration_images"]]
+
+
+def cosine_distance(x: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """[..., D] rows -> [...] brute-force cosine distance to the nearest row of `bank` [M, D] (unit rows)."""
+    return 1 - (x.astype(np.float64) @ bank.T.astype(np.float64)).max(-1)
+
+
+def test_lowered_calibration_grids_score_as_the_grown_bank_scores_them_when_exact_and_above_otherwise(rng):
+    cfg = dataclasses.replace(HOLDOUT, image_size=56, top_fraction=0.125)      # grid 4 x 4, topk_mean of 2
+    bank, feats = unit_rows(rng, 20, 64), unit_rows(rng, 3 * 16, 64).reshape(3, 16, 64)
+    patches = CalibrationPatches.of(cosine_distance(feats, bank), feats, stored=4)
+    # image 0 loses its four stored patches to the added rows (a bound outside them then enters its score);
+    # image 1 its farthest only (its 2nd..4th stored still top the rest); image 2 nothing
+    added = np.concatenate([feats[0, patches.positions[0]], feats[1, patches.positions[1, :1]]])
+    lowered = patches.lowered(added)
+    g = cfg.grid_size
+
+    def score(grids):
+        return image_scores(np.asarray(grids, dtype=np.float32).reshape(-1, g, g), **cfg.score_options)
+    exact_scores = score(cosine_distance(feats, np.concatenate([bank, added])))
+    got, exact = score(lowered.grids), lowered.exact(config=cfg)
+    assert exact.tolist() == [False, True, True]
+    np.testing.assert_allclose(got[exact], exact_scores[exact], atol=1e-3)               # float16 features
+    assert (got[~exact] >= exact_scores[~exact] - 1e-3).all() and got[0] > exact_scores[0]
+    assert patches.exact(config=cfg).all()                                 # nothing lowered: all exact
+
+
+def test_calibration_patches_of_a_fit_follow_its_calibration_images():
+    rng = np.random.default_rng(3)
+    g, d = HOLDOUT.grid_size, HOLDOUT.feature_dim
+    feats = unit_rows(rng, 10 * g * g, d).reshape(10, g * g, d)
+    plan = split_calibration([str(i) for i in range(10)], config=HOLDOUT)
+    blocks = feature_blocks(feats, plan.fold, images_per_block=4)
+    _, _, stats = fit_bank(blocks, config=HOLDOUT, plan=plan, n_estimate=8 * g * g)
+    p = stats.calibration_patches
+    rows = [int(n) for n in stats.calibration_images]
+    assert len(p) == len(rows) == 2 and p.features.dtype == np.float16
+    np.testing.assert_allclose(p.features.astype(np.float32),
+                               np.take_along_axis(feats[rows], p.positions[:, :, None].astype(np.int64), 1), atol=1e-3)
+    np.testing.assert_allclose(image_scores(p.grids.reshape(-1, g, g), **HOLDOUT.score_options),
+                               stats.calibration_scores, rtol=1e-6)
+    assert "calibration_patches" not in stats.to_dict()

@@ -12,7 +12,7 @@ import pytest
 from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor
 from anomaly_core.index import MemoryBank
-from anomaly_core.model import Model
+from anomaly_core.model import Model, score_features
 from anomaly_core.update import extend_bank, merge_sizes
 from tests.helpers import TEST_CONFIG_KW, png_bytes, unit_rows
 
@@ -37,11 +37,12 @@ def parent(tmp_path_factory):
     """A model saved from features of 40 images of one kind (20% held out): (model, its folder)."""
     rng = np.random.default_rng(0)
     kinds = unit_rows(rng, 2, 384)
-    model = Model.fit_features(clustered(rng, 40, kinds[0]), config=dataclasses.replace(CFG, calibration="holdout"),
+    train = clustered(rng, 40, kinds[0])
+    model = Model.fit_features(train, config=dataclasses.replace(CFG, calibration="holdout"),
                                paths=[f"old{i}" for i in range(40)], weights=WEIGHTS)
     path = tmp_path_factory.mktemp("parent") / "m"
     model.save(path)
-    model.new_kind = kinds[1]
+    model.old_kind, model.new_kind, model.train = kinds[0], kinds[1], train
     return model, path
 
 
@@ -88,15 +89,63 @@ def test_images_the_bank_already_covers_add_nothing(parent):
     assert child.lineage["added"]["candidates"] == 0 and child.bank.size == model.bank.size
 
 
-def test_the_threshold_rests_on_the_parents_recorded_scores_and_the_held_out_new_images(parent):
+def test_the_threshold_rests_on_the_parents_calibration_images_and_the_held_out_new_images(parent):
     model, _ = parent
     child = model.update_features(clustered(np.random.default_rng(3), 20, model.new_kind),
                                   paths=[f"new{i}" for i in range(20)])
     s = child.stats
     new_held = [n for n in s.calibration_images if n.startswith("new")]
     assert len(new_held) == 4 and child.calibration.n_images == 8 + 4
-    assert s.calibration_scores[:8] == model.stats.calibration_scores
+    assert s.calibration_images[:8] == model.stats.calibration_images
     assert s.n_train_images == model.stats.n_train_images + 16
+    assert len(s.calibration_patches) == 12                   # kept for the next update's re-scoring
+
+
+def test_a_parent_calibration_image_is_rescored_to_its_score_against_the_new_bank(parent):
+    model, _ = parent
+    # new images of the parent's own kind: the added vectors lie among its calibration images' patches
+    child = model.update_features(clustered(np.random.default_rng(6), 20, model.old_kind),
+                                  paths=[f"more{i}" for i in range(20)])
+    rows = [int(n[3:]) for n in model.stats.calibration_images]
+    direct = score_features(model.train[rows], child.bank, config=model.config, maps=False).scores
+    np.testing.assert_allclose(child.stats.calibration_scores[:8], direct, atol=2e-4)    # float16 features
+    assert (direct < np.array(model.stats.calibration_scores) - 5e-4).any()    # the recorded ones were bounds
+    assert child.lineage["added"]["calibration"]["parent_exact"] == 8
+
+
+def test_a_parent_saved_without_calibration_patches_updates_on_its_recorded_scores(parent, tmp_path, caplog):
+    model, _ = parent
+    old = Model(config=model.config, bank=model.bank, calibration=model.calibration, weights=WEIGHTS,
+                stats=dataclasses.replace(model.stats, calibration_patches=None))
+    old.save(tmp_path / "old")
+    old = Model.load(tmp_path / "old")
+    assert old.stats.calibration_patches is None
+    with caplog.at_level("WARNING", logger="anomaly_core.update"):
+        child = old.update_features(clustered(np.random.default_rng(6), 20, model.old_kind),
+                                    paths=[f"more{i}" for i in range(20)])
+    assert child.stats.calibration_scores[:8] == model.stats.calibration_scores
+    assert "stores no calibration patches" in caplog.text
+    assert child.stats.calibration_patches is None and child.lineage["added"]["calibration"]["parent_rescored"] == 0
+
+
+def test_calibration_patches_are_saved_and_loaded_with_the_model(parent):
+    model, path = parent
+    loaded = Model.load(path).stats.calibration_patches
+    for name in ("grids", "positions", "features"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(model.stats.calibration_patches, name))
+
+
+def test_the_update_adds_what_greedy_continued_to_half_the_parents_radius_adds(parent):
+    from tests.test_coreset import brute_continuation
+    model, _ = parent
+    # two new images: none held out, one partition, so the update is exactly the one-pass greedy
+    new = clustered(np.random.default_rng(8), 2, model.old_kind, spread=0.6)
+    child = model.update_features(new, paths=["a", "b"])
+    want = brute_continuation(new.reshape(-1, 384), model.bank.vectors(), radius=model.stats.cover_radius / 2,
+                              ratio=model.config.coreset_ratio)
+    assert len(want) > 0
+    np.testing.assert_array_equal(child.bank.vectors()[model.bank.size:], want)
+    assert child.lineage["added"]["stop_radius"] == model.stats.cover_radius / 2
 
 
 def test_a_parent_calibration_image_added_again_no_longer_calibrates(parent):
