@@ -1,6 +1,7 @@
 """Score throughput against the bare backbone, measured in one run on this machine.
 
-    python bench/throughput.py [--data DIR] [--images 96] [--train 20] [--batch-size 16]
+    python bench/throughput.py [--data DIR] [--images 96] [--train 20] [--batch-size 16] [--ef-search N]
+                               [--stages N]
 
 The model is fitted (the fit job, defaults) on `--train` good images: DIR/train/good, the first N in
 name order, or generated brick parts without DIR. A real fit of 200 images gives a bank of about 12.5k
@@ -10,11 +11,16 @@ size and the index `auto` chose are printed. Three figures, same images, same ba
   2. the score step in-process (decode + features + kNN + maps + peaks + stored grids;
      jobs.scorer.Scorer),
   3. the Ray score job end to end (read files -> Parquet), excluding Ray start-up but including actor start.
+--stages N: then the score step once more over the first N images under cProfile, and the share of its
+time each stage takes (cumulative time of the functions named in STAGES; the profiler's own overhead is
+in the total, so the shares are indicative). --ef-search: the fit's config value (an HNSW bank's).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import shutil
 import tempfile
 import time
@@ -31,6 +37,27 @@ from jobs.runtime import ensure_ray
 from jobs.score import run_score
 from jobs.scorer import Scorer
 
+# Stages of the score step: (label, module path suffix, function name) of the function whose cumulative
+# time is the stage's.
+STAGES = [("decode + resize", "anomaly_core/decode.py", "decode_batch"),
+          ("backbone forward (tiles, stitch)", "anomaly_core/features.py", "tokens"),
+          ("descriptors (describe_tokens)", "anomaly_core/features.py", "describe_tokens"),
+          ("bank search", "anomaly_core/index.py", "nearest"),
+          ("image scores", "anomaly_core/scoring.py", "image_scores"),
+          ("maps", "anomaly_core/scoring.py", "image_maps"),
+          ("peaks", "anomaly_core/scoring.py", "peak_locations"),
+          ("stored grids", "anomaly_core/scoring.py", "encode_grid")]
+
+
+def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
+    """Cumulative seconds of each STAGES function in `profile` (0 when it was not called)."""
+    out = dict.fromkeys([label for label, _, _ in STAGES], 0.0)
+    for (file, _, name), (_, _, _, cumulative, _) in pstats.Stats(profile).stats.items():
+        for label, suffix, fn in STAGES:
+            if name == fn and file.endswith(suffix):
+                out[label] += cumulative
+    return out
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +65,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96, help="images to score")
     ap.add_argument("--train", type=int, default=20, help="good images the bank is fitted on")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--ef-search", type=int, default=None, help="the fit's ef_search (default: the config's)")
+    ap.add_argument("--stages", type=int, default=0, help="images of the profiled pass (0: none)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     data = a.data or make_dataset(work / "data", n_train=a.train, n_good=a.images // 2, n_defect=a.images // 2)
@@ -54,7 +83,7 @@ def main() -> None:
     archive.mkdir()
     for i, f in enumerate(files):
         shutil.copy(f, archive / f"{i:05d}{f.suffix}")
-    cfg = ModelConfig()
+    cfg = ModelConfig() if a.ef_search is None else ModelConfig(ef_search=a.ef_search)
     ensure_ray(None)
     manifest = run_fit(str(train), str(work / "model"), config=cfg)
 
@@ -72,10 +101,19 @@ def main() -> None:
 
     raw = {"path": np.array([str(f) for f in files], dtype=object),
            "bytes": np.array([f.read_bytes() for f in files], dtype=object)}
+
+    def step(n: int) -> None:
+        for i in range(0, n, bs):
+            scorer(decode_batch({k: v[i:min(i + bs, n)] for k, v in raw.items()}, input_size=cfg.input_size))
     t = time.perf_counter()
-    for i in range(0, len(files), bs):
-        scorer(decode_batch({k: v[i:i + bs] for k, v in raw.items()}, input_size=cfg.input_size))
+    step(len(files))
     step_ips = len(files) / (time.perf_counter() - t)
+    stages = None
+    if a.stages:
+        profile = cProfile.Profile()
+        t = time.perf_counter()
+        profile.runcall(step, min(a.stages, len(files)))
+        stages = (stage_seconds(profile), time.perf_counter() - t)
 
     summary = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)
     job_ips = summary["images_per_second"]
@@ -86,6 +124,13 @@ def main() -> None:
     print(f"| bare backbone forward | {backbone_ips:.2f} img/s | 1.00 |")
     print(f"| score step in-process | {step_ips:.2f} img/s | {step_ips / backbone_ips:.2f} |")
     print(f"| Ray score job, files -> Parquet | {job_ips:.2f} img/s | {job_ips / backbone_ips:.2f} |")
+    if stages:
+        seconds, total = stages
+        n = min(a.stages, len(files))
+        print(f"\nscore step under cProfile, {n} images, {n / total:.2f} img/s")
+        print("| stage | ms per image | share of the step |\n| --- | --- | --- |")
+        for label, s in [*seconds.items(), ("rest (rows, verdicts, profiler)", total - sum(seconds.values()))]:
+            print(f"| {label} | {1000 * s / n:.1f} | {s / total:.1%} |")
     shutil.rmtree(work, ignore_errors=True)
 
 
