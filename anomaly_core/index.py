@@ -8,7 +8,9 @@ Where it is searched is a property of the process, not of the model: `MemoryBank
 whose vectors are stored whole (flat, HNSW and IVF, whose graph or lists sit beside its vectors) on the scorer's device
 and searches it exactly there. On a GPU that is FAISS's GPU index where the installed FAISS has one, else
 `TorchFlatSearch` (chunked matrix products, the bank resident in GPU memory); on the CPU it is FAISS with
-the bank's own index. `search_path` says which, and placing logs it.
+the bank's own index. `search_path` says which, and placing logs it. An approximate index searched by FAISS
+can miss a query's nearest entry; `exact_above` (the model's cover radius) bounds what a miss can do: rows
+whose distance comes back above it are searched again over every stored entry.
 """
 
 from __future__ import annotations
