@@ -9,17 +9,21 @@ over the new patches (anomaly_core.coreset.continue_coreset). The rule, and why:
   its farthest training patch are R apart pairwise, so no bank of the parent's size can cover the
   parent's patches closer than R / 2 (two of those points would share a centre): R / 2 is the finest
   density a fit at the parent's size is known to reach. A new patch within it of a centre is covered as
-  well as that, and adds nothing; the others are candidates.
-- Budget: coreset_ratio of the candidates, the vectors a fit spends on that many patches (capped by
-  max_added). Where the new patches are as new to the bank as the parent's own were to each other, the
-  budget binds and the update adds what a refit on the union adds for them, so the bank's density where
-  they lie is a refit's (a refit reaches a smaller radius than its parent: it has more centres for the
-  same kind of patches). Where they repeat what the bank holds, the stop radius binds first and the bank
-  grows with what is new, not with the number of images.
+  well as that, and adds nothing; the others are candidates, and greedy stops once every candidate lies
+  within R / 2. Stopping at R itself, as the first version did, left fewer candidates than a refit,
+  whose radius is below R, covers.
+- Budget: coreset_ratio of the candidates (capped by max_added), the density a fit gives patches: each
+  new patch the bank does not already cover costs what a fit spends on a patch. New images that repeat
+  what the bank holds thus add little, and the bank grows with what is new, not with the number of
+  images. A budget of coreset_ratio of all new patches (a refit's count) was measured too: the same
+  image AUROC on mvtec3d_cable_gland at twice the vectors and about four times the seconds
+  (docs/benchmarks.md "Incremental update"), so the candidates' count it is.
 
-Stopping at R itself, as the first version did, left the updated bank sparser than a refit's (whose
-radius is below R) and cost image AUROC (bench/update.py, docs/benchmarks.md). The parent's index is
-copied and extended by the picks (extend_bank): the same kind, the parent's entries unchanged.
+Neither rule closes the gap to a refit there, and since a bank of the refit's size scores as this one
+does, what remains is not the number of vectors; a refit also places centres among the parent's own
+patches, which an update, never reading them, cannot (a likely cause, not a measured one). The
+parent's index is copied and extended by the picks (extend_bank): the same kind, the parent's entries
+unchanged.
 
 **Calibration.** The threshold needs scores of normal images that the new bank did not see
 (anomaly_core.threshold). Two sources, both without the parent's training features:
@@ -154,7 +158,7 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
 
     # hold-out: fold 0 is the new calibration part; no plan: every fold is -1, so fold 0 selects no image
     # and the calibration pass only counts the images, their sizes and the unreadable ones. The budget
-    # counts the candidates as they are found, so the passes need no estimate of the patches (0).
+    # counts the candidates as round 1 finds them, so the passes need no estimate of the patches (0).
     (ext, new_bank), parts = calibration_passes(blocks, plan=plan, n_estimate=0, banked=extended,
                                                 config=config, map_fn=map_fn, block_of=block_of)
     one_pass = parts[:len(blocks)]                         # every block seen once (the first fold's pass)
