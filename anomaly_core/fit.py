@@ -279,12 +279,14 @@ class BlockCalibration:
     patches: CalibrationPatches         # of the fold-f originals, in the order of `paths`
 
 
-def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig,
-                    block_of: Callable) -> BlockCalibration:
+def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig, block_of: Callable,
+                    exact_above: float | None) -> BlockCalibration:
     """Scores of the block's fold-`fold` images (originals, not augmented copies) against a bank fitted
-    without them (shipped serialised: this runs as a Ray task)."""
+    without them (shipped serialised: this runs as a Ray task), searched as the model will search it:
+    rows beyond `exact_above` (that bank's cover radius) exhaustively (MemoryBank)."""
     block = block_of(block)
-    bank = MemoryBank.deserialize(bank_bytes, nprobe=config.nprobe, ef_search=config.ef_search)
+    bank = MemoryBank.deserialize(bank_bytes, nprobe=config.nprobe, ef_search=config.ef_search,
+                                  exact_above=exact_above)
     ok = block["error"] == ""
     original = ok & (block["copy"] == 0)
     sel = original & (block["fold"] == fold)                                      # [B]
@@ -313,8 +315,8 @@ def calibration_passes(blocks: Sequence, *, plan: SplitPlan | None, n_estimate: 
     Returns (the final banked(...) result, the calibration of every block, fold by fold).
     """
     def calibrated(fold: int, bank: MemoryBank) -> list[BlockCalibration]:
-        return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of), blocks,
-                      bank.serialize())
+        return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of,
+                              exact_above=bank.exact_above), blocks, bank.serialize())
 
     if plan is not None and plan.crossfit:
         fold_estimate = n_estimate * (plan.n_folds - 1) // plan.n_folds
@@ -345,8 +347,8 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
             dim=config.feature_dim, projection_dim=config.projection_dim, oversample=config.coreset_oversample,
             refine=config.coreset_refine, seed=config.seed,
             points_of=compose(partial(bank_patches, leave_out=leave_out), block_of), map_fn=map_fn)
-        return core, MemoryBank.build(core.features, kind=kind, shard_size=config.shard_size,
-                                      seed=config.seed, nprobe=config.nprobe, ef_search=config.ef_search)
+        return core, MemoryBank.build(core.features, kind=kind, shard_size=config.shard_size, seed=config.seed,
+                                      nprobe=config.nprobe, ef_search=config.ef_search, exact_above=core.cover_radius)
 
     (core, bank), parts = calibration_passes(blocks, plan=plan, n_estimate=n_estimate, banked=fitted,
                                              config=config, map_fn=map_fn, block_of=block_of)

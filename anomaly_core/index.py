@@ -95,10 +95,12 @@ def set_search_threads(n: int) -> None:
 
 
 # Search defaults of a bank built or loaded without a config (ModelConfig.nprobe / ef_search use them too).
-# ef_search 128, not FAISS's usual 64: docs/benchmarks.md "Approximate indexes" (at 64, 0.19% of one
-# cable_gland bank's test patches stopped up to 0.71 above their exact neighbour; at 128 none did).
+# ef_search 32: no ef_search is safe alone (at 128 one cable_gland bank still left a test patch 0.60 above
+# its exact neighbour), and the model's exhaustive re-search beyond its cover radius (exact_above, set by
+# Model) made every patch of both measured cable_gland banks exact from ef 32 up, at 2.8x ef 128's speed
+# without it (docs/benchmarks.md, "Approximate indexes"). Without that bound, 32 misses more often than 128.
 NPROBE = 8
-EF_SEARCH = 128
+EF_SEARCH = 32
 
 # Kinds that store every vector whole, so that a device can search them exactly by brute force: an HNSW
 # graph or IVF's lists only speed up a CPU search (on a GPU the matrix product is both exact and faster);

@@ -80,6 +80,9 @@ class Model:
     def __init__(self, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration, weights: dict | None,
                  stats: FitStats, manifest: dict | None = None, lineage: dict | None = None):
         self.config, self.bank, self.calibration = config, bank, calibration
+        # a training patch lies within the cover radius of the bank, so an approximate index's misses above it
+        # are what can turn a verdict: those rows are searched again exhaustively (MemoryBank exact_above)
+        bank.exact_above = stats.cover_radius
         self.weights, self.stats, self.manifest = weights, stats, manifest
         self.lineage = lineage            # {"parent": model id, "added": ...} for a model made by update
         self._extractor: FeatureExtractor | None = None

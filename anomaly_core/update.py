@@ -81,11 +81,12 @@ log = logging.getLogger(__name__)
 MIN_NEW_CALIBRATION = 3
 
 
-def extend_bank(bank: MemoryBank, added: np.ndarray, *, config: ModelConfig) -> MemoryBank:
+def extend_bank(bank: MemoryBank, added: np.ndarray, *, config: ModelConfig, exact_above: float | None) -> MemoryBank:
     """A new bank of the same kind as `bank`, which is not modified: copies of its shards, the last one
     filled up to config.shard_size with the first rows of `added` ([a, D] float32 unit rows; FAISS adds
     them to the trained index: ivf and ivfpq assign them with the shard's quantiser, hnsw links them into
-    its graph), the rest in new shards built as a fit builds them."""
+    its graph), the rest in new shards built as a fit builds them. exact_above: its search bound
+    (MemoryBank; the cover radius of the extended bank)."""
     shards = [faiss.clone_index(s) for s in bank.shards]
     rest = np.ascontiguousarray(added, dtype=np.float32)
     room = max(0, config.shard_size - shards[-1].ntotal)
@@ -94,7 +95,7 @@ def extend_bank(bank: MemoryBank, added: np.ndarray, *, config: ModelConfig) -> 
         rest = rest[room:]
     if len(rest):
         shards += MemoryBank.build(rest, kind=bank.kind, shard_size=config.shard_size, seed=config.seed).shards
-    return MemoryBank(shards, nprobe=config.nprobe, ef_search=config.ef_search)
+    return MemoryBank(shards, nprobe=config.nprobe, ef_search=config.ef_search, exact_above=exact_above)
 
 
 def update_split(paths: Sequence[str], *, config: ModelConfig) -> SplitPlan | None:
@@ -154,7 +155,8 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
                                oversample=config.coreset_oversample,
                                points_of=compose(partial(bank_patches, leave_out=leave_out), block_of),
                                map_fn=map_fn)
-        return ext, extend_bank(bank, ext.features, config=config)
+        return ext, extend_bank(bank, ext.features, config=config,
+                                exact_above=max(stats.cover_radius, ext.cover_radius))
 
     # hold-out: fold 0 is the new calibration part; no plan: every fold is -1, so fold 0 selects no image
     # and the calibration pass only counts the images, their sizes and the unreadable ones. The budget

@@ -65,6 +65,12 @@ def test_saved_and_loaded_models_score_alike(model, tmp_path):
     assert loaded.model_id == manifest["model_id"] and loaded.stats == model.stats
 
 
+def test_fitted_and_loaded_banks_search_exhaustively_beyond_the_cover_radius(model, tmp_path):
+    model.save(tmp_path / "m")
+    for m in (model, Model.load(tmp_path / "m")):
+        assert m.bank.exact_above == m.stats.cover_radius > 0
+
+
 def test_a_backbone_with_other_weights_is_refused(model, tmp_path):
     model.save(tmp_path / "m")
     shutil.copytree(tmp_path / "m", tmp_path / "other")

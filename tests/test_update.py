@@ -173,7 +173,7 @@ def test_extending_a_bank_keeps_its_kind_and_its_entries(rng, kind):
     old = unit_rows(rng, 300, 16)
     bank = MemoryBank.build(old, kind=kind, nprobe=64, ef_search=64)
     added = unit_rows(rng, 20, 16)
-    grown = extend_bank(bank, added, config=dataclasses.replace(CFG, nprobe=64))
+    grown = extend_bank(bank, added, config=dataclasses.replace(CFG, nprobe=64), exact_above=None)
     assert (grown.kind, grown.size, bank.size) == (kind, 320, 300)
     np.testing.assert_array_equal(grown.vectors()[:300], bank.vectors())
     if kind != "ivfpq":                                  # product quantisation stores codes, not the vectors
@@ -185,7 +185,7 @@ def test_extending_a_bank_keeps_its_kind_and_its_entries(rng, kind):
 
 def test_extending_a_full_shard_starts_new_ones(rng):
     bank = MemoryBank.build(unit_rows(rng, 10, 16), shard_size=4)
-    grown = extend_bank(bank, unit_rows(rng, 7, 16), config=dataclasses.replace(CFG, shard_size=4))
+    grown = extend_bank(bank, unit_rows(rng, 7, 16), config=dataclasses.replace(CFG, shard_size=4), exact_above=None)
     assert [s.ntotal for s in grown.shards] == [4, 4, 4, 4, 1] and [s.ntotal for s in bank.shards] == [4, 4, 2]
 
 
