@@ -347,7 +347,8 @@ def export(model_dir, out, opset, dtype, verbose, **kw):
 @click.option("--from-labels", "from_labels", metavar="OUT", default=None,
               help="Take the images labelled normal in the scored output OUT instead of GOOD_IMAGES.")
 @click.option("--max-added", type=click.IntRange(min=0), default=None,
-              help="Most vectors added to the bank (default: coreset ratio x the new patches).")
+              help="Most vectors added to the bank (default: coreset ratio x the new patches beyond half the "
+                   "model's cover radius).")
 @_run_options
 @_storage_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing model at NEW_MODEL.")
