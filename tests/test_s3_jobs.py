@@ -51,7 +51,9 @@ def scores_by_name(out, options=None) -> dict:
 def test_fit_writes_the_model_to_s3_with_the_manifest_last(s3_model, s3):
     uri, manifest = s3_model
     names = [u.rsplit("/", 1)[1] for u in storage.list_files(uri, s3)]
-    assert names == ["bank-00000.faiss", "manifest.json"] and manifest["stats"]["n_images"] == 10
+    assert names == ["bank-00000.faiss", "calibration_features.npy", "calibration_grids.npy",
+                     "calibration_positions.npy", "manifest.json"]
+    assert sorted(manifest["files"]) == names[:-1] and manifest["stats"]["n_images"] == 10
 
 
 def test_scores_from_s3_equal_scores_from_a_local_folder(s3_model, s3, texture_dataset, tmp_path):
