@@ -236,3 +236,25 @@ def test_calibration_patches_of_a_fit_follow_its_calibration_images():
     np.testing.assert_allclose(image_scores(p.grids.reshape(-1, g, g), **HOLDOUT.score_options),
                                stats.calibration_scores, rtol=1e-6)
     assert "calibration_patches" not in stats.to_dict()
+
+
+def test_calibration_banks_search_exhaustively_beyond_their_cover_radius(rng):
+    # every patch banked (ratio 1): cover radius 0, so each calibration row is searched exhaustively and an
+    # HNSW fit at ef_search 1 calibrates exactly as a flat fit, though its graph alone misses
+    config = dataclasses.replace(HOLDOUT, image_size=56, ef_search=1)
+    f = unit_rows(rng, 40 * 16, 384).reshape(40, 16, 384)
+    names = [f"i{k}" for k in range(40)]
+    plan = split_calibration(names, config=config)
+
+    def fit(index: str):
+        cfg = dataclasses.replace(config, index=index)
+        return fit_bank(feature_blocks(f, plan.fold, images_per_block=8, paths=names), config=cfg, plan=plan,
+                        n_estimate=int((plan.fold != 0).sum()) * 16)
+
+    hnsw_bank, hnsw_cal, hnsw_stats = fit("hnsw")
+    flat_bank, flat_cal, _ = fit("flat")
+    graph_only = MemoryBank.build(hnsw_bank.vectors(), kind="hnsw", ef_search=1)
+    held = f[plan.fold == 0].reshape(-1, 384)
+    assert (graph_only.nearest(held) > flat_bank.nearest(held) + 1e-6).any()          # the graph alone misses
+    assert hnsw_bank.exact_above == hnsw_stats.cover_radius < 1e-6
+    assert hnsw_cal.threshold == pytest.approx(flat_cal.threshold, abs=1e-6)
