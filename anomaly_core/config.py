@@ -112,7 +112,8 @@ class ModelConfig:
     shard_size: int = option(1 << 20, "Vectors per bank shard file.")
     # Inverted lists probed per query by "ivf"/"ivfpq"; candidate list size of "hnsw" searches.
     nprobe: int = option(NPROBE, "Inverted lists probed per query by the ivf and ivfpq indexes.")
-    # 128, not FAISS's usual 64: anomaly_core.index.EF_SEARCH says why.
+    # 32, below FAISS's usual 64, safe because rows beyond the cover radius are re-searched exhaustively:
+    # anomaly_core.index.EF_SEARCH says why.
     ef_search: int = option(EF_SEARCH, "Candidate list size of hnsw searches.")
     # Image score from patch distances: "topk_mean" (AnomalyDINO: mean of the top 1%) or "max" (PatchCore).
     reduction: str = option("topk_mean", "Image score from patch distances.", choices=REDUCTIONS)
