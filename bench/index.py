@@ -20,7 +20,7 @@ import numpy as np
 
 from anomaly_core.config import ModelConfig
 from anomaly_core.coreset import coreset_size, select_coreset
-from anomaly_core.index import MemoryBank
+from anomaly_core.index import INDEX_KINDS, MemoryBank
 from anomaly_core.metrics import auroc
 from anomaly_core.scoring import image_scores
 
@@ -49,10 +49,10 @@ def main() -> None:
           "rows searched twice | patches off exact | largest error | image AUROC | AUROC vs flat |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     banks = {}
-    for kind in ("flat", "hnsw", "ivf", "ivfpq"):
+    for kind in INDEX_KINDS:
         t = time.perf_counter()
-        banks[kind] = MemoryBank.build(core.features, kind=kind)
-        banks[kind] = (banks[kind], time.perf_counter() - t)
+        bank = MemoryBank.build(core.features, kind=kind)
+        banks[kind] = (bank, time.perf_counter() - t)
     runs = [("flat", "", None)]
     runs += [("hnsw", ef, r) for ef in a.ef_search for r in (None, bound)]
     runs += [(kind, a.nprobe, r) for kind in ("ivf", "ivfpq") for r in (None, bound)]
