@@ -11,11 +11,10 @@ Everything runs in this process. The Ray jobs (jobs/fit.py, jobs/score.py) run t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -236,7 +235,7 @@ class Model:
                              "identity (FeatureExtractor(...).backbone.identity) to fit_features to save it")
         self.manifest = save_model(uri, config=self.config, bank=self.bank, calibration=self.calibration.to_dict(),
                                    weights=self.weights, stats=self.stats.to_dict(), lineage=self.lineage,
-                                   calibration_patches=(dataclasses.asdict(self.stats.calibration_patches)
+                                   calibration_patches=(asdict(self.stats.calibration_patches)
                                                         if self.stats.calibration_patches is not None else None),
                                    overwrite=overwrite, options=options)
         return self.manifest
