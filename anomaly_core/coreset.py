@@ -129,6 +129,8 @@ def _survivors(part, projection: np.ndarray | None, rate: float, *, points_of: C
     if n == 0:
         return points, 0
     k_p = min(n, math.ceil(rate * n))
+    if k_p == n:                                  # every row survives: no selection to make
+        return points, n
     return points[greedy_kcenter(_project(points, projection), k_p, start=0)], n
 
 
@@ -193,6 +195,8 @@ def composable_coreset(parts: Sequence, *, k: int | None = None, ratio: float = 
     survivors = np.concatenate([s for s, _ in first])                          # [S, D]
     del first
     k = coreset_size(n, ratio=ratio, size=k)
+    if survivors.shape[0] == n == k:              # every row kept (ratio 1): each is its own centre
+        return Coreset(features=survivors, cover_radius=0.0, n_points=n)
     k_extra = 0 if one else min(int(refine * k), k - 1)
     proj = _project(survivors, projection)                                     # [S, d]
     if survivors.shape[0] > k - k_extra:

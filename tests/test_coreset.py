@@ -46,6 +46,15 @@ def test_full_coreset_has_zero_radius(rng):
                           refine=0.1).cover_radius == pytest.approx(0, abs=1e-5)
 
 
+def test_ratio_one_keeps_every_row_without_selecting(rng, monkeypatch):
+    # keeping all N rows needs no greedy pass (an N x N one would be hours for a full bank)
+    monkeypatch.setattr("anomaly_core.coreset.greedy_kcenter", lambda *a, **k: pytest.fail("greedy ran"))
+    f = unit_rows(rng, 500, 16)
+    core = select_coreset(f, ratio=1.0, projection_dim=8, seed=0, partition_size=100, oversample=2, refine=0.1)
+    np.testing.assert_array_equal(core.features, f)
+    assert core.cover_radius == 0.0 and core.n_points == 500
+
+
 def test_projection_preserves_distances_on_average(rng):
     x = rng.standard_normal((200, 384)).astype(np.float32)
     p = x @ random_projection(384, 128, seed=0)
