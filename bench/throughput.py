@@ -11,6 +11,10 @@ size and the index `auto` chose are printed. Three figures, same images, same ba
   2. the score step in-process (decode + features + kNN + maps + peaks + stored grids;
      jobs.scorer.Scorer),
   3. the Ray score job end to end (read files -> Parquet), excluding Ray start-up but including actor start.
+     The job runs twice, on the first quarter of the images and then on all of them (separate outputs), so
+     that its fixed cost per run (actor start-up, listing, completeness check, publish) and its marginal
+     rate, what a night of many more images approaches, are printed as well:
+     marginal = (N - N/4) / (t_N - t_N/4), fixed = t_N - N / marginal.
 --stages N: then the score step once more over the first N images under cProfile, and the share of its
 time each stage takes (cumulative time of the functions named in STAGES; the profiler's own overhead is
 in the total, so the shares are indicative). --ef-search: the fit's config value (an HNSW bank's).
@@ -79,10 +83,14 @@ def main() -> None:
         shutil.copy(f, train / f.name)
     files = sorted(p for p in (data / "test").rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     files = files[:a.images]
-    archive = work / "archive"
+    quarter = max(1, len(files) // 4)
+    archive, archive_q = work / "archive", work / "archive-quarter"
     archive.mkdir()
+    archive_q.mkdir()
     for i, f in enumerate(files):
         shutil.copy(f, archive / f"{i:05d}{f.suffix}")
+        if i < quarter:
+            shutil.copy(f, archive_q / f"{i:05d}{f.suffix}")
     cfg = ModelConfig() if a.ef_search is None else ModelConfig(ef_search=a.ef_search)
     ensure_ray(None)
     manifest = run_fit(str(train), str(work / "model"), config=cfg)
@@ -115,8 +123,10 @@ def main() -> None:
         profile.runcall(step, min(a.stages, len(files)))
         stages = (stage_seconds(profile), time.perf_counter() - t)
 
-    summary = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)
-    job_ips = summary["images_per_second"]
+    seconds_q = run_score(str(archive_q), str(work / "model"), str(work / "scores-quarter"), batch_size=bs)["seconds"]
+    seconds = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)["seconds"]
+    job_ips = len(files) / seconds
+    marginal_ips = (len(files) - quarter) / max(seconds - seconds_q, 1e-9)
 
     print(f"images={len(files)} train={a.train} image_size={cfg.image_size} tiles={cfg.tiles} blocks={cfg.blocks} "
           f"batch={bs} bank={scorer.model.bank.size} index={manifest['stats']['index']} "
@@ -124,6 +134,10 @@ def main() -> None:
     print(f"| bare backbone forward | {backbone_ips:.2f} img/s | 1.00 |")
     print(f"| score step in-process | {step_ips:.2f} img/s | {step_ips / backbone_ips:.2f} |")
     print(f"| Ray score job, files -> Parquet | {job_ips:.2f} img/s | {job_ips / backbone_ips:.2f} |")
+    print(f"| Ray score job, marginal ({quarter} -> {len(files)} images) | {marginal_ips:.2f} img/s "
+          f"| {marginal_ips / backbone_ips:.2f} |")
+    print(f"Ray job: {seconds:.1f} s for {len(files)} images, {seconds_q:.1f} s for {quarter}; fixed cost per run "
+          f"{seconds - len(files) / marginal_ips:.1f} s")
     if stages:
         seconds, total = stages
         n = min(a.stages, len(files))
