@@ -25,10 +25,17 @@ REDUCTIONS = ("topk_mean", "max", "smoothed_max")
 def patch_distances(features: np.ndarray, bank, *, foreground: np.ndarray | None = None) -> np.ndarray:
     """Descriptors [B, P, D] float32 unit rows -> [B, P] float32 cosine distance of each patch to its
     nearest bank entry (`bank.nearest`, anomaly_core.index.MemoryBank); patches outside `foreground`
-    ([B, P] bool, None: everywhere) score 0."""
+    ([B, P] bool, None: everywhere) score 0 and are not searched (the search is most of the step's cost
+    after the forward, and background is often most of an object's frame)."""
     b, p, d = features.shape
-    dist = bank.nearest(features.reshape(-1, d)).reshape(b, p)                    # [B, P]
-    return dist if foreground is None else np.where(foreground, dist, np.float32(0))
+    rows = features.reshape(-1, d)                                                  # [B*P, D]
+    if foreground is None:
+        return bank.nearest(rows).reshape(b, p)
+    keep = np.asarray(foreground, dtype=bool).reshape(-1)                           # [B*P]
+    dist = np.zeros(b * p, dtype=np.float32)
+    if keep.any():
+        dist[keep] = bank.nearest(rows[keep])
+    return dist.reshape(b, p)                                                       # [B, P]
 
 
 def image_scores(grids: np.ndarray | torch.Tensor, *, reduction: str, top_fraction: float,

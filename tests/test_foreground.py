@@ -64,3 +64,21 @@ def test_background_patches_stay_out_of_the_bank_and_score_zero(rng):
     maps = anomaly_maps(dist, out_size=cfg.input_size, sigma=cfg.map_sigma)
     # patch rows 0 and 3 are background: their outer half-patch of pixels is 0 (bilinear clamps there)
     assert (maps[0, :7] == 0).all() and (maps[0, -7:] == 0).all() and maps[0, 14:42].min() > 0
+
+
+def test_background_patches_are_not_searched(rng):
+    from anomaly_core.index import MemoryBank
+    from anomaly_core.scoring import patch_distances
+
+    class Recording(MemoryBank):
+        def nearest(self, queries):
+            self.searched = queries.copy()
+            return super().nearest(queries)
+
+    f = unit_rows(rng, 2 * 9, 8).reshape(2, 9, 8)
+    fg = rng.random((2, 9)) < 0.5
+    bank = Recording.build(unit_rows(rng, 20, 8), kind="flat", shard_size=1 << 20, seed=0, nprobe=1, ef_search=16)
+    dist = patch_distances(f, bank, foreground=fg)
+    np.testing.assert_array_equal(bank.searched, f[fg])
+    brute = 1 - (f @ bank.vectors().T).max(-1)                                     # [2, 9]
+    np.testing.assert_allclose(dist, np.where(fg, brute, 0), atol=1e-5)
