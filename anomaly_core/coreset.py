@@ -296,6 +296,8 @@ def continue_coreset(parts: Sequence, centres: np.ndarray, *, radius: float, rat
     del first
     budget = math.ceil(ratio * n_cand)
     budget = min(budget, len(cand), budget if max_added is None else max_added)
+    if radius == 0 and budget == len(cand) == n_cand:   # every new row kept (a parent of ratio 1): no selection
+        return Extension(features=cand, n_points=n, n_candidates=n_cand, cover_radius=0.0)
     picks = (greedy_kcenter(cand, budget, min_sq_dist=cand_sq, until=2.0 * radius)
              if budget else np.zeros(0, dtype=np.int64))
     added = cand[picks]

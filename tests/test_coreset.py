@@ -55,6 +55,14 @@ def test_ratio_one_keeps_every_row_without_selecting(rng, monkeypatch):
     assert core.cover_radius == 0.0 and core.n_points == 500
 
 
+def test_continuing_a_ratio_one_bank_keeps_every_new_row_without_selecting(rng, monkeypatch):
+    monkeypatch.setattr("anomaly_core.coreset.greedy_kcenter", lambda *a, **k: pytest.fail("greedy ran"))
+    centres, new = unit_rows(rng, 30, 16), unit_rows(rng, 200, 16)
+    ext = continue_coreset([new[:120], new[120:]], centres, radius=0.0, ratio=1.0, oversample=2)
+    np.testing.assert_array_equal(ext.features, new)
+    assert ext.cover_radius == 0.0 and ext.n_points == ext.n_candidates == 200
+
+
 def test_projection_preserves_distances_on_average(rng):
     x = rng.standard_normal((200, 384)).astype(np.float32)
     p = x @ random_projection(384, 128, seed=0)
