@@ -158,6 +158,9 @@ def is_file(uri: str, options: StorageOptions | None = None) -> bool:
         raise explain(e, uri) from None
 
 
+LIST_TRIES = 5     # listings of a folder whose files another process removes meanwhile, before giving up
+
+
 def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = (),
                skip_hidden: bool = True) -> list[str]:
     """Sorted URIs of the files under `uri` (recursively) whose lower-cased name ends with one of
@@ -165,10 +168,15 @@ def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tup
     `uri` starting with "." or "_" (temporary and bookkeeping files of our outputs, as pyarrow.dataset
     does); archives are listed with skip_hidden=False, since cameras name files _MG_1234.JPG."""
     fs, path = filesystem(uri, options)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise explain(e, uri) from None
+    for attempt in range(LIST_TRIES):
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            break
+        except FileNotFoundError as e:               # a file removed between the directory read and its stat
+            if attempt == LIST_TRIES - 1:            # (local folders; another writer's lease, a temp file)
+                raise explain(e, uri) from None
+        except OSError as e:
+            raise explain(e, uri) from None
     if not infos:
         check_bucket(uri, options)                   # an empty listing may hide a missing bucket
     rel = len(path) + 1

@@ -32,6 +32,28 @@ def test_bytes_round_trip(root):
     assert not storage.exists(storage.join(uri, "a/nothing"), opts)
 
 
+def test_a_file_removed_while_its_folder_is_listed_does_not_fail_the_listing(tmp_path, monkeypatch):
+    # pyarrow stats each entry after reading the folder: another writer's delete in between raises
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text("{}")
+    real = storage.filesystem
+
+    class Racing:
+        def __init__(self, fs):
+            self.fs, self.calls = fs, 0
+
+        def get_file_info(self, selector):
+            self.calls += 1
+            if self.calls == 1:
+                (tmp_path / "a.json").unlink()
+                raise FileNotFoundError(f"{tmp_path / 'a.json'}: no such file")
+            return self.fs.get_file_info(selector)
+
+    monkeypatch.setattr(storage, "filesystem", lambda uri, options=None: (Racing(real(uri, options)[0]),
+                                                                        real(uri, options)[1]))
+    assert [u.rsplit("/", 1)[-1] for u in storage.list_files(str(tmp_path))] == ["b.json"]
+
+
 def test_listing_is_recursive_sorted_filtered_and_skips_hidden_names(root):
     uri, opts = root
     for name in ("z/2.png", "a/1.PNG", "a/notes.txt", "_staging/3.png", "a/.tmp-4.png"):
