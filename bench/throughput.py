@@ -123,10 +123,10 @@ def main() -> None:
         profile.runcall(step, min(a.stages, len(files)))
         stages = (stage_seconds(profile), time.perf_counter() - t)
 
-    seconds_q = run_score(str(archive_q), str(work / "model"), str(work / "scores-quarter"), batch_size=bs)["seconds"]
-    seconds = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)["seconds"]
-    job_ips = len(files) / seconds
-    marginal_ips = (len(files) - quarter) / max(seconds - seconds_q, 1e-9)
+    job_q_s = run_score(str(archive_q), str(work / "model"), str(work / "scores-quarter"), batch_size=bs)["seconds"]
+    job_s = run_score(str(archive), str(work / "model"), str(work / "scores"), batch_size=bs)["seconds"]
+    job_ips = len(files) / job_s
+    marginal_ips = (len(files) - quarter) / max(job_s - job_q_s, 1e-9)
 
     print(f"images={len(files)} train={a.train} image_size={cfg.image_size} tiles={cfg.tiles} blocks={cfg.blocks} "
           f"batch={bs} bank={scorer.model.bank.size} index={manifest['stats']['index']} "
@@ -136,8 +136,8 @@ def main() -> None:
     print(f"| Ray score job, files -> Parquet | {job_ips:.2f} img/s | {job_ips / backbone_ips:.2f} |")
     print(f"| Ray score job, marginal ({quarter} -> {len(files)} images) | {marginal_ips:.2f} img/s "
           f"| {marginal_ips / backbone_ips:.2f} |")
-    print(f"Ray job: {seconds:.1f} s for {len(files)} images, {seconds_q:.1f} s for {quarter}; fixed cost per run "
-          f"{seconds - len(files) / marginal_ips:.1f} s")
+    print(f"Ray job: {job_s:.1f} s for {len(files)} images, {job_q_s:.1f} s for {quarter}; fixed cost per run "
+          f"{job_s - len(files) / marginal_ips:.1f} s")
     if stages:
         seconds, total = stages
         n = min(a.stages, len(files))
