@@ -237,6 +237,7 @@ def select_coreset(features: np.ndarray, *, k: int | None = None, ratio: float =
 class Extension:
     """What continuing a coreset from existing centres adds (continue_coreset)."""
     features: np.ndarray    # [a, D] float32 added rows (original space, L2-normalised), in greedy order
+                            # (in the partitions' order when every candidate is kept: no selection ran)
     n_points: int           # new rows looked at
     n_candidates: int       # of them farther than the stop radius from every existing centre
     cover_radius: float     # max over the new rows of the cosine distance to the nearest old or added centre
