@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from anomaly_core.config import ModelConfig
+from anomaly_core.config import SHARP_TOP_FRACTION, SMOOTH_TOP_FRACTION, ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, coreset_size, identity, local_map
 from anomaly_core.images import size_range
 from anomaly_core.index import AUTO_FLAT_MAX, MemoryBank, choose_index
@@ -208,6 +208,23 @@ def split_calibration(paths: Sequence[str], *, config: ModelConfig) -> SplitPlan
     return SplitPlan(fold=np.where(rank < n_hold, 0, -1).astype(np.int16), n_folds=1, crossfit=False)
 
 
+def fitted_config(config: ModelConfig, *, plan: SplitPlan, names: Sequence[str]) -> ModelConfig:
+    """The config a fit on `names` split by `plan` records: `config` with top_fraction=None resolved.
+
+    SHARP_TOP_FRACTION where the plan yields enough calibration images for a distribution-free quantile
+    at config.false_alarm_rate (anomaly_core.threshold.quantile_images), SMOOTH_TOP_FRACTION where the
+    threshold will be a tail fitted to fewer (config.py says why). Depends only on the plan, so every
+    calibration pass and the saved model use the same image score."""
+    if config.top_fraction is not None:
+        return config
+    n_calibration, needed = len(plan.folds_of(names)), quantile_images(config.false_alarm_rate)
+    fraction = SHARP_TOP_FRACTION if n_calibration >= needed else SMOOTH_TOP_FRACTION
+    log.info("image score: mean of the top %g%% of patches (%d calibration images, %s %d for a quantile threshold "
+             "at a false-alarm rate of %g)", 100 * fraction, n_calibration,
+             "at least the" if n_calibration >= needed else "fewer than the", needed, config.false_alarm_rate)
+    return replace(config, top_fraction=fraction)
+
+
 def images_per_block(config: ModelConfig) -> int:
     """Images per feature block (one coreset partition): about `coreset_partition` patches."""
     return max(1, config.coreset_partition // config.grid_size ** 2)
@@ -332,7 +349,8 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
     """Memory bank and calibration from feature blocks, which stay where they are: every pass over them
     goes through `map_fn` (default: a loop here; the fit job: Ray tasks on the object store).
 
-    plan: the SplitPlan whose folds the blocks carry. n_estimate: expected patches of the final bank
+    config: the fit's config with its top_fraction set (fitted_config). plan: the SplitPlan whose folds the
+    blocks carry. n_estimate: expected patches of the final bank
     (patch_estimate; sets the coreset's round-1 share). block_of: turns an element of `blocks` into the
     block dict (the fit job's are Arrow blocks). search_device: where the model will be scored ("cpu" or
     "cuda"), which sets the bank size up to which index="auto" stays exact (choose_index).

@@ -29,6 +29,7 @@ from anomaly_core.fit import (
     SplitPlan,
     feature_blocks,
     fit_bank,
+    fitted_config,
     images_per_block,
     mark_folds,
     split_calibration,
@@ -124,6 +125,7 @@ class Model:
         search_device: where the model will be scored (sets what index="auto" chooses; fit_bank)."""
         names = [str(i) for i in range(len(features))] if paths is None else [str(p) for p in paths]
         plan = plan or split_calibration(names, config=config)
+        config = fitted_config(config, plan=plan, names=names)
         blocks = feature_blocks(features, plan.fold, images_per_block=images_per_block(config),
                                 foreground=foreground, paths=names, copy=copy)
         n_bank_rows = len(names) if plan.crossfit else int((plan.fold != 0).sum())

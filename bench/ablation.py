@@ -96,7 +96,7 @@ def fit_and_search(cfg: ModelConfig, n_few: int | None, t: dict, held: np.ndarra
     t_fit = time.perf_counter() - start
     start = time.perf_counter()
     f_test, fg_test = describe_tokens(sel(t["test"]), config=cfg)
-    r = score_features(f_test, model.bank, config=dataclasses.replace(cfg, smoothing_sigma=0.0),
+    r = score_features(f_test, model.bank, config=dataclasses.replace(model.config, smoothing_sigma=0.0),
                        foreground=fg_test)
     return {"scores": r.scores, "maps": r.maps, "fit_s": t_fit, "search_s": time.perf_counter() - start,
             "bank": model.bank.size}

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.config import SMOOTH_TOP_FRACTION, ModelConfig  # noqa: E402
 from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.metrics import auroc  # noqa: E402
 from anomaly_core.model import score_features  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
     for combo in [(b,) for b in single] + combos:
         tr = norm(np.concatenate([norm(train[b]) for b in combo], -1))
         te = norm(np.concatenate([norm(test[b]) for b in combo], -1))
-        cfg = ModelConfig(blocks=combo, image_size=s, tiles=1)
+        cfg = ModelConfig(blocks=combo, image_size=s, tiles=1, top_fraction=SMOOTH_TOP_FRACTION)   # top-1% mean
         bank = MemoryBank.build(tr.reshape(-1, tr.shape[-1]))
         r = score_features(te, bank, config=cfg)
         sc, maps = r.scores, r.maps

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from anomaly_core.config import ModelConfig
+from anomaly_core.config import SMOOTH_TOP_FRACTION, ModelConfig
 from anomaly_core.coreset import select_coreset
 from anomaly_core.index import MemoryBank
 from anomaly_core.metrics import auroc
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--partition", type=int, default=ModelConfig().coreset_partition)
     a = ap.parse_args()
     f = np.load(a.features)
-    cfg = ModelConfig()
+    cfg = ModelConfig(top_fraction=SMOOTH_TOP_FRACTION)     # the top-1% mean of the tables in docs/benchmarks.md
     train = f["train"].reshape(-1, f["train"].shape[-1])                          # [N, D]
     test, labels = f["test"], f["labels"]                                          # [M, P, D], [M]
     grid = int(round(test.shape[1] ** 0.5))                                        # the features' patch grid

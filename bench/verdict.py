@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.align import align_images  # noqa: E402
-from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.config import SMOOTH_TOP_FRACTION, ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
 from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
@@ -47,7 +47,7 @@ from jobs.evaluate import REPORTED_RATES, load_mask  # noqa: E402
 
 # name -> image-score options (ModelConfig fields); every row shares its geometry's bank and hold-out
 REDUCTIONS = {
-    "topk_mean 1%": {"reduction": "topk_mean"},
+    "topk_mean 1%": {"reduction": "topk_mean", "top_fraction": 0.01},
     "topk_mean 0.5%": {"reduction": "topk_mean", "top_fraction": 0.005},
     "topk_mean 0.25%": {"reduction": "topk_mean", "top_fraction": 0.0025},
     "max": {"reduction": "max"},
@@ -95,15 +95,15 @@ def score_rows(root: Path, tiles: int, cache: Path | None) -> list[dict]:
     t0 = time.perf_counter()
     model = Model.fit_features(f_train, config=cfg, foreground=fg_train, paths=[str(p) for p in train_paths])
     held = np.isin([str(p) for p in train_paths], model.stats.calibration_images)           # [N] bool
-    held_grids = score_features(f_train[held], model.bank, config=cfg, foreground=fg_train[held]).distances
-    result = score_features(f_test, model.bank, config=cfg, foreground=fg_test)             # grids + maps
+    held_grids = model.score_features(f_train[held], fg_train[held], maps=False).distances
+    result = model.score_features(f_test, fg_test)                                         # grids + maps
     fit_s = time.perf_counter() - t0
     defect = labels & masks.reshape(len(masks), -1).any(axis=1)
     pixel = {"pixel_auroc": metrics.auroc(masks.ravel(), result.maps.ravel()),
              "aupro": metrics.aupro(masks[defect], result.maps[defect])}
     rows = []
     for name, opts in REDUCTIONS.items():
-        c = dataclasses.replace(cfg, **opts)
+        c = dataclasses.replace(model.config, **opts)
         s_test = image_scores(result.distances, **c.score_options)
         s_held = image_scores(held_grids, **c.score_options)
         row = {"data": root.name, "tiles": tiles, "grid": cfg.grid_size, "image_score": name,
@@ -111,7 +111,7 @@ def score_rows(root: Path, tiles: int, cache: Path | None) -> list[dict]:
                "n_calibration": int(held.sum()), "bank": model.bank.size, "fit_s": round(fit_s, 1)}
         for rate in REPORTED_RATES:
             cal = calibrate(s_held, false_alarm_rate=rate)
-            if opts == {"reduction": cfg.reduction} and rate == cfg.false_alarm_rate:     # the fit's own threshold
+            if c.score_options == model.config.score_options and rate == cfg.false_alarm_rate:   # the fit's own
                 assert abs(cal.threshold - model.calibration.threshold) < 1e-6, (cal, model.calibration)
             row[f"recall@{rate:g}"], row[f"false_alarms@{rate:g}"] = verdict(s_test, labels, cal.threshold)
             row[f"threshold@{rate:g}"] = cal.method
@@ -137,7 +137,9 @@ def few_shot_rows(root: Path, shots: list[int], seeds: list[int], cache: Path | 
             pick = np.random.default_rng(seed).permutation(len(train_paths))[:n]                # [n]
             if n == 1:              # nothing to calibrate on: rank only, against the image's own patches
                 bank = MemoryBank.build(f_train[pick[0]][fg_train[pick[0]]])
-                scores = score_features(f_test, bank, config=cfg, foreground=fg_test).scores
+                # no calibration image, so no quantile: the image score a fit without one chooses
+                one = cfg if cfg.top_fraction else dataclasses.replace(cfg, top_fraction=SMOOTH_TOP_FRACTION)
+                scores = score_features(f_test, bank, config=one, foreground=fg_test).scores
                 row = {"image_auroc": metrics.auroc(labels, scores)}
             else:
                 names = [str(train_paths[i]) for i in pick]

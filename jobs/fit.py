@@ -28,6 +28,7 @@ from anomaly_core.fit import (
     SplitPlan,
     compose,
     fit_bank,
+    fitted_config,
     images_per_block,
     mark_folds,
     patch_estimate,
@@ -230,6 +231,7 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
         id_column=id_column, label="fit: features")
     t_feat = time.time() - t0
     log.info("fit: features of %d images in %d blocks, %.1fs", len(good.names), len(good.blocks), t_feat)
+    config = fitted_config(config, plan=good.plan, names=good.names)
     bank, cal, stats = fit_bank(good.blocks, config=config, plan=good.plan,
                                 n_estimate=patch_estimate(good.n_bank_images, config=config), map_fn=ray_map,
                                 block_of=good.block_of(), search_device="cuda" if gpus else "cpu")

@@ -6,13 +6,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from anomaly_core.config import ModelConfig
+from anomaly_core.config import SHARP_TOP_FRACTION, SMOOTH_TOP_FRACTION, ModelConfig
 from anomaly_core.fit import (
     CalibrationPatches,
     FitStats,
     bank_patches,
     feature_blocks,
     fit_bank,
+    fitted_config,
     patch_estimate,
     split_calibration,
 )
@@ -20,7 +21,8 @@ from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_scores
 from tests.helpers import unit_rows
 
-HOLDOUT = ModelConfig(image_size=28, tiles=1, blocks=(5,), coreset_ratio=1.0, calibration="holdout")
+# top_fraction given: fit_bank takes a fitted config (fitted_config resolves None)
+HOLDOUT = ModelConfig(image_size=28, tiles=1, blocks=(5,), coreset_ratio=1.0, calibration="holdout", top_fraction=0.01)
 CROSSFIT = dataclasses.replace(HOLDOUT, calibration="crossfit", crossfit_folds=3)
 
 
@@ -40,6 +42,31 @@ def test_auto_cross_fits_when_the_holdout_is_too_small_for_the_rate():
     assert not split_calibration([str(i) for i in range(95)], config=auto).crossfit          # 19 held: enough
     few = split_calibration(list("abcd"), config=auto)
     assert few.crossfit and few.n_folds == 4 and sorted(few.fold) == [0, 1, 2, 3]              # leave-one-out
+
+
+def test_the_fit_averages_fewer_patches_only_where_its_threshold_is_a_quantile():
+    auto = dataclasses.replace(HOLDOUT, calibration="auto", top_fraction=None)          # 5%: a quantile needs 19
+
+    def chosen(n: int, config: ModelConfig = auto, copies: int = 1) -> float:
+        names = [str(i) for i in range(n)]
+        plan = split_calibration(names, config=config)
+        # augmented copies are rows of their own with their image's name and fold: counted once
+        plan = dataclasses.replace(plan, fold=np.tile(plan.fold, copies))
+        return fitted_config(config, plan=plan, names=names * copies).top_fraction
+
+    assert chosen(18) == chosen(18, copies=4) == SMOOTH_TOP_FRACTION          # cross-fitted on 18: a fitted tail
+    assert chosen(19) == SHARP_TOP_FRACTION                                    # cross-fitted on 19: a quantile
+    assert chosen(100) == SHARP_TOP_FRACTION                                   # 20 held out
+    assert chosen(90, dataclasses.replace(auto, calibration="holdout")) == SMOOTH_TOP_FRACTION       # 18 held out
+    assert chosen(100, dataclasses.replace(auto, false_alarm_rate=0.01)) == SHARP_TOP_FRACTION     # cross-fit, 100
+    assert chosen(98, dataclasses.replace(auto, false_alarm_rate=0.01)) == SMOOTH_TOP_FRACTION     # 1% needs 99
+    assert chosen(100, dataclasses.replace(auto, top_fraction=0.05)) == 0.05                     # given: kept
+
+
+def test_scoring_with_an_unfitted_image_score_says_what_to_set():
+    unfitted = dataclasses.replace(HOLDOUT, top_fraction=None)
+    with pytest.raises(ValueError, match="chosen by the fit"):
+        image_scores(np.zeros((1, 2, 2), dtype=np.float32), **unfitted.score_options)
 
 
 def test_a_fit_needs_two_images_to_cross_fit_and_three_to_hold_out():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from anomaly_core.artifact import content_id
-from anomaly_core.config import ModelConfig
+from anomaly_core.config import SMOOTH_TOP_FRACTION, ModelConfig
 from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model, score_features
 from anomaly_core.scoring import anomaly_maps
@@ -42,6 +42,13 @@ def test_a_few_shot_fit_cross_fits_its_threshold_and_banks_every_image(model):
     assert s.bank_size == int(np.ceil(0.5 * 8 * 16)) == model.bank.size
     assert model.calibration.n_images == 8 and model.calibration.method == "lognormal_tail"
     assert s.fit_seconds >= s.feature_seconds > 0
+
+
+def test_a_fit_records_the_image_score_it_chose(model, tmp_path):
+    assert CFG.top_fraction is None and model.config.top_fraction == SMOOTH_TOP_FRACTION     # 8 images: a tail
+    manifest = model.save(tmp_path / "m")
+    assert manifest["config"]["top_fraction"] == SMOOTH_TOP_FRACTION
+    assert Model.load(tmp_path / "m").config == model.config
 
 
 def test_a_holdout_fit_keeps_its_calibration_images_out_of_the_bank():
@@ -90,7 +97,7 @@ def test_a_model_fitted_from_features_without_weights_cannot_be_saved(rng, tmp_p
 
 
 def test_maps_are_the_patch_distances_upsampled_and_smoothed_at_the_scaled_sigma(rng):
-    cfg = ModelConfig(image_size=56, tiles=2, tile_overlap=2, blocks=(7,))     # grid 6, input 84 px
+    cfg = ModelConfig(image_size=56, tiles=2, tile_overlap=2, blocks=(7,), top_fraction=0.01)   # grid 6, input 84 px
     g, d = cfg.grid_size, 384
     bank = MemoryBank.build(unit_rows(rng, 50, d))
     feats = unit_rows(rng, 2 * g * g, d)                                        # [2 * G*G, D]

@@ -60,7 +60,8 @@ def test_the_extractor_stitches_real_backbone_tokens_and_maps_cover_the_input(rn
     from anomaly_core.features import FeatureExtractor
     from anomaly_core.index import MemoryBank
     from anomaly_core.scoring import anomaly_maps, image_scores, patch_distances
-    cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2)       # 4x4 a tile, 6x6 stitched
+    # 4x4 a tile, 6x6 stitched; top_fraction given: scored without a fit
+    cfg = ModelConfig(image_size=56, blocks=(3,), tiles=2, tile_overlap=2, top_fraction=0.01)
     px = rng.integers(0, 256, (2, cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
     ex = FeatureExtractor(config=cfg, device="cpu")
     tok = ex.tokens(px).reshape(2, 6, 6, -1)
