@@ -39,10 +39,11 @@ class Calibration:
         return asdict(self)
 
 
-def quantile_images(false_alarm_rate: float) -> int:
+def quantile_images(false_alarm_rate: float, *, at_or_above: int = 1) -> int:
     """Calibration images a distribution-free quantile at this rate needs: the smallest n with
-    ceil((n + 1)(1 - alpha)) <= n (19 for 0.05, 99 for 0.01)."""
-    return math.ceil(1 / false_alarm_rate - 1 - 1e-9)
+    ceil((n + 1)(1 - alpha)) <= n (19 for 0.05, 99 for 0.01). at_or_above: how many of the n scores must lie
+    at or above the threshold, floor((n + 1) alpha) (1: the threshold may be their maximum; 2: 39 at 0.05)."""
+    return math.ceil(at_or_above / false_alarm_rate - 1 - 1e-9)
 
 
 def rate_bound(scores: np.ndarray, threshold: float) -> tuple[float, float]:

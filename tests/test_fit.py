@@ -54,12 +54,13 @@ def test_the_fit_averages_fewer_patches_only_where_its_threshold_is_a_quantile()
         plan = dataclasses.replace(plan, fold=np.tile(plan.fold, copies))
         return fitted_config(config, plan=plan, names=names * copies).top_fraction
 
-    assert chosen(18) == chosen(18, copies=4) == SMOOTH_TOP_FRACTION          # cross-fitted on 18: a fitted tail
-    assert chosen(19) == SHARP_TOP_FRACTION                                    # cross-fitted on 19: a quantile
-    assert chosen(100) == SHARP_TOP_FRACTION                                   # 20 held out
-    assert chosen(90, dataclasses.replace(auto, calibration="holdout")) == SMOOTH_TOP_FRACTION       # 18 held out
-    assert chosen(100, dataclasses.replace(auto, false_alarm_rate=0.01)) == SHARP_TOP_FRACTION     # cross-fit, 100
-    assert chosen(98, dataclasses.replace(auto, false_alarm_rate=0.01)) == SMOOTH_TOP_FRACTION     # 1% needs 99
+    # cross-fitted on 19-38 images the 5% quantile is the largest score: one image would set the threshold
+    assert chosen(18) == chosen(38) == chosen(38, copies=4) == SMOOTH_TOP_FRACTION
+    assert chosen(39) == SHARP_TOP_FRACTION                                    # cross-fitted on 39: 2 at or above
+    assert chosen(195) == SHARP_TOP_FRACTION                                   # 39 held out
+    assert chosen(190) == SMOOTH_TOP_FRACTION                                  # 38 held out
+    one_percent = dataclasses.replace(auto, false_alarm_rate=0.01)            # cross-fits up to 494 images
+    assert chosen(199, one_percent) == SHARP_TOP_FRACTION and chosen(198, one_percent) == SMOOTH_TOP_FRACTION
     assert chosen(100, dataclasses.replace(auto, top_fraction=0.05)) == 0.05                     # given: kept
 
 

@@ -11,6 +11,18 @@ def test_quantile_needs_one_over_the_rate_minus_one_images():
     assert (quantile_images(0.05), quantile_images(0.01), quantile_images(0.1)) == (19, 99, 9)
 
 
+def test_quantile_images_is_the_least_n_whose_quantile_leaves_that_many_scores_at_or_above(rng):
+    for rate in (0.05, 0.01, 0.1, 0.2):
+        for m in (1, 2, 3):
+            n = quantile_images(rate, at_or_above=m)
+            for size, enough in ((n, True), (n - 1, False)):          # brute force: calibrate distinct scores
+                if size < 2:
+                    continue
+                s = rng.permutation(size).astype(np.float64) + 1.0
+                cal = calibrate(s, false_alarm_rate=rate)
+                assert (cal.method == "quantile" and (s >= cal.threshold).sum() >= m) == enough, (rate, m, size)
+
+
 def test_enough_images_give_the_conformal_quantile(rng):
     s = rng.lognormal(-2, 0.3, 199)
     cal = calibrate(s, false_alarm_rate=0.01)
