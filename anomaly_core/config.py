@@ -24,9 +24,10 @@ RETIRED_FIELDS = ("threshold_sigmas",)
 # topk_mean's fraction when top_fraction is None (anomaly_core.fit.fitted_config). A defect of 0.1-0.5% of the
 # image covers 1-4 of 784 patches, and averaging 8 (1%) dilutes it: the top 0.25% (2 patches at 28 x 28)
 # raised cable_gland's image AUROC 0.870 -> 0.906 at the cost of a heavier tail of normal scores. That tail
-# costs nothing beyond itself where the threshold is a quantile of enough calibration scores, but it widens
-# a log-normal tail fitted to a few (8 good images, mpdd: recall 0.95 -> 0.69), so few-image fits keep
-# AnomalyDINO's 1% (docs/ablation.md, "Verdict").
+# costs nothing beyond itself where the threshold is an inner quantile of many calibration scores, but it
+# raises a log-normal tail fitted to a few, or a threshold that is the largest of 19-38 scores (mpdd, 8 good
+# images: recall 0.95 -> 0.69), so fits with fewer calibration images keep AnomalyDINO's 1%
+# (docs/ablation.md, "Verdict").
 SHARP_TOP_FRACTION = 0.0025
 SMOOTH_TOP_FRACTION = 0.01
 
@@ -124,14 +125,15 @@ class ModelConfig:
     # 32, below FAISS's usual 64, safe because rows beyond the cover radius are re-searched exhaustively:
     # anomaly_core.index.EF_SEARCH says why.
     ef_search: int = option(EF_SEARCH, "Candidate list size of hnsw searches.")
-    # Image score from patch distances: "topk_mean" (AnomalyDINO: mean of the top 1%) or "max" (PatchCore).
+    # Image score from patch distances: "topk_mean" (AnomalyDINO: mean of the top patches, top_fraction) or
+    # "max" (PatchCore), or "smoothed_max" (score_sigma).
     reduction: str = option("topk_mean", "Image score from patch distances.", choices=REDUCTIONS)
     # Fraction of patches averaged by "topk_mean" (at least one patch is used). None: the fit chooses from
-    # how its threshold is set (anomaly_core.fit.fitted_config): SHARP_TOP_FRACTION where it is a
-    # distribution-free quantile, SMOOTH_TOP_FRACTION where a tail is fitted to few scores.
+    # how its threshold is set (anomaly_core.fit.fitted_config): SHARP_TOP_FRACTION where it is a quantile
+    # with at least two calibration scores at or above it, SMOOTH_TOP_FRACTION otherwise.
     top_fraction: float | None = option(
-        None, "Fraction of patches averaged by topk_mean (default: 0.0025 when the fit has enough calibration "
-              "images for a quantile threshold, else 0.01).")
+        None, "Fraction of patches averaged by topk_mean (default: chosen by the fit, 0.0025 when it calibrates on "
+              "enough images that 2 lie at or above its quantile threshold, 39 at a 5% rate; else 0.01).")
     # Gaussian over the patch grid before "smoothed_max" takes its maximum, in patches: 0.5 keeps about 60%
     # of a one-patch peak and averages the noise of single patches (docs/ablation.md, "Verdict").
     score_sigma: float = option(0.5, "Gaussian sigma, in patches, of the grid smoothing before smoothed_max.")

@@ -139,15 +139,19 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
     first, second = order[:len(order) // 2], order[len(order) // 2:]
     per_image = train.seconds_per_image
 
-    def fit(rows: np.ndarray) -> tuple[Model, float]:
+    def fit(rows: np.ndarray, config: ModelConfig) -> tuple[Model, float]:
         t0 = time.perf_counter()
-        m = Model.fit_features(train.features[rows], config=cfg, foreground=train.foreground[rows],
+        m = Model.fit_features(train.features[rows], config=config, foreground=train.foreground[rows],
                                paths=names[rows])
         return m, time.perf_counter() - t0
 
-    parent, parent_s = fit(first)
+    parent, parent_s = fit(first, cfg)
+    # the update keeps the parent's image score (its top_fraction, which the fit chose from its own
+    # calibration images); the refit uses it too, so that the two compare banks, not image scores
+    same_score = parent.config
     parent.manifest = {"model_id": f"bench-parent-{cut}-{cfg.seed}"}       # the id an update records as parent
     out = {"data": root.name, "image_size": cfg.image_size, "tiles": cfg.tiles, "grid": cfg.grid_size,
+           "top_fraction": parent.config.top_fraction,
            "train_images": len(names), "test_images": len(test.labels), "cut": cut, "model_seed": cfg.seed,
            "backbone_seconds_per_image": round(per_image, 3),
            "parent": {"images": len(first), "bank": parent.bank.size, "index": parent.bank.kind,
@@ -160,7 +164,7 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
         t0 = time.perf_counter()
         updated = parent.update_features(train.features[new], foreground=train.foreground[new], paths=names[new])
         update_s = time.perf_counter() - t0
-        refit, refit_s = fit(np.concatenate([first, new]))
+        refit, refit_s = fit(np.concatenate([first, new]), same_score)
         added = updated.lineage["added"]
         row = {"cut": cut, "model_seed": cfg.seed, "share": share, "new_images": len(new),
                "update": {"bank": updated.bank.size, "added": added["vectors"], "candidates": added["candidates"],
