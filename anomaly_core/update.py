@@ -25,6 +25,10 @@ patches, which an update, never reading them, cannot (a likely cause, not a meas
 parent's index is copied and extended by the picks (extend_bank): the same kind, the parent's entries
 unchanged.
 
+**Configuration.** The new model keeps its parent's config, the image score included: a parent fitted on
+too few calibration images for the top 0.25% (anomaly_core.fit.fitted_config) keeps the top 1% after any
+update, since its recorded calibration scores are in that score's units. A refit chooses again.
+
 **Calibration.** The threshold needs scores of normal images that the new bank did not see
 (anomaly_core.threshold). Two sources, both without the parent's training features:
 
