@@ -26,7 +26,7 @@ parent's index is copied and extended by the picks (extend_bank): the same kind,
 unchanged.
 
 **Configuration.** The new model keeps its parent's config, the image score included: a parent fitted on
-too few calibration images for the top 0.25% (anomaly_core.fit.fitted_config) keeps the top 1% after any
+too few calibration images for the sharper image score (anomaly_core.fit.fitted_config) keeps the top 1% after any
 update, since its recorded calibration scores are in that score's units. A refit chooses again.
 
 **Calibration.** The threshold needs scores of normal images that the new bank did not see
