@@ -99,6 +99,16 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def sink_table(blocks, schema: pa.Schema) -> pa.Table:
+    """The rows of a write task's blocks (Arrow or pandas) as one table of `schema`. Each block is cast
+    before concatenating: a block of only unreadable images has all-null heatmaps (type null). Blocks
+    without rows are dropped: Ray Data can hand a sink an empty block without any column (seen in a
+    resumed run's write task)."""
+    tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+    kept = [t.select(schema.names).cast(schema) for t in tables if t.num_rows]
+    return pa.concat_tables(kept) if kept else schema.empty_table()
+
+
 class StagedParquetSink(Datasink):
     """Ray Data sink: each write task gets at least `rows_per_file` rows (Ray bundles small blocks) and
     commits them as staged Parquet files of `rows_per_file` rows, one after the other."""
@@ -111,10 +121,7 @@ class StagedParquetSink(Datasink):
         return self.rows_per_file
 
     def write(self, blocks, ctx) -> int:
-        schema = output_schema(include_partition=True)
-        # cast before concatenating: a block of only unreadable images has all-null heatmaps (type null)
-        table = pa.concat_tables([(b if isinstance(b, pa.Table) else pa.Table.from_pandas(b))
-                                  .select(schema.names).cast(schema) for b in blocks])
+        table = sink_table(blocks, output_schema(include_partition=True))
         for s in range(0, table.num_rows, self.rows_per_file):
             part = table.slice(s, self.rows_per_file)
             storage.write_bytes(storage.join(self.staging, f"{part_name(part['uri'].to_pylist())}.parquet"),
@@ -149,10 +156,7 @@ class ShardSink(Datasink):
         return self.rows_per_write
 
     def write(self, blocks, ctx) -> int:
-        schema = output_schema(include_partition=True)
-        schema = schema.append(pa.field(SHARD_ROWS, pa.int64()))
-        table = pa.concat_tables([(b if isinstance(b, pa.Table) else pa.Table.from_pandas(b))
-                                  .select(schema.names).cast(schema) for b in blocks])
+        table = sink_table(blocks, output_schema(include_partition=True).append(pa.field(SHARD_ROWS, pa.int64())))
         shards = pa.array([shard_of(u) for u in table["uri"].to_pylist()])
         for shard in pc.unique(shards).to_pylist():
             rows = table.filter(pc.equal(shards, shard))

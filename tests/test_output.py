@@ -48,6 +48,13 @@ def test_a_block_of_only_unreadable_images_is_written_beside_normal_ones(tmp_pat
     assert committed_uris(str(tmp_path), "r1") == {"/a/1.png", "/a/2.png", "/a/bad.png"}
 
 
+def test_an_empty_block_without_columns_is_skipped(tmp_path):
+    sink = output.StagedParquetSink(str(tmp_path), "r1", rows_per_file=10)
+    assert sink.write([pa.table({}), rows(["/a/1.png"])], None) == 1
+    assert sink.write([pa.table({})], None) == 0
+    assert committed_uris(str(tmp_path), "r1") == {"/a/1.png"}
+
+
 def test_files_are_named_by_their_images_so_a_retried_write_replaces_itself(tmp_path):
     sink = output.StagedParquetSink(str(tmp_path), "r1", rows_per_file=2)
     for _ in range(2):                                      # Ray re-running a write task after a crash
