@@ -6,7 +6,7 @@
 
 Scores. For each geometry (--tiles), one model is fitted on train/good with the default config and
 calibration="holdout", so that every image score is calibrated on the same held-out images against the
-same bank: their patch grids are scored once (anomaly_core.model.score_features) and each reduction is
+same bank: their patch grids are scored once (anomaly_core.model.Model.score_features) and each reduction is
 calibrated on them with anomaly_core.threshold.calibrate at 1% and 5%. Rows give image AUROC, pixel AUROC,
 AUPRO (maps at the input size), F1-max, the verdict recall / false-alarm rate on test/ at each calibrated
 threshold, and the recall at 1% / 5% false alarms read off the ROC curve (test labels: what the scores
