@@ -395,6 +395,12 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                     "A new normal part is flagged with probability <= %.3f (90%% upper bound %.3f); add good "
                     "images to tighten it", cal.n_images, quantile_images(config.false_alarm_rate),
                     config.false_alarm_rate, cal.expected_rate, cal.expected_rate_90)
+    elif cal.threshold >= cal.normal_max:
+        log.info("the threshold is the largest of the %d calibration scores (a quantile at a false-alarm rate of "
+                 "%g needs no more than %d images, and %d make it the second largest): one unusual good image "
+                 "sets it; add good images to make it steadier", cal.n_images, config.false_alarm_rate,
+                 quantile_images(config.false_alarm_rate),
+                 quantile_images(config.false_alarm_rate, at_or_above=SHARP_SCORES_ABOVE))
     one_pass = parts[:len(blocks)]                               # every block seen once (the first fold's pass)
     n_images = sum(c.n_images for c in one_pass)
     sizes = np.concatenate([c.sizes for c in one_pass])                     # [n, 2] (width, height)

@@ -64,6 +64,18 @@ def test_the_fit_averages_fewer_patches_only_where_its_threshold_is_a_quantile()
     assert chosen(100, dataclasses.replace(auto, top_fraction=0.05)) == 0.05                     # given: kept
 
 
+def test_a_fit_says_when_its_largest_calibration_score_is_the_threshold(rng, caplog):
+    def logged(n: int) -> bool:
+        f = unit_rows(rng, n * 4, 8).reshape(n, 4, 8)
+        plan = split_calibration([str(i) for i in range(n)], config=CROSSFIT)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="anomaly_core.fit"):
+            fit_bank(feature_blocks(f, plan.fold, images_per_block=8), config=CROSSFIT, plan=plan, n_estimate=n * 4)
+        return "the largest of the" in caplog.text
+
+    assert logged(19) and not logged(39)                  # 5%: the 19th of 19 scores, the 38th of 39
+
+
 def test_scoring_with_an_unfitted_image_score_says_what_to_set():
     unfitted = dataclasses.replace(HOLDOUT, top_fraction=None)
     with pytest.raises(ValueError, match="chosen by the fit"):
