@@ -219,8 +219,8 @@ def fitted_config(config: ModelConfig, *, plan: SplitPlan, names: Sequence[str])
     config.false_alarm_rate that is not their largest score (at least 2 of them at or above it:
     anomaly_core.threshold.quantile_images, 39 images at 5%), else SMOOTH_TOP_FRACTION. The sharper score
     has the heavier normal tail; a threshold set by one extreme calibration image, or by a tail fitted to a
-    few, pays for that tail twice (mpdd, 20 good images, one draw of three: verdict recall 0.75 -> 0.44;
-    config.py, docs/ablation.md). Depends only on the plan, so every calibration pass and the saved model
+    few, pays for that tail twice (mpdd, 20 good images, one draw of three: verdict recall 0.75 with the top
+    1%, 0.44 with the top 0.25%; config.py, docs/ablation.md). Depends only on the plan, so every calibration pass and the saved model
     use the same image score."""
     if config.top_fraction is not None:
         return config
@@ -396,10 +396,9 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                     "images to tighten it", cal.n_images, quantile_images(config.false_alarm_rate),
                     config.false_alarm_rate, cal.expected_rate, cal.expected_rate_90)
     elif cal.threshold >= cal.normal_max:
-        log.info("the threshold is the largest of the %d calibration scores (a quantile at a false-alarm rate of "
-                 "%g needs no more than %d images, and %d make it the second largest): one unusual good image "
-                 "sets it; add good images to make it steadier", cal.n_images, config.false_alarm_rate,
-                 quantile_images(config.false_alarm_rate),
+        log.info("the threshold is the largest of the %d calibration scores, so one unusual good image sets it; "
+                 "at a false-alarm rate of %g, %d calibration images or more put it below their largest",
+                 cal.n_images, config.false_alarm_rate,
                  quantile_images(config.false_alarm_rate, at_or_above=SHARP_SCORES_ABOVE))
     one_pass = parts[:len(blocks)]                               # every block seen once (the first fold's pass)
     n_images = sum(c.n_images for c in one_pass)
