@@ -220,8 +220,8 @@ def fitted_config(config: ModelConfig, *, plan: SplitPlan, names: Sequence[str])
     anomaly_core.threshold.quantile_images, 39 images at 5%), else SMOOTH_TOP_FRACTION. The sharper score
     has the heavier normal tail; a threshold set by one extreme calibration image, or by a tail fitted to a
     few, pays for that tail twice (mpdd, 20 good images, one draw of three: verdict recall 0.75 with the top
-    1%, 0.44 with the top 0.25%; config.py, docs/ablation.md). Depends only on the plan, so every calibration pass and the saved model
-    use the same image score."""
+    1%, 0.44 with the top 0.25%; config.py, docs/ablation.md). Depends only on the plan, so every
+    calibration pass and the saved model use the same image score."""
     if config.top_fraction is not None:
         return config
     n_calibration = len(plan.folds_of(names))
