@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.scoring import decode_grid, image_scores  # noqa: E402
 from anomaly_core.threshold import calibrate  # noqa: E402
-
-REPORTED_RATES = (0.01, 0.05)
+from jobs.evaluate import REPORTED_RATES  # noqa: E402
 
 
 def load(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ def test_auto_cross_fits_when_the_holdout_is_too_small_for_the_rate():
 
 
 def test_the_fit_averages_fewer_patches_only_where_its_threshold_is_a_quantile():
-    auto = dataclasses.replace(HOLDOUT, calibration="auto", top_fraction=None)          # 5%: a quantile needs 19
+    auto = dataclasses.replace(HOLDOUT, calibration="auto", top_fraction=None)   # 5%: the sharper score needs 39
 
     def chosen(n: int, config: ModelConfig = auto, copies: int = 1) -> float:
         names = [str(i) for i in range(n)]
