@@ -1,12 +1,14 @@
 """Score throughput against the bare backbone, measured in one run on this machine.
 
     python bench/throughput.py [--data DIR] [--images 96] [--train 20] [--batch-size 16] [--ef-search N]
-                               [--stages N]
+                               [--rounds 2] [--stages N]
 
 The model is fitted (the fit job, defaults) on `--train` good images: DIR/train/good, the first N in
 name order, or generated brick parts without DIR. A real fit of 200 images gives a bank of about 12.5k
 vectors at the defaults, and the search cost grows with it, so the figures depend on --train; the bank
-size and the index `auto` chose are printed. Three figures, same images, same batch size:
+size and the index `auto` chose are printed. Three figures, same images, same batch size (1 and 2 are timed
+--rounds times, alternately, and each is its fastest round: a shared machine's slow spells then land on
+neither figure alone):
   1. bare backbone forward (already decoded, resized uint8 arrays; the limit),
   2. the score step in-process (decode + features + kNN + maps + peaks + stored grids;
      jobs.scorer.Scorer),
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=20, help="good images the bank is fitted on")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--ef-search", type=int, default=None, help="the fit's ef_search (default: the config's)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate timed rounds of figures 1 and 2")
     ap.add_argument("--stages", type=int, default=0, help="images of the profiled pass (0: none)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -101,21 +104,26 @@ def main() -> None:
     scorer = Scorer(model_path=str(work / "model"), device="cpu")
     tokens = scorer.model.backbone().tokens                  # the bare backbone forward, over every tile
     bs = a.batch_size
-    tokens(batch["pixels"][:bs])                                              # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(files), bs):
-        tokens(batch["pixels"][i:i + bs])
-    backbone_ips = len(files) / (time.perf_counter() - t)
-
     raw = {"path": np.array([str(f) for f in files], dtype=object),
            "bytes": np.array([f.read_bytes() for f in files], dtype=object)}
+
+    def forward(n: int) -> None:
+        for i in range(0, n, bs):
+            tokens(batch["pixels"][i:min(i + bs, n)])
 
     def step(n: int) -> None:
         for i in range(0, n, bs):
             scorer(decode_batch({k: v[i:min(i + bs, n)] for k, v in raw.items()}, input_size=cfg.input_size))
-    t = time.perf_counter()
-    step(len(files))
-    step_ips = len(files) / (time.perf_counter() - t)
+
+    forward(bs)                                                                       # warm-up
+    step(bs)
+    backbone_s, step_s = [], []
+    for _ in range(a.rounds):
+        for fn, seconds in ((forward, backbone_s), (step, step_s)):
+            t = time.perf_counter()
+            fn(len(files))
+            seconds.append(time.perf_counter() - t)
+    backbone_ips, step_ips = len(files) / min(backbone_s), len(files) / min(step_s)
     stages = None
     if a.stages:
         profile = cProfile.Profile()
@@ -130,7 +138,7 @@ def main() -> None:
 
     print(f"images={len(files)} train={a.train} image_size={cfg.image_size} tiles={cfg.tiles} blocks={cfg.blocks} "
           f"batch={bs} bank={scorer.model.bank.size} index={manifest['stats']['index']} "
-          f"search={scorer.model.bank.search_path}")
+          f"search={scorer.model.bank.search_path} rounds={a.rounds}")
     print(f"| bare backbone forward | {backbone_ips:.2f} img/s | 1.00 |")
     print(f"| score step in-process | {step_ips:.2f} img/s | {step_ips / backbone_ips:.2f} |")
     print(f"| Ray score job, files -> Parquet | {job_ips:.2f} img/s | {job_ips / backbone_ips:.2f} |")

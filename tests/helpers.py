@@ -26,6 +26,11 @@ def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def as_stored(rows: np.ndarray, kind: str) -> np.ndarray:
+    """[n, d] float32 rows as a bank of index `kind` stores them: an hnsw bank keeps float16 vectors."""
+    return rows.astype(np.float16).astype(np.float32) if kind == "hnsw" else rows
+
+
 def png_bytes(arr: np.ndarray) -> bytes:
     """[H, W(, 3)] uint8 image -> its PNG file's bytes."""
     import io

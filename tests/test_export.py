@@ -28,7 +28,7 @@ from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model
 from anomaly_core.tiling import cut_tiles, stitch_tiles
 from jobs.cli import main
-from tests.helpers import unit_rows
+from tests.helpers import as_stored, unit_rows
 from tests.test_model import parts
 
 # 2 x 2 tiles of 56 px overlapping by 2 patches (a 6 x 6 grid at 84 px), with every descriptor step the
@@ -92,9 +92,9 @@ def test_the_banks_vectors_are_recovered_and_searched_exactly(rng, kind):
     bank = MemoryBank.build(vectors, kind=kind, shard_size=150)
     got = bank_vectors(bank)
     assert got.shape == vectors.shape
-    np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(vectors, axis=0))
+    np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(as_stored(vectors, kind), axis=0))
     queries = unit_rows(rng, 50, 16)
-    exact = MemoryBank.build(vectors, kind="flat").nearest(queries)
+    exact = MemoryBank.build(as_stored(vectors, kind), kind="flat").nearest(queries)
     np.testing.assert_allclose(nearest_distance(torch.from_numpy(queries), torch.from_numpy(got)).numpy(), exact,
                                atol=1e-6)
 

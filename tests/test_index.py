@@ -13,7 +13,7 @@ from anomaly_core.index import (
     faiss_search,
     set_search_threads,
 )
-from tests.helpers import unit_rows
+from tests.helpers import as_stored, unit_rows
 
 
 def test_nearest_is_brute_force_cosine_distance(rng):
@@ -52,8 +52,10 @@ def test_approximate_kinds_find_near_neighbours(kind, rng):
     got = MemoryBank.build(bank, kind=kind, nprobe=16).nearest(q)
     if kind == "ivfpq":                                              # quantised vectors: error both ways
         assert np.abs(got - exact).mean() < 0.15
-    else:                                                            # exact vectors, maybe missed: never closer
-        assert (got >= exact - 1e-5).all() and np.median(got - exact) < 0.02
+    else:                                          # stored vectors, maybe missed: never closer than their rounding
+        # hnsw stores float16: |<q, v - fp16(v)>| <= |v - fp16(v)| <= 2^-11 for unit rows (Cauchy-Schwarz)
+        rounding = 2.0 ** -11 if kind == "hnsw" else 1e-5
+        assert (got >= exact - rounding).all() and np.median(got - exact) < 0.02
 
 
 def test_unknown_kind_lists_choices(rng):
@@ -164,7 +166,7 @@ def test_approximate_bank_placed_on_a_device_is_searched_exactly(kind, rng):
         "cpu", engine="torch", dtype=torch.float32)
     assert placed.search_path == "torch cpu float32 flat"
     got_d, got_i = placed.search(q)
-    sims = q @ bank.T                                                    # brute force [200, 3000]
+    sims = q @ as_stored(bank, kind).T                                   # brute force [200, 3000]
     np.testing.assert_array_equal(got_i, sims.argmax(1))
     np.testing.assert_allclose(got_d, 1 - sims.max(1), atol=1e-5)
 
@@ -184,7 +186,7 @@ def test_rows_beyond_exact_above_are_searched_exactly_and_the_others_left_as_fou
     bound = float(np.median(own_d))
     got_d, got_i = MemoryBank.build(bank, kind=kind, shard_size=1000, ef_search=1, nprobe=1,
                                     exact_above=bound).search(q)
-    sims = q @ bank.T                                                    # brute force [400, 3000]
+    sims = q @ as_stored(bank, kind).T                                   # brute force [400, 3000]
     far = own_d > bound
     assert (own_i[far] != sims[far].argmax(1)).any()                     # the index alone missed some of them
     np.testing.assert_array_equal(got_i[far], sims[far].argmax(1))
@@ -199,7 +201,8 @@ def test_exact_above_must_be_a_cosine_distance(bound, rng):
         MemoryBank.build(unit_rows(rng, 50, 8), kind="hnsw", exact_above=bound)
 
 
-@pytest.mark.parametrize("kind, path", [("hnsw", "faiss cpu hnsw, exhaustive above 0.2500"),
+@pytest.mark.parametrize("kind, path", [("hnsw", "faiss cpu hnsw float16, exhaustive above 0.2500"),
+                                        ("ivf", "faiss cpu ivf, exhaustive above 0.2500"),
                                         ("flat", "faiss cpu flat")])
 def test_search_path_names_the_exhaustive_bound_of_an_approximate_bank(kind, path, rng):
     assert MemoryBank.build(unit_rows(rng, 400, 16), kind=kind, exact_above=0.25).search_path == path
@@ -234,3 +237,15 @@ def test_cuda_placement_equals_faiss_flat(rng):
     placed = MemoryBank.build(bank).place("cuda")
     assert "cuda" in placed.search_path
     np.testing.assert_allclose(placed.nearest(q), want, atol=2e-3)
+
+
+def test_a_float32_hnsw_bank_fitted_before_float16_storage_still_searches_exactly_beyond_the_bound(rng):
+    bank, q = unit_rows(rng, 2000, 32), unit_rows(rng, 300, 32)
+    shard = faiss.IndexHNSWFlat(32, 32, faiss.METRIC_INNER_PRODUCT)                # what "hnsw" built before
+    shard.add(bank)
+    old = MemoryBank([faiss.deserialize_index(faiss.serialize_index(shard))], ef_search=1, exact_above=0.0)
+    assert (old.kind, old.search_path) == ("hnsw", "faiss cpu hnsw, exhaustive above 0.0000")
+    got_d, got_i = old.search(q)
+    sims = q @ bank.T                                                    # brute force [300, 2000], float32
+    np.testing.assert_array_equal(got_i, sims.argmax(1))
+    np.testing.assert_allclose(got_d, 1 - sims.max(1), atol=1e-5)
