@@ -1,7 +1,7 @@
 """Scoring speed against bank size: the same images scored against banks of 10k, 100k and 1M vectors.
 
     python bench/banksize.py --data DIR [--sizes 10000 100000 1000000] [--index flat hnsw] [--images 8]
-                             [--device cpu|cuda]
+                             [--device cpu|cuda] [--exact-above R]
 
 The banks are real patch features (defaults: 392 px, 28 x 28 patches, blocks 5 + 7, 768-d) of the good
 training images of DIR (MVTec layout; default: generated brick parts), repeated with Gaussian noise
@@ -15,6 +15,9 @@ DIR. For each size and index kind, in one process, with the bank placed where th
 Each row times its own forward right before the other two, so that the three share the machine's load.
 Reported as images/s and as ratios to the bare forward: the search's cost (search time / forward time)
 and the score step's share of the forward's speed (forward time / step time).
+--exact-above R: the bound a fitted model gives its bank (its cover radius; 0.1467 for the 200-image fit
+of bench/throughput.py at the defaults): an approximate bank's rows beyond it are searched again over
+every stored vector, as a scorer does (MemoryBank exact_above). Default: none, the index's search alone.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="query images scored per measurement")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--exact-above", type=float, default=None, help="cosine distance beyond which an approximate "
+                    "bank's rows are searched exhaustively (a model's cover radius; default: never)")
     a = ap.parse_args()
     cfg = ModelConfig(top_fraction=SMOOTH_TOP_FRACTION)   # the image score is not what is timed
     threads = os.cpu_count() or 1
@@ -119,7 +124,7 @@ def main() -> None:
     for size, kind in itertools.product(a.sizes, a.index):
         vectors = repeat_with_noise(base, size, seed=size)
         t = time.perf_counter()
-        bank = MemoryBank.build(vectors, kind=kind, seed=0).place(device)
+        bank = MemoryBank.build(vectors, kind=kind, seed=0, exact_above=a.exact_above).place(device)
         build = time.perf_counter() - t
         # the three timings of a row back to back, so that they share the machine's load
         t_fwd = seconds(partial(ex.tokens, px), repeat=a.repeat) / n
