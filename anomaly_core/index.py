@@ -70,9 +70,10 @@ def _build_shard(f: np.ndarray, *, kind: str, seed: int) -> faiss.Index:
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
         # float16 storage: the graph walk is bound by reading vectors, and half the bytes made it 1.7x
-        # faster on the 12.5k bank of bench/throughput.py (22.9 -> 13.2 ms per 784-patch image at ef 32) with
-        # the same answers; rounding moves a cosine distance by about 1e-5 (docs/benchmarks.md, "Approximate
-        # indexes"). Banks fitted before keep float32 (IndexHNSWFlat) and are searched as they are.
+        # faster on the 12.5k bank of bench/throughput.py (22.9 -> 13.2 ms per 784-patch image at ef 32)
+        # with the same answers; rounding moves a cosine distance by about 1e-5 in 768-d, at most 2^-11
+        # for unit rows (docs/benchmarks.md, "Approximate indexes"). Banks fitted before keep float32
+        # (IndexHNSWFlat) and are searched as they are.
         index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, 32, ip)
         index.hnsw.efConstruction = 80
         index.train(f)                                            # float16 needs no statistics; sets is_trained
@@ -123,8 +124,8 @@ def reconstruct(index: faiss.Index) -> np.ndarray:
 
 
 def flat_vectors(index: faiss.Index) -> np.ndarray | None:
-    """[n, D] float32 vectors of a shard that stores them whole (flat, HNSW at float16, IVF), in id order; None for
-    IVF-PQ, whose codes are not the vectors it was built from."""
+    """[n, D] float32 vectors of a shard that stores them whole (flat, HNSW at float16, IVF), in id order;
+    None for IVF-PQ, whose codes are not the vectors it was built from."""
     return reconstruct(index) if isinstance(index, WHOLE_VECTOR_KINDS) else None
 
 
@@ -240,11 +241,13 @@ class MemoryBank:
     """Sharded index; distance = 1 - cosine similarity, in [0, 2].
 
     exact_above: cosine distance above which FAISS's answer on the CPU is checked exhaustively (None: never).
-    An approximate index (HNSW, IVF) only ever misses, so its distance is never below the exact one; a query
-    whose distance exceeds the bound is searched again over every stored entry (shard_search). With the
-    fit's cover radius as the bound (every training patch lies within it of the bank) a normal patch is
-    rarely above it, so few rows are searched twice, and every distance above the bound, the ones that make
-    a verdict anomalous, is exact; a miss can only leave a distance at or below the bound.
+    An approximate index (HNSW, IVF) only ever misses, so its distance is never below the exact one over the
+    vectors it stores (HNSW: float16, see _build_shard); a query whose distance exceeds the bound is
+    searched again over every stored entry (shard_search). With the fit's cover radius as the bound (every
+    training patch lies within it of the bank) a normal patch is rarely above it, so few rows are searched
+    twice, and every distance above the bound, the ones that make a verdict anomalous, is exact; a miss can
+    only leave a distance at or below the bound. The re-search is linear in the bank (docs/benchmarks.md,
+    "Bank size").
     """
 
     def __init__(self, shards: list[faiss.Index], *, nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
