@@ -31,6 +31,17 @@ def as_stored(rows: np.ndarray, kind: str) -> np.ndarray:
     return rows.astype(np.float16).astype(np.float32) if kind == "hnsw" else rows
 
 
+# Largest change float16 storage makes to a cosine distance between unit rows:
+# |<q, v - fp16(v)>| <= |v - fp16(v)| <= 2^-11 (Cauchy-Schwarz; float16 keeps 11 significant bits).
+FLOAT16_ROUNDING = 2.0 ** -11
+
+
+def stored_rounding(kind: str) -> float:
+    """How far a distance over a `kind` bank's stored vectors may lie from the float32 one (float32 noise
+    for kinds that keep float32)."""
+    return FLOAT16_ROUNDING if kind == "hnsw" else 1e-5
+
+
 def png_bytes(arr: np.ndarray) -> bytes:
     """[H, W(, 3)] uint8 image -> its PNG file's bytes."""
     import io

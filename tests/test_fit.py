@@ -19,7 +19,7 @@ from anomaly_core.fit import (
 )
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_scores
-from tests.helpers import unit_rows
+from tests.helpers import FLOAT16_ROUNDING, unit_rows
 
 # top_fraction given: fit_bank takes a fitted config (fitted_config resolves None)
 HOLDOUT = ModelConfig(image_size=28, tiles=1, blocks=(5,), coreset_ratio=1.0, calibration="holdout", top_fraction=0.01)
@@ -280,7 +280,7 @@ def test_calibration_patches_of_a_fit_follow_its_calibration_images():
 
 def test_calibration_banks_search_exhaustively_beyond_their_cover_radius(rng):
     # every patch banked (ratio 1): cover radius 0 (up to the float16 rounding of an HNSW bank's vectors,
-    # at most 2^-11 for unit rows), so each calibration row is searched exhaustively and an HNSW fit at
+    # FLOAT16_ROUNDING), so each calibration row is searched exhaustively and an HNSW fit at
     # ef_search 1 calibrates as a flat fit, up to that rounding, though its graph alone misses
     config = dataclasses.replace(HOLDOUT, image_size=56, ef_search=1)
     f = unit_rows(rng, 40 * 16, 384).reshape(40, 16, 384)
@@ -297,5 +297,5 @@ def test_calibration_banks_search_exhaustively_beyond_their_cover_radius(rng):
     graph_only = MemoryBank.build(hnsw_bank.vectors(), kind="hnsw", ef_search=1)
     held = f[plan.fold == 0].reshape(-1, 384)
     assert (graph_only.nearest(held) > flat_bank.nearest(held) + 1e-6).any()          # the graph alone misses
-    assert hnsw_bank.exact_above == hnsw_stats.cover_radius < 2.0 ** -11
-    assert hnsw_cal.threshold == pytest.approx(flat_cal.threshold, abs=2.0 ** -11)
+    assert hnsw_bank.exact_above == hnsw_stats.cover_radius < FLOAT16_ROUNDING
+    assert hnsw_cal.threshold == pytest.approx(flat_cal.threshold, abs=FLOAT16_ROUNDING)

@@ -13,7 +13,7 @@ from anomaly_core.index import (
     faiss_search,
     set_search_threads,
 )
-from tests.helpers import as_stored, unit_rows
+from tests.helpers import as_stored, stored_rounding, unit_rows
 
 
 def test_nearest_is_brute_force_cosine_distance(rng):
@@ -53,9 +53,7 @@ def test_approximate_kinds_find_near_neighbours(kind, rng):
     if kind == "ivfpq":                                              # quantised vectors: error both ways
         assert np.abs(got - exact).mean() < 0.15
     else:                                          # stored vectors, maybe missed: never closer than their rounding
-        # hnsw stores float16: |<q, v - fp16(v)>| <= |v - fp16(v)| <= 2^-11 for unit rows (Cauchy-Schwarz)
-        rounding = 2.0 ** -11 if kind == "hnsw" else 1e-5
-        assert (got >= exact - rounding).all() and np.median(got - exact) < 0.02
+        assert (got >= exact - stored_rounding(kind)).all() and np.median(got - exact) < 0.02
 
 
 def test_unknown_kind_lists_choices(rng):

@@ -14,7 +14,7 @@ from anomaly_core.features import FeatureExtractor
 from anomaly_core.index import MemoryBank
 from anomaly_core.model import Model, score_features
 from anomaly_core.update import extend_bank, merge_sizes
-from tests.helpers import TEST_CONFIG_KW, as_stored, png_bytes, unit_rows
+from tests.helpers import TEST_CONFIG_KW, as_stored, png_bytes, stored_rounding, unit_rows
 
 CFG = ModelConfig(image_size=56, tiles=1, blocks=(5,), coreset_ratio=0.5)
 WEIGHTS = {"source": "test", "state_sha256": "0" * 64}          # fitted from features: an identity to save
@@ -179,7 +179,7 @@ def test_extending_a_bank_keeps_its_kind_and_its_entries(rng, kind):
     if kind != "ivfpq":                                  # product quantisation stores codes, not the vectors
         d, ix = grown.search(added)
         np.testing.assert_array_equal(ix, np.arange(300, 320))
-        np.testing.assert_allclose(d, 0, atol=2.0 ** -11)              # hnsw: float16 rounding
+        np.testing.assert_allclose(d, 0, atol=stored_rounding(kind))
         np.testing.assert_array_equal(grown.vectors(), as_stored(np.concatenate([old, added]), kind))
 
 
