@@ -29,7 +29,7 @@ from anomaly_core import metrics  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import describe_tokens  # noqa: E402
 from anomaly_core.model import Model  # noqa: E402
-from bench.features import extract, list_images  # noqa: E402
+from bench.features import cache_name, extract, list_images  # noqa: E402
 from bench.verdict import verdict  # noqa: E402
 from jobs.evaluate import REPORTED_RATES, load_mask  # noqa: E402
 
@@ -37,7 +37,8 @@ from jobs.evaluate import REPORTED_RATES, load_mask  # noqa: E402
 def block_tokens(paths: list[Path], blocks: list[int], cfg: ModelConfig, tag: str,
                  cache: Path | None) -> dict[int, np.ndarray]:
     """{block: [N, G*G, D] float32 unit rows} of the images, one backbone pass for the blocks not cached."""
-    files = {b: cache / f"{tag}_t{cfg.tiles}_s{cfg.image_size}_b{b}.npy" if cache else None for b in blocks}
+    files = {b: cache / f"{tag}_{cache_name(dataclasses.replace(cfg, blocks=(b,)))}.npy" if cache else None
+             for b in blocks}
     out = {b: np.load(f).astype(np.float32) for b, f in files.items() if f is not None and f.exists()}
     todo = [b for b in blocks if b not in out]
     if todo:

@@ -27,6 +27,11 @@ def read_pixels(paths: list[Path], size: int) -> np.ndarray:
     return np.stack([resize_square(decode_image(p.read_bytes()), size) for p in paths])
 
 
+def cache_name(cfg: ModelConfig) -> str:
+    """What a cached feature file depends on, for its name: input size, tiles and blocks (e.g. s224_t2_b5+7)."""
+    return f"s{cfg.image_size}_t{cfg.tiles}_b{'+'.join(map(str, cfg.blocks))}"
+
+
 def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarray:
     """[N, P, D] float32 L2-normalised patch tokens of the images, with the config's backbone and tiles."""
     ex = FeatureExtractor(config=cfg)

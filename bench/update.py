@@ -44,7 +44,7 @@ from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor  # noqa: E402
 from anomaly_core.model import Model  # noqa: E402
 from anomaly_core.scoring import image_maps  # noqa: E402
-from bench.features import list_images, read_pixels  # noqa: E402
+from bench.features import cache_name, list_images, read_pixels  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def features(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> Split:
     """train/good or test/ of the set, described with `cfg`'s backbone (or read from the cache)."""
     paths = list_images(root / "train" / "good") if split == "train" else list_images(root / "test")
-    f = cache / f"update_{root.name}_{cfg.image_size}_t{cfg.tiles}_{split}.npz" if cache else None
+    f = cache / f"update_{root.name}_{cache_name(cfg)}_{split}.npz" if cache else None
     if f is not None and f.exists():
         z = np.load(f)
         if len(z["features"]) != len(paths):

@@ -42,7 +42,7 @@ from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import image_scores  # noqa: E402
 from anomaly_core.threshold import calibrate  # noqa: E402
-from bench.features import list_images, read_pixels  # noqa: E402
+from bench.features import cache_name, list_images, read_pixels  # noqa: E402
 from jobs.evaluate import REPORTED_RATES, load_mask  # noqa: E402
 
 # name -> image-score options (ModelConfig fields); every row shares its geometry's bank and hold-out
@@ -61,7 +61,7 @@ def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tupl
     canonical pose first when cfg.align)."""
     paths = list_images(root / "train" / "good") if split == "train" else list_images(root / "test")
     suffix = "_aligned" if cfg.align else ""
-    f = cache / f"{root.name}_t{cfg.tiles}_{split}{suffix}.npy" if cache else None
+    f = cache / f"{root.name}_{cache_name(cfg)}_{split}{suffix}.npy" if cache else None
     if f is not None and f.exists():
         tok = np.load(f).astype(np.float32)
     else:
