@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--augment", default="", help="few-shot bank augmentation, e.g. rotations or turns8 (the fits "
                                                   "then run the backbone on the copies)")
     ap.add_argument("--align", action="store_true", help="few-shot fits and test images turned to a canonical pose")
+    ap.add_argument("--blocks", default="", help="few-shot feature blocks, e.g. 2,4 (default: the config's)")
     ap.add_argument("--cache", type=Path, help="folder for the backbone tokens of each set")
     ap.add_argument("--json", type=Path, help="also write every row, unrounded, to this file")
     a = ap.parse_args()
@@ -183,6 +184,8 @@ def main() -> None:
         options = {k: v for k, v in (("reduction", a.reduction), ("top_fraction", a.top_fraction),
                                      ("false_alarm_rate", a.false_alarm_rate), ("augment", a.augment),
                                      ("align", a.align)) if v}
+        if a.blocks:
+            options["blocks"] = tuple(int(b) for b in a.blocks.split(","))
         print("| data set | good images | draws | image AUROC | verdict recall | false-alarm rate | rate bound |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for root in a.datasets:
