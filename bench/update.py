@@ -5,7 +5,11 @@
 train/good is cut in two by a seeded permutation (--cuts: one cut each): the parent model is fitted on
 the first half; then for each share of the second half (--shares) the parent is updated with it
 (Model.update_features) and, beside it, a model is refitted on the first half plus that share
-(Model.fit_features). All are scored on test/ (image AUROC, threshold, share of the good and of the
+(Model.fit_features), and a second refit on the same union that holds out exactly the images the update
+calibrates on (the parent's hold-out and the new images' held-out part), so that its bank is fitted on the
+images the update's bank holds: update minus that refit is the cost of continuing the coreset rather than
+re-selecting it, while update minus the first refit also carries which images the two hold-outs, drawn
+independently, leave out of the bank. All are scored on test/ (image AUROC, threshold, share of the good and of the
 defective test images flagged; with --pixel also pixel AUROC over the test images that have ground truth
 and AUPRO over the defective ones, as jobs/evaluate.py computes them). --model-seeds repeats each cut
 with other model seeds (ModelConfig.seed: the hold-out split, the coreset's projection and start): the
@@ -42,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
 from anomaly_core.features import FeatureExtractor  # noqa: E402
+from anomaly_core.fit import SplitPlan, split_calibration  # noqa: E402
 from anomaly_core.model import Model  # noqa: E402
 from anomaly_core.scoring import image_maps  # noqa: E402
+from anomaly_core.update import update_split  # noqa: E402
 from bench.features import cache_name, list_images, read_pixels  # noqa: E402
 
 
@@ -139,10 +145,10 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
     first, second = order[:len(order) // 2], order[len(order) // 2:]
     per_image = train.seconds_per_image
 
-    def fit(rows: np.ndarray, config: ModelConfig) -> tuple[Model, float]:
+    def fit(rows: np.ndarray, config: ModelConfig, plan: SplitPlan | None = None) -> tuple[Model, float]:
         t0 = time.perf_counter()
         m = Model.fit_features(train.features[rows], config=config, foreground=train.foreground[rows],
-                               paths=names[rows])
+                               paths=names[rows], plan=plan)
         return m, time.perf_counter() - t0
 
     parent, parent_s = fit(first, cfg)
@@ -165,6 +171,9 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
         updated = parent.update_features(train.features[new], foreground=train.foreground[new], paths=names[new])
         update_s = time.perf_counter() - t0
         refit, refit_s = fit(np.concatenate([first, new]), same_score)
+        same = same_images(split_calibration(list(names[first]), config=cfg),
+                           update_split(list(names[new]), config=same_score))
+        same_refit = fit(np.concatenate([first, new]), same_score, plan=same)[0] if same is not None else None
         added = updated.lineage["added"]
         row = {"cut": cut, "model_seed": cfg.seed, "share": share, "new_images": len(new),
                "update": {"bank": updated.bank.size, "added": added["vectors"], "candidates": added["candidates"],
@@ -178,11 +187,26 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
                          "selection_seconds": round(refit_s, 2),
                          "seconds": round(refit_s + per_image * (len(first) + len(new)), 1),
                          **quality(refit, test)},
+               "refit_same_images": ({"bank": same_refit.bank.size, **quality(same_refit, test)}
+                                     if same_refit is not None else None),
                "added_at_fit_density": int(np.ceil(cfg.coreset_ratio * added["patches"]))}
         row["auroc_update_minus_refit"] = round(row["update"]["auroc"] - row["refit"]["auroc"], 4)
+        if same_refit is not None:
+            row["auroc_update_minus_refit_same_images"] = round(
+                row["update"]["auroc"] - row["refit_same_images"]["auroc"], 4)
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
     return out
+
+
+def same_images(parent: SplitPlan, new: SplitPlan | None) -> SplitPlan | None:
+    """The hold-out plan of a refit on the parent's images followed by the new ones that banks exactly the
+    images the update's bank holds and holds out exactly those it calibrates on (the parent's hold-out and
+    the new images' held-out part); None when either side is cross-fitted or the new images are all banked
+    (there is no single hold-out to copy)."""
+    if parent.crossfit or new is None or new.crossfit:
+        return None
+    return SplitPlan(fold=np.concatenate([parent.fold, new.fold]).astype(np.int16), n_folds=1, crossfit=False)
 
 
 def spread(values: list[float]) -> dict:
@@ -209,6 +233,9 @@ def summarise(rows: list[dict]) -> dict:
         cuts, seeds = sorted({r["cut"] for r in rs}), sorted({r["model_seed"] for r in rs})
         out[str(share)] = {
             "update_minus_refit": spread([r["auroc_update_minus_refit"] for r in rs]),
+            "update_minus_refit_same_images": spread(same) if (same := [
+                r["auroc_update_minus_refit_same_images"] for r in rs
+                if "auroc_update_minus_refit_same_images" in r]) else None,
             "update": spread([r["update"]["auroc"] for r in rs]), "refit": spread([r["refit"]["auroc"] for r in rs]),
             "refit_sd_within_cut": pooled_sd(rs, "refit"), "update_sd_within_cut": pooled_sd(rs, "update"),
             "refit_range_across_cuts": {s: spread([r["refit"]["auroc"] for r in rs if r["model_seed"] == s])
@@ -217,6 +244,9 @@ def summarise(rows: list[dict]) -> dict:
             if metric in rs[0]["refit"]:
                 out[str(share)][f"{metric}_update_minus_refit"] = spread(
                     [r["update"][metric] - r["refit"][metric] for r in rs])
+                if same:
+                    out[str(share)][f"{metric}_update_minus_refit_same_images"] = spread(
+                        [r["update"][metric] - r["refit_same_images"][metric] for r in rs if r["refit_same_images"]])
     return out
 
 
