@@ -5,18 +5,18 @@
 train/good is cut in two by a seeded permutation (--cuts: one cut each): the parent model is fitted on
 the first half; then for each share of the second half (--shares) the parent is updated with it
 (Model.update_features) and, beside it, a model is refitted on the first half plus that share
-(Model.fit_features), and a second refit on the same union that holds out exactly the images the update
-calibrates on (the parent's hold-out and the new images' held-out part), so that its bank is fitted on the
-images the update's bank holds: update minus that refit is the cost of continuing the coreset rather than
-re-selecting it, while update minus the first refit also carries which images the two hold-outs, drawn
-independently, leave out of the bank. All are scored on test/ (image AUROC, threshold, share of the good and of the
-defective test images flagged; with --pixel also pixel AUROC over the test images that have ground truth
-and AUPRO over the defective ones, as jobs/evaluate.py computes them). --model-seeds repeats each cut
-with other model seeds (ModelConfig.seed: the hold-out split, the coreset's projection and start): the
-spread of the refits over them is the noise floor a difference between update and refit is judged
-against. Each row is one run on one machine, so its ratios compare like with like. The summary gives
-update minus refit per row, its mean and spread, and the refits' own spread within a cut (over model
-seeds) and across cuts.
+(Model.fit_features), and a second refit on the same union that holds out exactly the images the
+update calibrates on (the parent's hold-out and the new images' held-out part), so that its bank is
+fitted on the images the update's bank holds: update minus that refit is the cost of continuing the
+coreset rather than re-selecting it, while update minus the first refit also carries which images the
+two hold-outs, drawn independently, leave out of the bank. All are scored on test/ (image AUROC,
+threshold, share of the good and of the defective test images flagged; with --pixel also pixel AUROC
+over the test images that have ground truth and AUPRO over the defective ones, as jobs/evaluate.py
+computes them). --model-seeds repeats each cut with other model seeds (ModelConfig.seed: the hold-out
+split, the coreset's projection and start): the spread of the refits over them is the noise floor a
+difference between update and refit is judged against. Each row is one run on one machine, so its
+ratios compare like with like. The summary gives update minus either refit per row, its mean and
+spread, and the refits' own spread within a cut (over model seeds) and across cuts.
 
 Time. Both paths start from features: the backbone's seconds per image are measured once (FeatureExtractor.describe
 over the images, no cache) and charged to each path for the images it must describe, the new images for the
@@ -238,6 +238,8 @@ def summarise(rows: list[dict]) -> dict:
                 if "auroc_update_minus_refit_same_images" in r]) else None,
             "update": spread([r["update"]["auroc"] for r in rs]), "refit": spread([r["refit"]["auroc"] for r in rs]),
             "refit_sd_within_cut": pooled_sd(rs, "refit"), "update_sd_within_cut": pooled_sd(rs, "update"),
+            "refit_same_images_sd_within_cut": (pooled_sd(rs, "refit_same_images")
+                                                if all(r["refit_same_images"] for r in rs) else None),
             "refit_range_across_cuts": {s: spread([r["refit"]["auroc"] for r in rs if r["model_seed"] == s])
                                         for s in seeds} if len(cuts) > 1 else None}
         for metric in ("pixel_auroc", "aupro", "good_flagged", "defects_flagged"):
