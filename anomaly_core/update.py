@@ -22,10 +22,10 @@ over the new patches (anomaly_core.coreset.continue_coreset). The rule, and why:
 Against refits on the union, over three cuts x three model seeds (docs/benchmarks.md "Incremental update"):
 image AUROC 0.0013 below on average on magnetic_tile at 224 px (0.0015 below a refit that banks the same
 images, standard error 0.0007; at 392 px, three seeds, +0.0037 and -0.0003), within the 0.0054 by which
-the refit's own AUROC moves between hold-out draws;
-pixel AUROC within 0.001 and AUPRO within 0.003 on both sets measured. A gap seen against one refit is
-mostly which images that refit's hold-out kept out of its bank. The parent's index is copied and
-extended by the picks (extend_bank): the same kind, the parent's entries unchanged.
+the refit's own AUROC moves between hold-out draws; pixel AUROC within 0.001 and AUPRO within 0.003 on
+both sets measured. A gap seen against one refit is mostly which images that refit's hold-out kept out
+of its bank. The parent's index is copied and extended by the picks (extend_bank): the same kind, the
+parent's entries unchanged.
 
 **Configuration.** The new model keeps its parent's config, the image score included: a parent fitted on
 too few calibration images for the sharper image score (anomaly_core.fit.fitted_config) keeps the top 1% after any

@@ -151,7 +151,8 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
                                paths=names[rows], plan=plan)
         return m, time.perf_counter() - t0
 
-    parent, parent_s = fit(first, cfg)
+    parent_plan = split_calibration(list(names[first]), config=cfg)   # the fit's own plan, kept for same_images
+    parent, parent_s = fit(first, cfg, plan=parent_plan)
     # the update keeps the parent's image score (its top_fraction, which the fit chose from its own
     # calibration images); the refit uses it too, so that the two compare banks, not image scores
     same_score = parent.config
@@ -171,8 +172,7 @@ def run(root: Path, train: Split, test: TestSet, *, cfg: ModelConfig, shares: li
         updated = parent.update_features(train.features[new], foreground=train.foreground[new], paths=names[new])
         update_s = time.perf_counter() - t0
         refit, refit_s = fit(np.concatenate([first, new]), same_score)
-        same = same_images(split_calibration(list(names[first]), config=cfg),
-                           update_split(list(names[new]), config=same_score))
+        same = same_images(parent_plan, update_split(list(names[new]), config=same_score))
         same_refit = fit(np.concatenate([first, new]), same_score, plan=same)[0] if same is not None else None
         added = updated.lineage["added"]
         row = {"cut": cut, "model_seed": cfg.seed, "share": share, "new_images": len(new),
@@ -231,24 +231,24 @@ def summarise(rows: list[dict]) -> dict:
     for share in sorted({r["share"] for r in rows}):
         rs = [r for r in rows if r["share"] == share]
         cuts, seeds = sorted({r["cut"] for r in rs}), sorted({r["model_seed"] for r in rs})
+        paired = [r for r in rs if r["refit_same_images"]]                # rows with a same-images refit
         out[str(share)] = {
             "update_minus_refit": spread([r["auroc_update_minus_refit"] for r in rs]),
-            "update_minus_refit_same_images": spread(same) if (same := [
-                r["auroc_update_minus_refit_same_images"] for r in rs
-                if "auroc_update_minus_refit_same_images" in r]) else None,
+            "update_minus_refit_same_images": (spread([r["auroc_update_minus_refit_same_images"] for r in paired])
+                                               if paired else None),
             "update": spread([r["update"]["auroc"] for r in rs]), "refit": spread([r["refit"]["auroc"] for r in rs]),
             "refit_sd_within_cut": pooled_sd(rs, "refit"), "update_sd_within_cut": pooled_sd(rs, "update"),
             "refit_same_images_sd_within_cut": (pooled_sd(rs, "refit_same_images")
-                                                if all(r["refit_same_images"] for r in rs) else None),
+                                                if len(paired) == len(rs) else None),
             "refit_range_across_cuts": {s: spread([r["refit"]["auroc"] for r in rs if r["model_seed"] == s])
                                         for s in seeds} if len(cuts) > 1 else None}
         for metric in ("pixel_auroc", "aupro", "good_flagged", "defects_flagged"):
             if metric in rs[0]["refit"]:
                 out[str(share)][f"{metric}_update_minus_refit"] = spread(
                     [r["update"][metric] - r["refit"][metric] for r in rs])
-                if same:
+                if paired:
                     out[str(share)][f"{metric}_update_minus_refit_same_images"] = spread(
-                        [r["update"][metric] - r["refit_same_images"][metric] for r in rs if r["refit_same_images"]])
+                        [r["update"][metric] - r["refit_same_images"][metric] for r in paired])
     return out
 
 
