@@ -8,6 +8,9 @@
   most that share of the normal ones (the ROC curve read at that false positive rate). It uses the test
   labels, so it describes the scores, not a threshold a user would get; that one is calibrated on normal
   images only (anomaly_core.threshold).
+- peak on defect: whether a map's strongest pixel lies on (or within a tolerance of) the image's defect,
+  the pointing game of Zhang et al. (ECCV 2016, arXiv 1608.00507), which allows 15 px: what a user sees
+  first in the heatmap, per defective image, whatever the image score.
 """
 
 from __future__ import annotations
@@ -61,6 +64,26 @@ def recall_at_false_alarm_rate(labels: np.ndarray, scores: np.ndarray, rate: flo
     # the lowest admissible t: just above the (allowed+1)-th highest normal score
     t = np.nextafter(normal[allowed], np.inf) if allowed < normal.size else -np.inf
     return float((scores[labels] >= t).mean())
+
+
+def peak_on_defect(masks: np.ndarray, maps: np.ndarray, *, tolerance: int) -> np.ndarray:
+    """masks: [N, H, W] bool ground truth, each with a defect pixel; maps: [N, H, W] float -> [N] bool: the
+    map's strongest pixel (the first in row-major order on ties) lies within `tolerance` pixels of a defect
+    pixel, in the chessboard distance (a (2 * tolerance + 1)-pixel square around it holds one)."""
+    masks = np.asarray(masks).astype(bool)
+    maps = np.asarray(maps)
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} must both be [N, H, W]")
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance} must be >= 0 pixels")
+    empty = ~masks.reshape(len(masks), -1).any(axis=1)
+    if empty.any():
+        raise ValueError(f"{int(empty.sum())} of {len(masks)} masks have no defect pixel (e.g. index "
+                         f"{int(np.argmax(empty))}); pass the defective images only")
+    n, h, w = maps.shape
+    y, x = np.divmod(maps.reshape(n, -1).argmax(axis=1), w)                       # [N], [N]
+    near = ndimage.maximum_filter(masks, size=(1, 2 * tolerance + 1, 2 * tolerance + 1), mode="constant")
+    return near[np.arange(n), y, x]
 
 
 def aupro(masks: np.ndarray, maps: np.ndarray, *, fpr_limit: float = 0.3) -> float:

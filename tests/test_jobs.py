@@ -97,7 +97,17 @@ def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
     assert m["n_train"] == 10 and m["n_test"] == 10 and m["image_auroc"] >= 0.9
     assert m["threshold_method"] == "lognormal_tail" and m["calibration_split"] == "crossfit-5"
     assert 0 <= m["recall_at_0.01_false_alarms"] <= m["recall_at_0.05_false_alarms"] <= 1
+    assert 0 <= m["peak_on_defect"] <= 1 and 0 <= m["missed_with_peak_on_defect"] <= m["n_test_anomalous"]
     assert duckdb.execute(f"SELECT count(*) FROM '{tmp_path}/per_image.parquet'").fetchone()[0] == 10
+
+
+def test_evaluate_names_the_small_defect_options_only_for_small_missed_defects():
+    from jobs.evaluate import missed_note
+    assert missed_note(missed=0, defective=9, median_area=0.001, recall_at_5=0.5) is None
+    small = missed_note(missed=3, defective=9, median_area=0.002, recall_at_5=0.5)
+    assert "3 of 9" in small and "0.20% of the image" in small and "--blocks 2,4" in small
+    large = missed_note(missed=3, defective=9, median_area=0.05, recall_at_5=0.5)
+    assert "--false-alarm-rate" in large and "--blocks" not in large and "0.50 at 5%" in large
 
 
 @pytest.mark.integration

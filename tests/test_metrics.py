@@ -113,3 +113,33 @@ def test_recall_at_a_false_alarm_rate_reads_the_roc_curve():
     assert recall_at_false_alarm_rate(y, s, 0.01) == 0.5               # 1 normal may pass: t > 0.98
     assert recall_at_false_alarm_rate(y, s, 0.02) == 0.75              # t > 0.97
     assert recall_at_false_alarm_rate(y, s, 0.5) == 1.0                # t > 0.49
+
+
+def brute_peak_on_defect(masks, maps, tolerance):
+    """Each map's argmax against every defect pixel: the smallest chessboard distance within tolerance."""
+    out = []
+    for m, a in zip(masks, maps, strict=True):
+        y, x = np.unravel_index(np.argmax(a), a.shape)
+        dy, dx = np.nonzero(m)
+        out.append(np.max(np.abs(np.stack([dy - y, dx - x])), axis=0).min() <= tolerance)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 3])
+def test_peak_on_defect_matches_the_distance_to_the_nearest_defect_pixel(rng, tolerance):
+    masks = np.zeros((40, 16, 16), dtype=bool)
+    maps = rng.random((40, 16, 16))
+    for i, (m, a) in enumerate(zip(masks, maps, strict=True)):        # one defect of 1-2 px a side, and
+        y, x = rng.integers(0, 9, size=2)
+        m[y:y + rng.integers(1, 3), x:x + rng.integers(1, 3)] = True
+        a[y + i % 6, x + (i // 6) % 6] = 2.0                          # the peak 0-5 px from its corner
+    got = metrics.peak_on_defect(masks, maps, tolerance=tolerance)
+    np.testing.assert_array_equal(got, brute_peak_on_defect(masks, maps, tolerance))
+    assert got.any() and not got.all()
+
+
+def test_peak_on_defect_needs_a_defect_in_every_mask():
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, 1, 1] = True
+    with pytest.raises(ValueError, match="1 of 2 masks have no defect pixel"):
+        metrics.peak_on_defect(masks, np.zeros((2, 4, 4)), tolerance=1)
