@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from anomaly_core import metrics
@@ -148,10 +149,17 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    # per defective image with a mask (null elsewhere): its defect's share of the image, and the peak test
+    peak, area = np.full(len(rows), None, dtype=object), np.full(len(rows), None, dtype=object)
+    peak[pixel] = on_defect.tolist()
+    area[pixel] = masks[pixel].mean(axis=(1, 2)).tolist()
+    con.register("evaluated", pa.table({"uri": [r["uri"] for r in rows], "defect_area": pa.array(area, pa.float64()),
+                                        "peak_on_defect": pa.array(peak, pa.bool_())}))
     per_image = str(out_dir / "per_image.parquet").replace("'", "''")
     con.execute(
         f"COPY (SELECT uri, regexp_extract(uri, '.*/test/([^/]+)/[^/]+$', 1) AS defect_type, score, "
-        f"score_normalised, verdict FROM scores ORDER BY uri) TO '{per_image}' (FORMAT parquet)")
+        f"score_normalised, verdict, defect_area, peak_on_defect FROM scores JOIN evaluated USING (uri) "
+        f"ORDER BY uri) TO '{per_image}' (FORMAT parquet)")
     from jobs.report import write_report
     labels = {str(p): p.parent.name for p in paths}
     notes = ([f"{result['n_defective_without_mask']} defective test images have no ground-truth mask: pixel "

@@ -98,7 +98,10 @@ def test_cli_evaluate_writes_metrics(ray_local, texture_dataset, tmp_path):
     assert m["threshold_method"] == "lognormal_tail" and m["calibration_split"] == "crossfit-5"
     assert 0 <= m["recall_at_0.01_false_alarms"] <= m["recall_at_0.05_false_alarms"] <= 1
     assert 0 <= m["peak_on_defect"] <= 1 and 0 <= m["missed_with_peak_on_defect"] <= m["n_test_anomalous"]
-    assert duckdb.execute(f"SELECT count(*) FROM '{tmp_path}/per_image.parquet'").fetchone()[0] == 10
+    per_image = duckdb.execute(f"SELECT count(*), count(peak_on_defect), sum(peak_on_defect::INT), "
+                               f"min(defect_area) FROM '{tmp_path}/per_image.parquet'").fetchone()
+    assert per_image[:3] == (10, m["n_test_anomalous"], round(m["peak_on_defect"] * m["n_test_anomalous"]))
+    assert 0 < per_image[3] < 1
 
 
 def test_evaluate_names_the_small_defect_options_only_for_small_missed_defects():
