@@ -98,7 +98,8 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     bad = [r["uri"] for r in rows if r["status"] == "error"]          # warnings are scored: they count
     if bad:
         raise RuntimeError(f"{len(bad)} test images could not be scored, e.g. {bad[:3]}")
-    paths = [Path(r["uri"]) for r in rows]
+    uris = np.array([r["uri"] for r in rows], dtype=object)                      # [N]
+    paths = [Path(u) for u in uris]
     labels = np.array([p.parent.name != "good" for p in paths])
     scores = np.array([r["score"] for r in rows], dtype=np.float64)
     maps = np.stack([decode_heatmap(r) for r in rows])                            # [N, S, S]
@@ -153,7 +154,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     peak, area = np.full(len(rows), None, dtype=object), np.full(len(rows), None, dtype=object)
     peak[pixel] = on_defect.tolist()
     area[pixel] = masks[pixel].mean(axis=(1, 2)).tolist()
-    con.register("evaluated", pa.table({"uri": [r["uri"] for r in rows], "defect_area": pa.array(area, pa.float64()),
+    con.register("evaluated", pa.table({"uri": uris.tolist(), "defect_area": pa.array(area, pa.float64()),
                                         "peak_on_defect": pa.array(peak, pa.bool_())}))
     per_image = str(out_dir / "per_image.parquet").replace("'", "''")
     con.execute(
@@ -172,6 +173,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         log.info("evaluate: %s", note)
         notes.append(note)
     write_report(str(scores_dir), str(out_dir / "report.html"), labels=labels,
-                 title=f"Evaluation: {root.name}", notes=notes)
+                 title=f"Evaluation: {root.name}", notes=notes,
+                 passed_defects=uris[pixel][missed].tolist())
     log.info("evaluate: %s", {k: v for k, v in result.items() if k != "config"})
     return result

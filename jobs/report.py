@@ -12,6 +12,7 @@ import datetime as dt
 import html
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -93,7 +94,8 @@ def _pair(row: dict, threshold: float, **read) -> tuple[str, str] | None:
 def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
                  title: str = "Anomaly audit", notes: list[str] | None = None,
                  manifest: dict | None = None, options: StorageOptions | None = None,
-                 image_column: str = "image", id_column: str | None = None) -> Path:
+                 image_column: str = "image", id_column: str | None = None,
+                 passed_defects: Sequence[str] = ()) -> Path:
     """Write the HTML report of every run under `scores_dir`.
 
     labels: optional {uri: defect type, "good" for normal} from ground truth; adds ROC and per-type metrics.
@@ -101,6 +103,8 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
     manifest: the model's manifest: its calibration is drawn beside the nights' drift (calibration_reference).
     options: how the images of the worst rows are read where their uris are s3:// (object or shard member).
     image_column, id_column: those the Parquet shards were scored with, to find `<shard>.parquet#<id>`.
+    passed_defects: uris of defective images that the verdict passed though the heatmap's peak lies on the
+    defect (anomaly evaluate); the `top` highest-scoring of them are shown beside their heatmaps.
     Reviewers' labels under scores_dir/_labels add the precision of the verdicts per night and line.
     """
     if not any(Path(scores_dir).rglob("*.parquet")):
@@ -139,19 +143,17 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
         figure = figure_data_uri(drift_figure(drift, reference=reference))
         parts.append(drift_html(drift, reference=reference, figure_src=figure))
     parts.append(_reviewed_section(con))
-    worst = fetch(con, f"SELECT uri, score, score_normalised, verdict, {', '.join(HEATMAP_COLUMNS)} "
-                       "FROM scores WHERE status = 'ok' ORDER BY score DESC LIMIT ?", [top])
-    cards = []
     shards = ShardCache(SHARD_CACHE_BYTES)                 # the worst images of one shard: one fetch of it
-    for row in worst:
-        pair = _pair(row, threshold, options=options, image_column=image_column, id_column=id_column,
-                     cache=shards)
-        imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
-                else "<p class='missing'>original image no longer readable</p>")
-        cards.append(f"<div class='card'>{imgs}<p><b>{row['score']:.4f}</b> (normalised "
-                     f"{row['score_normalised']:.2f}, {row['verdict']})<br>"
-                     f"<code>{html.escape(row['uri'])}</code></p></div>")
-    parts.append(f"<h2>Top {len(worst)} anomalies</h2><div class='grid'>{''.join(cards)}</div>")
+    read = {"options": options, "image_column": image_column, "id_column": id_column, "cache": shards}
+    select = (f"SELECT uri, score, score_normalised, verdict, {', '.join(HEATMAP_COLUMNS)} FROM scores "
+              f"WHERE status = 'ok'")
+    worst = fetch(con, f"{select} ORDER BY score DESC LIMIT ?", [top])
+    parts.append(f"<h2>Top {len(worst)} anomalies</h2>{_cards(worst, threshold, **read)}")
+    if passed_defects:
+        passed = fetch(con, f"{select} AND list_contains(?, uri) ORDER BY score DESC LIMIT ?",
+                       [list(passed_defects), top])
+        parts.append(f"<h2>Defects the heatmap finds and the verdict passes ({len(passed)} of "
+                     f"{len(passed_defects)} shown)</h2>{_cards(passed, threshold, **read)}")
     if errors:
         items = "".join(f"<tr><td><code>{html.escape(u)}</code></td><td>{html.escape(e)}</td></tr>"
                         for u, e in errors)
@@ -170,6 +172,19 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
     out.write_text(page)
     log.info("report: %s (%d rows, %d shown)", out, len(rows), len(worst))
     return out
+
+
+def _cards(rows: list[dict], threshold: float, **read) -> str:
+    """The rows (uri, score, score_normalised, verdict, heatmap columns) as cards: image, overlay, score."""
+    cards = []
+    for row in rows:
+        pair = _pair(row, threshold, **read)
+        imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
+                else "<p class='missing'>original image no longer readable</p>")
+        cards.append(f"<div class='card'>{imgs}<p><b>{row['score']:.4f}</b> (normalised "
+                     f"{row['score_normalised']:.2f}, {row['verdict']})<br>"
+                     f"<code>{html.escape(row['uri'])}</code></p></div>")
+    return f"<div class='grid'>{''.join(cards)}</div>"
 
 
 def _ground_truth_section(ok_rows, labels: dict[str, str], threshold: float) -> str:

@@ -135,6 +135,16 @@ def test_the_report_shows_images_read_from_tar_shard_members(tmp_path):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), want)   # lossless PNG
 
 
+def test_the_report_shows_the_passed_defects_it_is_given_highest_score_first(tmp_path):
+    out = tmp_path / "scores"
+    rows = write_output(out, {"2026-11-21": 8}, seed=4, defect_rate=0.5, images=tmp_path / "archive")
+    by_score = sorted(zip(rows["score"].to_pylist(), rows["uri"].to_pylist(), strict=True))
+    passed = [u for _, u in by_score[:3]]                                # the three lowest scores, ascending
+    text = write_report(str(out), str(tmp_path / "r.html"), top=2, passed_defects=passed).read_text()
+    section = text.split("Defects the heatmap finds and the verdict passes (2 of 3 shown)")[1]
+    assert re.findall(r"<code>([^<]+)</code>", section)[:2] == [passed[2], passed[1]]
+
+
 def test_the_report_command_reads_a_parquet_table_by_the_columns_it_was_scored_with(tmp_path):
     out, archive, html_file = tmp_path / "scores", tmp_path / "archive", tmp_path / "r.html"
     write_output(out, {"2026-11-21": 6}, seed=4, defect_rate=0.5, images=archive, tar=True)
