@@ -72,6 +72,19 @@ def missed_note(*, missed: int, defective: int, median_area: float, recall_at_5:
             f"recall of {recall_at_5:.2f} at 5% false alarms.")
 
 
+def peak_findings(masks: np.ndarray, maps: np.ndarray, *, defective: np.ndarray,
+                  tolerance: int) -> tuple[np.ndarray, np.ndarray]:
+    """masks [N, S, S] bool, maps [N, S, S] float, defective [N] bool (a defective image with a mask file) ->
+    (located [N] bool: defective with a mask pixel left at this size, which a mask of a few pixels can lose
+    in the nearest-neighbour resize; on_defect [N] bool: located, and the map's strongest pixel lies within
+    `tolerance` px of the defect, metrics.peak_on_defect: what an analyst sees first)."""
+    located = np.asarray(defective, dtype=bool) & masks.any(axis=(1, 2))             # [N]
+    on_defect = np.zeros(len(masks), dtype=bool)                                     # [N]
+    if located.any():
+        on_defect[located] = metrics.peak_on_defect(masks[located], maps[located], tolerance=tolerance)
+    return located, on_defect
+
+
 def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int = 16,
                  actors: int | None = None, device: str = "auto", address: str | None = None) -> dict:
     root, out_dir = Path(dataset), Path(out)
@@ -108,10 +121,8 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     masks = np.stack([load_mask(root, p, size=config.input_size) for p in paths])  # [N, S, S]
     cal = manifest["calibration"]
     flagged = scores >= cal["threshold"]                                           # [N] the model's verdicts
-    # the heatmap's strongest pixel within one patch of the defect: what an analyst sees first
-    on_defect = (metrics.peak_on_defect(masks[pixel], maps[pixel], tolerance=config.input_size // config.grid_size)
-                 if pixel.any() else np.zeros(0, dtype=bool))                      # [n_pixel] bool
-    missed = on_defect & ~flagged[pixel]
+    located, on_defect = peak_findings(masks, maps, defective=pixel, tolerance=config.input_size // config.grid_size)
+    missed = on_defect & ~flagged                                                   # [N] the map sees, the verdict not
     result = {
         "dataset": str(root),
         "image_auroc": metrics.auroc(labels, scores),
@@ -139,9 +150,10 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
            for rate in REPORTED_RATES},
         # share of the defective images with a mask whose heatmap peak lies on the defect (metrics.peak_on_defect),
         # and how many of those the verdict passed: what the map sees and the verdict misses
-        "peak_on_defect": float(on_defect.mean()) if pixel.any() else None,
+        "peak_on_defect": float(on_defect[located].mean()) if located.any() else None,
+        "n_defective_mask_empty_at_input_size": int((pixel & ~located).sum()),
         "missed_with_peak_on_defect": int(missed.sum()),
-        "missed_with_peak_on_defect_median_area": (float(np.median(masks[pixel][missed].mean(axis=(1, 2))))
+        "missed_with_peak_on_defect_median_area": (float(np.median(masks[missed].mean(axis=(1, 2))))
                                                    if missed.any() else None),
         "bank_size": manifest["stats"]["bank_size"],
         "cover_radius": manifest["stats"]["cover_radius"],
@@ -151,11 +163,10 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     # per defective image with a mask (null elsewhere): its defect's share of the image, and the peak test
-    peak, area = np.full(len(rows), None, dtype=object), np.full(len(rows), None, dtype=object)
-    peak[pixel] = on_defect.tolist()
+    area = np.full(len(rows), None, dtype=object)
     area[pixel] = masks[pixel].mean(axis=(1, 2)).tolist()
     con.register("evaluated", pa.table({"uri": uris.tolist(), "defect_area": pa.array(area, pa.float64()),
-                                        "peak_on_defect": pa.array(peak, pa.bool_())}))
+                                        "peak_on_defect": pa.array(np.where(located, on_defect, None), pa.bool_())}))
     per_image = str(out_dir / "per_image.parquet").replace("'", "''")
     con.execute(
         f"COPY (SELECT uri, regexp_extract(uri, '.*/test/([^/]+)/[^/]+$', 1) AS defect_type, score, "
@@ -166,7 +177,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     notes = ([f"{result['n_defective_without_mask']} defective test images have no ground-truth mask: pixel "
               f"metrics {'are not computed' if result['pixel_auroc'] is None else 'use the others only'}."]
              if result["n_defective_without_mask"] else [])
-    note = missed_note(missed=result["missed_with_peak_on_defect"], defective=int(pixel.sum()),
+    note = missed_note(missed=result["missed_with_peak_on_defect"], defective=int(located.sum()),
                        median_area=result["missed_with_peak_on_defect_median_area"] or 0.0,
                        recall_at_5=result["recall_at_0.05_false_alarms"])
     if note:
@@ -174,6 +185,6 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         notes.append(note)
     write_report(str(scores_dir), str(out_dir / "report.html"), labels=labels,
                  title=f"Evaluation: {root.name}", notes=notes,
-                 passed_defects=uris[pixel][missed].tolist())
+                 passed_defects=uris[missed].tolist())
     log.info("evaluate: %s", {k: v for k, v in result.items() if k != "config"})
     return result

@@ -113,6 +113,17 @@ def test_evaluate_names_the_small_defect_options_only_for_small_missed_defects()
     assert "--false-alarm-rate" in large and "--blocks" not in large and "0.50 at 5%" in large
 
 
+def test_peak_findings_skip_normal_images_and_masks_that_vanished_in_the_resize():
+    from jobs.evaluate import peak_findings
+    masks = np.zeros((4, 8, 8), dtype=bool)
+    maps = np.zeros((4, 8, 8))
+    masks[0, 2, 2] = masks[1, 6, 6] = True                    # two defects; image 2's mask is empty, 3 is normal
+    maps[:, 2, 3] = 1.0                                       # every peak at (2, 3): one pixel from defect 0
+    located, on_defect = peak_findings(masks, maps, defective=np.array([True, True, True, False]), tolerance=1)
+    np.testing.assert_array_equal(located, [True, True, False, False])
+    np.testing.assert_array_equal(on_defect, [True, False, False, False])
+
+
 @pytest.mark.integration
 def test_evaluate_without_masks_writes_image_metrics_and_null_pixel_metrics(ray_local, texture_dataset, tmp_path,
                                                                            caplog):
