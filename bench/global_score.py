@@ -1,0 +1,126 @@
+"""A global term beside the patch score: how far an image's mean descriptor lies from the good images'.
+
+    python bench/global_score.py OUT [OUT ...] [--global-blocks 4,5] [--data DATASET]
+
+OUT is what `anomaly evaluate DATASET --out OUT` wrote (its model, fitted with a hold-out, and its
+scores). Patch kNN scores each patch on its own, so a part whose every patch is normal but whose shape is
+not (a bent gland) scores like a good one. The global term: each image's descriptor is the mean of its
+unit patch tokens of one block, L2-normalised ([D]); its score is the cosine distance to the nearest
+descriptor of the model's bank images. Each score (the model's own image score, the global distance) is
+standardised by its held-out normal images (z-score of its logarithm) and the two are combined by their
+maximum (a union of two calibrated detectors) or mean (pooled evidence); the threshold is set on the
+combined held-out scores exactly as the fit sets its own (anomaly_core.threshold.calibrate).
+Rows: image AUROC, F1-max, verdict recall / false alarms on test/ at that threshold, ROC recall at 1% /
+5% (test labels), for the model alone and each combination. The backbone runs once per block over
+train/good and test/ (in-process, no Ray); the patch scores are the evaluation's, read from its Parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anomaly_core import metrics  # noqa: E402
+from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.features import FeatureExtractor  # noqa: E402
+from anomaly_core.threshold import calibrate  # noqa: E402
+from bench.features import list_images, read_pixels  # noqa: E402
+from bench.verdict import verdict  # noqa: E402
+from jobs.analyst import connect  # noqa: E402
+from jobs.evaluate import REPORTED_RATES  # noqa: E402
+
+
+def image_descriptors(paths: list[Path], cfg: ModelConfig, block: int, *, batch: int = 16) -> np.ndarray:
+    """[N, D] float32 unit rows: the mean of each image's unit patch tokens of `block`, normalised."""
+    ex = FeatureExtractor(config=dataclasses.replace(cfg, blocks=(block,)))
+    out = []
+    for i in range(0, len(paths), batch):
+        tok = ex.tokens(read_pixels(paths[i:i + batch], cfg.input_size))              # [b, P, D] unit rows
+        out.append(tok.mean(axis=1))                                                  # [b, D]
+    g = np.concatenate(out)
+    return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+
+def nearest_distance(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """[Q, D], [B, D] unit rows -> [Q] cosine distance to the nearest bank row (exact, B is images)."""
+    return 1.0 - (queries @ bank.T).max(axis=1)
+
+
+def log_z(scores: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Scores in standard deviations of the normal scores' logarithm from their mean."""
+    ln = np.log(normal)
+    return (np.log(scores) - ln.mean()) / ln.std()
+
+
+def rows_for(out: Path, data: Path | None, blocks: list[int]) -> list[dict]:
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    cfg, stats = ModelConfig.from_dict(manifest["config"]), manifest["stats"]
+    if stats["calibration_split"] != "holdout":
+        raise SystemExit(f"{out}: calibrated by {stats['calibration_split']}; this bench needs a hold-out "
+                         f"(anomaly evaluate ... --calibration holdout)")
+    con = connect(str(out / "scores"))
+    test = con.execute("SELECT uri, score FROM scores WHERE status != 'error' ORDER BY uri").fetchall()
+    test_paths = [Path(u) for u, _ in test]
+    data = data or test_paths[0].parents[2]
+    labels = np.array([p.parent.name != "good" for p in test_paths])
+    patch = np.array([s for _, s in test], dtype=np.float64)                          # [T] the model's scores
+    held_names = set(stats["calibration_images"])
+    train = list_images(data / "train" / "good")
+    held = np.array([str(p) in held_names for p in train])                            # [N] held-out mask
+    if held.sum() != len(held_names):
+        raise SystemExit(f"{out}: {len(held_names)} calibration images recorded, {held.sum()} found under {data}")
+    order = [str(p) for p in train if str(p) in held_names]                            # held-out, listing order
+    recorded = dict(zip(stats["calibration_images"], stats["calibration_scores"], strict=True))
+    patch_held = np.array([recorded[n] for n in order], dtype=np.float64)             # [C]
+    rate = cfg.false_alarm_rate
+
+    def row(name: str, s: np.ndarray, h: np.ndarray) -> dict:
+        thr = calibrate(np.exp(h), false_alarm_rate=rate).threshold                   # exp: calibrate's units > 0
+        recall, far = verdict(np.exp(s), labels, thr)
+        return {"data": data.name, "blocks": "+".join(map(str, cfg.blocks)), "score": name,
+                "image_auroc": metrics.auroc(labels, s), "f1_max": metrics.f1_max(labels, s),
+                "recall": recall, "false_alarms": far,
+                **{f"roc_recall_{r:g}": metrics.recall_at_false_alarm_rate(labels, s, r) for r in REPORTED_RATES}}
+
+    zp, zph = log_z(patch, patch_held), log_z(patch_held, patch_held)
+    rows = [row("patch (the model)", zp, zph)]
+    for b in blocks:
+        g_train = image_descriptors(train, cfg, b)                                   # [N, D]
+        g_test = image_descriptors(test_paths, cfg, b)                               # [T, D]
+        bank, d_held = g_train[~held], nearest_distance(g_train[held], g_train[~held])     # held: as `order`
+        zg, zgh = log_z(nearest_distance(g_test, bank), d_held), log_z(d_held, d_held)
+        rows.append(row(f"global block {b} alone", zg, zgh))
+        rows.append(row(f"max(patch, global {b})", np.maximum(zp, zg), np.maximum(zph, zgh)))
+        rows.append(row(f"mean(patch, global {b})", (zp + zg) / 2, (zph + zgh) / 2))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("outs", nargs="+", type=Path, help="folders written by `anomaly evaluate --out`")
+    ap.add_argument("--global-blocks", default="4,5", help="comma-separated blocks of the global descriptor")
+    ap.add_argument("--data", type=Path, default=None, help="the data set (default: read from the scored uris)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args()
+    blocks = [int(b) for b in args.global_blocks.split(",")]
+    rows = [r for out in args.outs for r in rows_for(out, args.data, blocks)]
+    print("| data set | patch blocks | image score | image AUROC | F1-max | recall / false alarms "
+          "| ROC recall 1% / 5% |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['data']} | {r['blocks']} | {r['score']} | {r['image_auroc']:.4f} | {r['f1_max']:.4f} | "
+              f"{r['recall']:.3f} / {r['false_alarms']:.3f} | "
+              f"{r['roc_recall_0.01']:.3f} / {r['roc_recall_0.05']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
