@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")                      # no display on servers and in Ray workers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.images import ImageDecodeError, decode_image  # noqa: E402
@@ -60,6 +60,22 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, threshold: float) -> np.ndar
     return (image * (1 - alpha) + rgb * alpha).astype(np.uint8)
 
 
+def mark_peak(image: np.ndarray, x: int, y: int) -> np.ndarray:
+    """image [H, W, 3] uint8 -> a copy with a cyan ring around pixel (x, y), the map's strongest point (the
+    row's peak_x, peak_y): where to look first, also where the overlay stays faint (below the threshold).
+    The ring's radius is 4% of the image's shorter side, its width a quarter of that."""
+    out = Image.fromarray(image)
+    r = max(3, round(0.04 * min(image.shape[:2])))
+    ImageDraw.Draw(out).ellipse((x - r, y - r, x + r, y + r), outline=(0, 255, 255), width=max(1, r // 4))
+    return np.asarray(out)
+
+
+def row_overlay(image: np.ndarray, row: dict, *, threshold: float) -> np.ndarray:
+    """The image [H, W, 3] uint8 of an output row (heatmap columns, peak_x, peak_y) with its map laid over
+    it and its peak ringed."""
+    return mark_peak(overlay(image, decode_heatmap(row), threshold=threshold), int(row["peak_x"]), int(row["peak_y"]))
+
+
 def _png_b64(arr: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -80,15 +96,15 @@ def _thumb(arr: np.ndarray) -> np.ndarray:
 
 
 def _pair(row: dict, threshold: float, **read) -> tuple[str, str] | None:
-    """(original, overlay) thumbnails of an output row as data URIs; None when the original cannot be
-    read any more. read: options, image_column, id_column and cache of read_image (a file, an object or
-    an image in a shard)."""
+    """(original, overlay with the peak ringed) thumbnails of an output row as data URIs; None when the
+    original cannot be read any more. read: options, image_column, id_column and cache of read_image (a
+    file, an object or an image in a shard)."""
     try:
         image = decode_image(read_image(row["uri"], **read))
     except (OSError, ImageDecodeError) as e:
         log.warning("report: cannot read %s for its thumbnail: %s", row["uri"], e)
         return None
-    return _png_b64(_thumb(image)), _png_b64(_thumb(overlay(image, decode_heatmap(row), threshold=threshold)))
+    return _png_b64(_thumb(image)), _png_b64(_thumb(row_overlay(image, row, threshold=threshold)))
 
 
 def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict[str, str] | None = None,
@@ -145,8 +161,8 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
     parts.append(_reviewed_section(con))
     shards = ShardCache(SHARD_CACHE_BYTES)                 # the worst images of one shard: one fetch of it
     read = {"options": options, "image_column": image_column, "id_column": id_column, "cache": shards}
-    select = (f"SELECT uri, score, score_normalised, verdict, {', '.join(HEATMAP_COLUMNS)} FROM scores "
-              f"WHERE status = 'ok'")
+    select = (f"SELECT uri, score, score_normalised, verdict, peak_x, peak_y, {', '.join(HEATMAP_COLUMNS)} "
+              f"FROM scores WHERE status = 'ok'")
     worst = fetch(con, f"{select} ORDER BY score DESC LIMIT ?", [top])
     parts.append(f"<h2>Top {len(worst)} anomalies</h2>{_cards(worst, threshold, **read)}")
     if passed_defects:
@@ -175,7 +191,8 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
 
 
 def _cards(rows: list[dict], threshold: float, **read) -> str:
-    """The rows (uri, score, score_normalised, verdict, heatmap columns) as cards: image, overlay, score."""
+    """The rows (uri, score, score_normalised, verdict, peak_x, peak_y, heatmap columns) as cards: image,
+    overlay, score."""
     cards = []
     for row in rows:
         pair = _pair(row, threshold, **read)
@@ -319,8 +336,7 @@ def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "
     if row["status"] != "ok":
         raise ValueError(f"{image_path}: {row['error']}")
     image = decode_image(data)
-    heat = decode_heatmap(row)
-    side = np.concatenate([image, overlay(image, heat, threshold=float(row["threshold"]))], axis=1)
+    side = np.concatenate([image, row_overlay(image, row, threshold=float(row["threshold"]))], axis=1)
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(side).save(out_png)
     return {"image": image_path, "score": float(row["score"]), "verdict": row["verdict"],

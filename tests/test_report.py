@@ -19,7 +19,7 @@ from anomaly_core.artifact import FORMAT, FORMAT_VERSION, MANIFEST
 from anomaly_core.storage import StorageOptions
 from jobs.cli import main
 from jobs.labels import append_labels
-from jobs.report import calibration_reference, overlay, write_report
+from jobs.report import calibration_reference, mark_peak, overlay, write_report
 from tests.helpers import make_bucket, upload
 from tests.scored_output import NORMAL_MEAN, NORMAL_STD, THRESHOLD, move_images, write_output
 from tests.test_review import as_parquet_table
@@ -46,6 +46,15 @@ def test_overlay_keeps_size_and_marks_hot_regions():
     out = overlay(image, heat, threshold=0.5)
     assert out.shape == image.shape
     assert np.abs(out[:, 45:].astype(int) - 128).mean() > np.abs(out[:, :15].astype(int) - 128).mean()
+
+
+def test_mark_peak_rings_the_point_and_leaves_it_visible():
+    image = np.zeros((100, 100, 3), np.uint8)
+    out = mark_peak(image, 30, 60)
+    changed = np.argwhere(out.any(axis=2))                              # [n, 2] (y, x) of ring pixels
+    dist = np.hypot(changed[:, 0] - 60, changed[:, 1] - 30)
+    assert len(changed) > 0 and dist.min() >= 2 and dist.max() <= 4 + 1    # radius 4% of 100 px, about 1 wide
+    assert not out[60, 30].any() and not image.any()                   # the point itself and the input untouched
 
 
 @pytest.fixture(scope="module")
