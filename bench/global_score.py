@@ -11,8 +11,9 @@ standardised by its held-out normal images (z-score of its logarithm) and the tw
 maximum (a union of two calibrated detectors) or mean (pooled evidence); the threshold is set on the
 combined held-out scores exactly as the fit sets its own (anomaly_core.threshold.calibrate).
 Rows: image AUROC, F1-max, verdict recall / false alarms on test/ at that threshold, ROC recall at 1% /
-5% (test labels), for the model alone and each combination. The backbone runs once per block over
-train/good and test/ (in-process, no Ray); the patch scores are the evaluation's, read from its Parquet.
+5% (test labels), for the model alone and each combination; then the image AUROC per defect type. The
+backbone runs once per block over train/good and test/ (in-process, no Ray); the patch scores are the
+evaluation's, read from its Parquet.
 """
 
 from __future__ import annotations
@@ -81,13 +82,18 @@ def rows_for(out: Path, data: Path | None, blocks: list[int]) -> list[dict]:
     patch_held = np.array([recorded[n] for n in order], dtype=np.float64)             # [C]
     rate = cfg.false_alarm_rate
 
+    types = np.array([p.parent.name for p in test_paths])                             # [T] defect type or good
+
     def row(name: str, s: np.ndarray, h: np.ndarray) -> dict:
         thr = calibrate(np.exp(h), false_alarm_rate=rate).threshold                   # exp: calibrate's units > 0
         recall, far = verdict(np.exp(s), labels, thr)
         return {"data": data.name, "blocks": "+".join(map(str, cfg.blocks)), "score": name,
                 "image_auroc": metrics.auroc(labels, s), "f1_max": metrics.f1_max(labels, s),
                 "recall": recall, "false_alarms": far,
-                **{f"roc_recall_{r:g}": metrics.recall_at_false_alarm_rate(labels, s, r) for r in REPORTED_RATES}}
+                **{f"roc_recall_{r:g}": metrics.recall_at_false_alarm_rate(labels, s, r) for r in REPORTED_RATES},
+                # each defect type against every normal test image
+                "auroc_per_type": {t: metrics.auroc(labels[(types == t) | ~labels], s[(types == t) | ~labels])
+                                   for t in sorted(set(types[labels]))}}
 
     zp, zph = log_z(patch, patch_held), log_z(patch_held, patch_held)
     rows = [row("patch (the model)", zp, zph)]
@@ -118,6 +124,10 @@ def main() -> None:
         print(f"| {r['data']} | {r['blocks']} | {r['score']} | {r['image_auroc']:.4f} | {r['f1_max']:.4f} | "
               f"{r['recall']:.3f} / {r['false_alarms']:.3f} | "
               f"{r['roc_recall_0.01']:.3f} / {r['roc_recall_0.05']:.3f} |")
+    print("\nImage AUROC per defect type (against every normal test image):\n")
+    for r in rows:
+        print(f"- {r['data']}, {r['blocks']}, {r['score']}: "
+              + ", ".join(f"{t} {a:.3f}" for t, a in r["auroc_per_type"].items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
