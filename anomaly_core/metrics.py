@@ -80,7 +80,7 @@ def peak_on_defect(masks: np.ndarray, maps: np.ndarray, *, tolerance: int) -> np
     if empty.any():
         raise ValueError(f"{int(empty.sum())} of {len(masks)} masks have no defect pixel (e.g. index "
                          f"{int(np.argmax(empty))}); pass the defective images only")
-    n, h, w = maps.shape
+    n, _, w = maps.shape
     y, x = np.divmod(maps.reshape(n, -1).argmax(axis=1), w)                       # [N], [N]
     near = ndimage.maximum_filter(masks, size=(1, 2 * tolerance + 1, 2 * tolerance + 1), mode="constant")
     return near[np.arange(n), y, x]

@@ -30,22 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
-from anomaly_core.features import FeatureExtractor  # noqa: E402
 from anomaly_core.threshold import calibrate  # noqa: E402
-from bench.features import list_images, read_pixels  # noqa: E402
+from bench.features import extract, list_images  # noqa: E402
 from bench.verdict import verdict  # noqa: E402
 from jobs.analyst import connect  # noqa: E402
 from jobs.evaluate import REPORTED_RATES  # noqa: E402
 
 
-def image_descriptors(paths: list[Path], cfg: ModelConfig, block: int, *, batch: int = 16) -> np.ndarray:
+def image_descriptors(paths: list[Path], cfg: ModelConfig, block: int) -> np.ndarray:
     """[N, D] float32 unit rows: the mean of each image's unit patch tokens of `block`, normalised."""
-    ex = FeatureExtractor(config=dataclasses.replace(cfg, blocks=(block,)))
-    out = []
-    for i in range(0, len(paths), batch):
-        tok = ex.tokens(read_pixels(paths[i:i + batch], cfg.input_size))              # [b, P, D] unit rows
-        out.append(tok.mean(axis=1))                                                  # [b, D]
-    g = np.concatenate(out)
+    g = extract(paths, dataclasses.replace(cfg, blocks=(block,))).mean(axis=1)      # [N, D]
     return g / np.linalg.norm(g, axis=1, keepdims=True)
 
 

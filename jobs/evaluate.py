@@ -123,6 +123,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     flagged = scores >= cal["threshold"]                                           # [N] the model's verdicts
     located, on_defect = peak_findings(masks, maps, defective=pixel, tolerance=config.input_size // config.grid_size)
     missed = on_defect & ~flagged                                                   # [N] the map sees, the verdict not
+    area = masks.mean(axis=(1, 2))                                                  # [N] defect share of the image
     result = {
         "dataset": str(root),
         "image_auroc": metrics.auroc(labels, scores),
@@ -153,8 +154,7 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
         "peak_on_defect": float(on_defect[located].mean()) if located.any() else None,
         "n_defective_mask_empty_at_input_size": int((pixel & ~located).sum()),
         "missed_with_peak_on_defect": int(missed.sum()),
-        "missed_with_peak_on_defect_median_area": (float(np.median(masks[missed].mean(axis=(1, 2))))
-                                                   if missed.any() else None),
+        "missed_with_peak_on_defect_median_area": float(np.median(area[missed])) if missed.any() else None,
         "bank_size": manifest["stats"]["bank_size"],
         "cover_radius": manifest["stats"]["cover_radius"],
         "config": manifest["config"],
@@ -163,9 +163,8 @@ def run_evaluate(dataset: str, out: str, *, config: ModelConfig, batch_size: int
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     # per defective image with a mask (null elsewhere): its defect's share of the image, and the peak test
-    area = np.full(len(rows), None, dtype=object)
-    area[pixel] = masks[pixel].mean(axis=(1, 2)).tolist()
-    con.register("evaluated", pa.table({"uri": uris.tolist(), "defect_area": pa.array(area, pa.float64()),
+    con.register("evaluated", pa.table({"uri": uris.tolist(),
+                                        "defect_area": pa.array(np.where(pixel, area, None), pa.float64()),
                                         "peak_on_defect": pa.array(np.where(located, on_defect, None), pa.bool_())}))
     per_image = str(out_dir / "per_image.parquet").replace("'", "''")
     con.execute(
