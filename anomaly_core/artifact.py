@@ -51,6 +51,12 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 # the manifest fields that decide a model's scores and verdicts (dotted: a field inside one): its id is
 # their hash. stats.input_sizes decides which images get no normal verdict; the rest of stats is a record.
 ID_FIELDS = ("config", "weights", "files", "bank", "calibration", "stats.input_sizes")
+# fields added since FORMAT_VERSION 2 that decide scores too: hashed where present, so the ids of models
+# without them stay what they were. image_term: a model with a global_block (anomaly_core.image_term)
+OPTIONAL_ID_FIELDS = ("image_term",)
+# the manifest key of the image term (its standardisation, and its bank images' descriptors as a .npy file)
+IMAGE_TERM_KEY = "image_term"
+IMAGE_VECTORS = "image_vectors.npy"
 
 
 def _field(manifest: dict, path: str):
@@ -65,7 +71,8 @@ def content_id(manifest: dict) -> str:
     """The model id: 16 hex digits of the sha256 of the manifest's ID_FIELDS (configuration, weights
     identity, sha256 and size of every bank file, bank layout, calibrated threshold, training images'
     size range)."""
-    body = json.dumps({k: _field(manifest, k) for k in ID_FIELDS}, sort_keys=True).encode()
+    body = json.dumps({k: _field(manifest, k) for k in ID_FIELDS}
+                      | {k: manifest[k] for k in OPTIONAL_ID_FIELDS if k in manifest}, sort_keys=True).encode()
     return hashlib.sha256(body).hexdigest()[:16]
 
 
@@ -107,6 +114,11 @@ def check_manifest(manifest: dict, uri: str, *, model_id: str | None = None) -> 
     for name in arrays.values():
         if _check_file_name(name, where=where) not in files:
             raise ModelFileError(f"{where}: calibration array {name!r} has no checksum in 'files'; refusing the model")
+    term = manifest.get(IMAGE_TERM_KEY)
+    if term is not None and (not isinstance(term, dict)
+                             or _check_file_name(term.get("vectors"), where=where) not in files):
+        raise ModelFileError(f"{where}: {IMAGE_TERM_KEY!r} names no image vectors file with a checksum in 'files'; "
+                             f"refusing the model")
     computed = content_id(manifest)
     if computed != stated:
         raise ModelFileError(f"{where}: the manifest says model id {stated} but its content hashes to {computed}: "
@@ -139,14 +151,18 @@ def check_target(uri: str, *, overwrite: bool, options: StorageOptions | None = 
 
 def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: dict,
                weights: dict, stats: dict, lineage: dict | None = None,
-               calibration_patches: dict[str, np.ndarray] | None = None, overwrite: bool = False,
+               calibration_patches: dict[str, np.ndarray] | None = None, image_term: dict | None = None,
+               image_vectors: np.ndarray | None = None, overwrite: bool = False,
                options: StorageOptions | None = None) -> dict:
     """Write the model folder at `uri`; returns the manifest. `calibration` and `stats` are stored as given
     (anomaly_core.model.Model.save passes its Calibration and FitStats as dicts). lineage: for a model
     made by an update, {"parent": the parent's model id, "added": what the update added}, stored as the
     manifest's "parent" and "added" (a record, like stats: not part of the id). calibration_patches: named
     numeric arrays (anomaly_core.fit.CalibrationPatches' fields), each stored as calibration_NAME.npy,
-    checksummed like the bank (their checksums are thereby part of the id)."""
+    checksummed like the bank (their checksums are thereby part of the id). image_term: the standardisation
+    of a model with an image term (anomaly_core.image_term.ImageTerm.standardisation), stored as the
+    manifest's "image_term" with its bank images' descriptors image_vectors ([M, D] float32) as
+    image_vectors.npy, both part of the id."""
     uri = str(uri)
     if lineage is not None:
         if set(lineage) != {"parent", "added"}:
@@ -163,7 +179,11 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
         arrays = {key: f"calibration_{key}.npy" for key in (calibration_patches or {})}
         for key, name in arrays.items():
             np.save(tmp / name, calibration_patches[key], allow_pickle=False)
-        names = list(shards) + list(arrays.values())
+        if (image_term is None) != (image_vectors is None):
+            raise ValueError("an image term needs both its standardisation and its vectors")
+        if image_vectors is not None:
+            np.save(tmp / IMAGE_VECTORS, np.asarray(image_vectors, dtype=np.float32), allow_pickle=False)
+        names = list(shards) + list(arrays.values()) + ([IMAGE_VECTORS] if image_vectors is not None else [])
         files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in names}
         manifest = {
@@ -179,6 +199,7 @@ def save_model(uri: str, *, config: ModelConfig, bank: MemoryBank, calibration: 
             "versions": _versions(),
             "files": files,
             **({ARRAYS_KEY: arrays} if arrays else {}),
+            **({IMAGE_TERM_KEY: {**image_term, "vectors": IMAGE_VECTORS}} if image_term is not None else {}),
             **(lineage or {}),
         }
         manifest = json.loads(json.dumps(manifest))      # the values exactly as a loader reads them back
@@ -259,13 +280,16 @@ def fetch_model(uri: str, options: StorageOptions | None = None, *, model_id: st
 
 def load_artifact(uri: str, options: StorageOptions | None = None, *, model_id: str | None = None
                   ) -> tuple[dict, MemoryBank, dict[str, np.ndarray] | None]:
-    """(manifest, bank, calibration patches' arrays or None when the model has none) of the model folder
-    at `uri` (anomaly_core.model.Model.load builds the model from them). Names, id (`model_id` when pinned)
-    and every file's checksum are verified before FAISS or numpy reads any file (fetch_model); the arrays
-    are read without pickle."""
+    """(manifest, bank, the model's arrays or None when it has none) of the model folder at `uri`
+    (anomaly_core.model.Model.load builds the model from them): the calibration patches' arrays by name,
+    and "image_vectors" for a model with an image term. Names, id (`model_id` when pinned) and every
+    file's checksum are verified before FAISS or numpy reads any file (fetch_model); the arrays are read
+    without pickle."""
     manifest, path = fetch_model(uri, options, model_id=model_id)
     config = ModelConfig.from_dict(manifest["config"])
     bank = MemoryBank.load(path, manifest["bank"]["shards"], nprobe=config.nprobe, ef_search=config.ef_search)
-    named = manifest.get(ARRAYS_KEY)
+    named = dict(manifest.get(ARRAYS_KEY) or {})
+    if IMAGE_TERM_KEY in manifest:
+        named["image_vectors"] = manifest[IMAGE_TERM_KEY]["vectors"]
     arrays = {key: np.load(path / name, allow_pickle=False) for key, name in named.items()} if named else None
     return manifest, bank, arrays

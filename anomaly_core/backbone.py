@@ -54,21 +54,25 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
-def normalised_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, blocks: tuple[int, ...]) -> torch.Tensor:
+def normalised_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, blocks: tuple[int, ...],
+                      global_block: int | None = None) -> torch.Tensor:
     """The backbone's torch step: pixels [B, S, S, 3] uint8 RGB tensor -> [B, (S/14)^2, D * len(blocks)] float32,
-    each row L2-normalised (row-major patch order). `model` is the truncated timm ViT; it runs in its
+    each row L2-normalised (row-major patch order); with a global_block, its own unit tokens [.., D] follow
+    (anomaly_core.image_term averages them over the image). `model` is the truncated timm ViT; it runs in its
     parameters' dtype (or under the caller's autocast). Backbone.patch_features runs it on numpy batches;
     anomaly_core.export traces it into an ONNX graph."""
     x = pixels.permute(0, 3, 1, 2).float().div(255.0)                              # [B, 3, S, S]
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = ((x - mean) / std).to(next(model.parameters()).dtype)
-    outs = model.forward_intermediates(x, indices=list(blocks), norm=False, output_fmt="NLC",
+    taken = sorted(set(blocks) | ({global_block} if global_block is not None else set()))
+    outs = model.forward_intermediates(x, indices=taken, norm=False, output_fmt="NLC",
                                        intermediates_only=True)
-    # each: [B, G*G, D] patch tokens (prefix tokens dropped); normalise per block, then jointly, so
-    # every block weighs the same in the cosine distance.
-    feats = [torch.nn.functional.normalize(o.float(), dim=-1) for o in outs]
-    return torch.nn.functional.normalize(torch.cat(feats, dim=-1), dim=-1)
+    # each: [B, G*G, D] patch tokens (prefix tokens dropped), in block order; normalise per block, then
+    # the patch blocks jointly, so every block weighs the same in the cosine distance.
+    unit = {b: torch.nn.functional.normalize(o.float(), dim=-1) for b, o in zip(taken, outs, strict=True)}
+    feats = torch.nn.functional.normalize(torch.cat([unit[b] for b in sorted(blocks)], dim=-1), dim=-1)
+    return feats if global_block is None else torch.cat([feats, unit[global_block]], dim=-1)
 
 
 class Backbone:
@@ -80,7 +84,7 @@ class Backbone:
     """
 
     def __init__(self, *, name: str, weights: str, image_size: int, blocks: tuple[int, ...],
-                 device: str = "auto", num_threads: int | None = None):
+                 global_block: int | None = None, device: str = "auto", num_threads: int | None = None):
         import timm
 
         from anomaly_core.weights import load_weights
@@ -90,32 +94,35 @@ class Backbone:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = pick_device(device)
-        self.blocks = tuple(blocks)
+        self.blocks, self.global_block = tuple(blocks), global_block
         state, identity = load_weights(weights, backbone=name)
         self.image_size = image_size
         model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
         state = dict(state, pos_embed=resample_pos_embed(state["pos_embed"], image_size // PATCH_SIZE))
         model.load_state_dict(state, strict=True)
         self.identity = identity
-        model.prune_intermediate_layers(list(self.blocks), prune_norm=True, prune_head=True)
+        model.prune_intermediate_layers(sorted(set(self.blocks) | ({global_block} - {None})), prune_norm=True,
+                                        prune_head=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
-        log.info("backbone %s blocks=%s on %s, weights %s", name, self.blocks, self.device, identity)
+        log.info("backbone %s blocks=%s global_block=%s on %s, weights %s", name, self.blocks, global_block,
+                 self.device, identity)
 
     @property
     def feature_shape(self) -> tuple[int, int]:
-        """(patches per image, feature width) of `patch_features` rows."""
+        """(patches per image, width) of `patch_features` rows."""
         g = self.image_size // PATCH_SIZE
-        return g * g, self.model.embed_dim * len(self.blocks)
+        return g * g, self.model.embed_dim * (len(self.blocks) + (self.global_block is not None))
 
     @torch.inference_mode()
     def patch_features(self, images: np.ndarray) -> np.ndarray:
         """images: [B, S, S, 3] uint8 RGB, S = image_size.
-        Returns [B, (S/14)^2, D * len(blocks)] float32, each row L2-normalised (row-major patch order)."""
+        Returns normalised_tokens' [B, (S/14)^2, D * len(blocks) (+ D with a global_block)] float32."""
         s = self.image_size
         if images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
             raise ValueError(f"images must be [B, {s}, {s}, 3] uint8, got {images.shape} {images.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)       # [B, S, S, 3] uint8
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             enabled=self.device.type == "cuda"):
-            f = normalised_tokens(self.model, x, blocks=self.blocks)              # [B, G*G, D*nb]
+            f = normalised_tokens(self.model, x, blocks=self.blocks,
+                                  global_block=self.global_block)                # [B, G*G, D*nb (+ D)]
         return f.cpu().numpy()

@@ -73,6 +73,16 @@ class ModelConfig:
     # anyway), doubles the bank's width (docs/ablation.md).
     blocks: tuple[int, ...] = option(
         (5, 7), "Comma-separated 0-based transformer blocks whose patch tokens are the features.")
+    # Block (0-based) whose tokens, averaged over the image, add an image-level term to the image score
+    # (anomaly_core.image_term): the cosine distance to the nearest bank image, standardised with the patch
+    # score on the calibration images and combined by the larger. None: off. For parts whose defects change
+    # their shape (bent, cut) while every patch looks normal: block 4 lifted cable_gland's image AUROC from
+    # 0.897 to 0.940 (0.975 with blocks 2,4); on a texture (magnetic_tile) it cost 0.007-0.015, so it is
+    # not a default (docs/ablation.md, "An image-level term"). Blocks up to the last of `blocks` cost no
+    # extra depth.
+    global_block: int | None = option(
+        None, "Block whose image-mean token adds an image-level score (parts whose defects change their shape; "
+              "e.g. 4 with --blocks 2,4). Default: off.")
     # Side of the patch neighbourhood averaged into each descriptor (PatchCore's local aggregation uses 3;
     # 1 = the token alone). Set by docs/ablation.md, "Detection options".
     neighbourhood: int = option(
@@ -177,6 +187,9 @@ class ModelConfig:
         if not self.blocks or any(not 0 <= b < depth for b in self.blocks):
             raise ValueError(f"blocks={self.blocks} must be non-empty block indices in 0..{depth - 1} "
                              f"for {self.backbone}")
+        if self.global_block is not None and not 0 <= self.global_block < depth:
+            raise ValueError(f"global_block={self.global_block} must be a block index in 0..{depth - 1} for "
+                             f"{self.backbone}, or None (off)")
         if len(set(self.blocks)) != len(self.blocks):
             raise ValueError(f"blocks={self.blocks} repeats a block")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
@@ -267,6 +280,13 @@ class ModelConfig:
     def feature_dim(self) -> int:
         """Width of a patch descriptor: token width x blocks concatenated, + the position code if used."""
         return BACKBONES[self.backbone].dim * len(self.blocks) + (POSITION_DIM if self.position_weight else 0)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of a backbone token row (FeatureExtractor.tokens): the patch blocks' concatenated width,
+        then the global block's width when the config has one."""
+        dim = BACKBONES[self.backbone].dim
+        return dim * len(self.blocks) + (dim if self.global_block is not None else 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -69,6 +69,10 @@ def exportable(config: ModelConfig, bank: MemoryBank) -> None:
                         "principal component and then dilates and closes the mask (anomaly_core.foreground): "
                         "a per-image histogram threshold the graph does not hold; fit with "
                         "--no-foreground-mask to export")
+    if config.global_block is not None:
+        problems.append(f"global_block={config.global_block} adds an image-level term (anomaly_core.image_term: "
+                        f"the nearest bank image's distance, standardised with the patch score) that the graph "
+                        f"does not hold yet; fit without --global-block to export")
     if bank.kind == "ivfpq":
         problems.append("index='ivfpq' stores the bank as product-quantised codes, so its vectors cannot be "
                         "recovered exactly for the graph's exact search; refit with --index flat (or hnsw / "

@@ -7,61 +7,87 @@ import numpy as np
 
 from anomaly_core.align import align_images
 from anomaly_core.augment import AUGMENTATIONS, augment_images
-from anomaly_core.backbone import Backbone
+from anomaly_core.backbone import BACKBONES, Backbone
 from anomaly_core.config import ModelConfig
 from anomaly_core.foreground import foreground_mask
+from anomaly_core.image_term import image_descriptors
 from anomaly_core.patches import add_position, aggregate_neighbours
 from anomaly_core.tiling import cut_tiles, stitch_tiles
 
 
 def describe_tokens(tokens: np.ndarray, *, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Stitched backbone tokens [B, G*G, D] unit rows -> (descriptors [B, G*G, feature_dim] unit rows,
-    foreground [B, G*G] bool)."""
+    """Stitched backbone tokens [B, G*G, token_dim] -> (descriptors [B, G*G, feature_dim] unit rows,
+    foreground [B, G*G] bool), from the patch blocks' channels (a global block's follow them)."""
     g = config.grid_size
+    tokens = tokens[..., :BACKBONES[config.backbone].dim * len(config.blocks)]       # [B, G*G, D*nb]
     fg = (foreground_mask(tokens, grid=g) if config.foreground_mask
           else np.ones(tokens.shape[:2], dtype=bool))                               # [B, G*G]
     f = aggregate_neighbours(tokens, grid=g, size=config.neighbourhood)             # [B, G*G, D]
     return add_position(f, grid=g, weight=config.position_weight), fg
 
 
+def describe_images(tokens: np.ndarray, *, config: ModelConfig) -> np.ndarray:
+    """Stitched backbone tokens [B, G*G, token_dim] of a config with a global_block -> [B, D] float32 unit
+    image descriptors (anomaly_core.image_term.image_descriptors of that block's channels, the last D)."""
+    if config.global_block is None:
+        raise ValueError("the config has no global_block: its tokens carry no image-level channels")
+    return image_descriptors(tokens[..., -BACKBONES[config.backbone].dim:])
+
+
 class FeatureExtractor:
     """The backbone of a config, loaded once (Ray actors build one in __init__).
 
     Called on a decoded batch (anomaly_core.decode) it returns {"path", "error", "features" [B, P, D]
-    float32, "foreground" [B, P] bool}, P = grid_size^2, images pose-aligned first when the config says
-    so ("copy", "width" and "height" are kept when the batch has them: augment_batch's copy index, the
-    original size the fit records); unreadable rows keep
-    their error, all-zero features and no foreground, so the fit job can report them and leave them out
-    of the bank.
+    float32, "foreground" [B, P] bool}, P = grid_size^2, and "image" [B, D_block] float32 (describe_images)
+    when the config has a global_block; images pose-aligned first when the config says so ("copy",
+    "width" and "height" are kept when the batch has them: augment_batch's copy index, the original size
+    the fit records); unreadable rows keep their error, all-zero features and no foreground, so the fit
+    job can report them and leave them out of the bank.
     """
 
     def __init__(self, *, config: ModelConfig, device: str = "auto", num_threads: int | None = None):
         self.config = config
         self.backbone = Backbone(name=config.backbone, weights=config.weights, image_size=config.image_size,
-                                 blocks=config.blocks, device=device, num_threads=num_threads)
+                                 blocks=config.blocks, global_block=config.global_block, device=device,
+                                 num_threads=num_threads)
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, D] float32 unit rows, tiles stitched."""
+        """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, token_dim] float32, tiles stitched:
+        the patch blocks' joint unit rows, then the global block's unit rows when the config has one."""
         cfg = self.config
         tiles = cut_tiles(pixels, tiles=cfg.tiles, tile_size=cfg.image_size,
                           stride=cfg.tile_stride)                                        # [B*T*T, s, s, 3]
         return stitch_tiles(self.backbone.patch_features(tiles), tiles=cfg.tiles, tile_grid=cfg.tile_grid,
-                            overlap=cfg.tile_overlap)                                    # [B, G*G, D]
+                            overlap=cfg.tile_overlap)                                    # [B, G*G, token_dim]
 
     def describe(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[B, S, S, 3] uint8 (already aligned if the config aligns) -> describe_tokens of its tokens:
         ([B, G*G, feature_dim], [B, G*G] bool)."""
         return describe_tokens(self.tokens(pixels), config=self.config)
 
+    def describe_all(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """describe's two arrays and the image descriptors [B, D] (describe_images; None without a
+        global_block), from one forward."""
+        tokens = self.tokens(pixels)
+        images = describe_images(tokens, config=self.config) if self.config.global_block is not None else None
+        return *describe_tokens(tokens, config=self.config), images
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
-        p = self.config.grid_size ** 2
-        feats = np.zeros((len(ok), p, self.config.feature_dim), dtype=np.float32)
+        cfg = self.config
+        p = cfg.grid_size ** 2
+        feats = np.zeros((len(ok), p, cfg.feature_dim), dtype=np.float32)
         fg = np.zeros((len(ok), p), dtype=bool)
+        images = np.zeros((len(ok), BACKBONES[cfg.backbone].dim), dtype=np.float32)
         if ok.any():
             px = batch["pixels"][ok]                                               # [b, S, S, 3]
-            feats[ok], fg[ok] = self.describe(align_images(px)[0] if self.config.align else px)
+            f, g, im = self.describe_all(align_images(px)[0] if cfg.align else px)
+            feats[ok], fg[ok] = f, g
+            if im is not None:
+                images[ok] = im
         out = {"path": batch["path"], "error": batch["error"], "features": feats, "foreground": fg}
+        if cfg.global_block is not None:
+            out["image"] = images
         return out | {k: batch[k] for k in ("copy", "width", "height") if k in batch}
 
 

@@ -20,8 +20,10 @@ from functools import partial
 import numpy as np
 import torch
 
+from anomaly_core.backbone import BACKBONES
 from anomaly_core.config import SHARP_TOP_FRACTION, SMOOTH_TOP_FRACTION, ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, coreset_size, identity, local_map
+from anomaly_core.image_term import ImageTerm, image_distances
 from anomaly_core.images import size_range
 from anomaly_core.index import AUTO_FLAT_MAX, MemoryBank, choose_index
 from anomaly_core.scoring import image_scores, patch_distances
@@ -47,44 +49,59 @@ class CalibrationPatches:
     gained vectors since). positions: [C, S] int32 its S patches of largest distance, whose features [C, S,
     D] float16 are kept (unit rows rounded to float16). An image's score from its grid is exact when no
     bound outside the stored positions can enter the score (`exact`); otherwise it is an upper bound,
-    tighter than the score recorded before the bank grew.
+    tighter than the score recorded before the bank grew. With an image term (config.global_block):
+    images [C, D'] float32, each image's descriptor, and image_distances [C] float32, its distance to the
+    image bank that scored it (exact: an update lowers it by the added images' descriptors); else None.
     """
     grids: np.ndarray
     positions: np.ndarray
     features: np.ndarray
+    images: np.ndarray | None = None
+    image_distances: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.grids)
 
     @classmethod
-    def of(cls, grids: np.ndarray, features: np.ndarray, *, stored: int) -> CalibrationPatches:
-        """From patch distances [C, P] and descriptors [C, P, D] of C images: the `stored` farthest each."""
+    def of(cls, grids: np.ndarray, features: np.ndarray, *, stored: int, images: np.ndarray | None = None,
+           image_distances: np.ndarray | None = None) -> CalibrationPatches:
+        """From patch distances [C, P] and descriptors [C, P, D] of C images: the `stored` farthest each;
+        images [C, D'] and image_distances [C] as they are (None: no image term)."""
         pos = np.argsort(-grids, axis=1, kind="stable")[:, :stored].astype(np.int32)            # [C, S]
         return cls(grids=np.asarray(grids, dtype=np.float32), positions=pos,
-                   features=np.take_along_axis(features, pos[:, :, None].astype(np.int64), axis=1).astype(np.float16))
+                   features=np.take_along_axis(features, pos[:, :, None].astype(np.int64), axis=1).astype(np.float16),
+                   images=None if images is None else np.asarray(images, dtype=np.float32),
+                   image_distances=None if image_distances is None else np.asarray(image_distances, dtype=np.float32))
 
     @classmethod
     def concat(cls, parts: Sequence[CalibrationPatches]) -> CalibrationPatches:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("grids", "positions", "features")))
+        return cls(**{f.name: (None if getattr(parts[0], f.name) is None
+                               else np.concatenate([getattr(p, f.name) for p in parts])) for f in fields(cls)})
 
     def take(self, rows: Sequence[int]) -> CalibrationPatches:
         """The images at `rows`, in that order."""
         ix = np.asarray(rows, dtype=np.int64)
-        return CalibrationPatches(self.grids[ix], self.positions[ix], self.features[ix])
+        return CalibrationPatches(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[ix]
+                                     for f in fields(self)})
 
-    def lowered(self, added: np.ndarray) -> CalibrationPatches:
+    def lowered(self, added: np.ndarray, *, added_images: np.ndarray | None = None) -> CalibrationPatches:
         """The grids against the bank plus `added` ([a, D] float32 unit rows): each stored patch's distance
         becomes the smaller of its distance to the bank and to its nearest added row (exact search); the
-        other positions keep their bounds."""
+        other positions keep their bounds. added_images: [b, D'] descriptors added to the image bank, which
+        lower image_distances the same way (None or empty: unchanged)."""
+        out = self
+        if added_images is not None and len(added_images) and self.images is not None and len(self):
+            out = replace(self, image_distances=np.minimum(self.image_distances,
+                                                           image_distances(self.images, added_images)))
         if len(added) == 0 or len(self) == 0:
-            return self
+            return out
         c, s, d = self.features.shape
         near = MemoryBank.build(np.ascontiguousarray(added, dtype=np.float32)).nearest(
             self.features.reshape(-1, d).astype(np.float32)).reshape(c, s)                    # [C, S]
         grids = self.grids.copy()
         rows = np.arange(c)[:, None]
         grids[rows, self.positions] = np.minimum(grids[rows, self.positions], near)
-        return CalibrationPatches(grids, self.positions, self.features)
+        return replace(out, grids=grids)
 
     def exact(self, *, config: ModelConfig) -> np.ndarray:
         """[C] bool: the image's score from its grid is its exact score. topk_mean and max read the k
@@ -139,16 +156,20 @@ class FitStats:
     # verdict far outside them. None: unknown (fitted from pixels or features without sizes)
     input_sizes: dict | None = None
     # the calibration images' scores, in the order of calibration_images: what an update (anomaly_core.update)
-    # recalibrates with, without their features. None: models fitted before they were recorded
+    # recalibrates with, without their features (a model with an image term re-scores them from
+    # calibration_patches). None: models fitted before they were recorded
     calibration_scores: list[float] | None = None
     # what re-scores the calibration images against a bank that gained vectors (CalibrationPatches; an
     # array file of the model, not part of the manifest's "stats"). None: models fitted before it was stored
     calibration_patches: CalibrationPatches | None = field(default=None, compare=False, repr=False)
+    # the image term of a model with a global_block (its bank images' descriptors, a file of the model, and
+    # its standardisation, the manifest's "image_term"); None: the image score is the patch score alone
+    image_term: ImageTerm | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        """The manifest's "stats": every field but calibration_patches (stored as a file of its own)."""
-        out = asdict(replace(self, calibration_patches=None))
-        del out["calibration_patches"]
+        """The manifest's "stats": every field but calibration_patches and image_term (stored apart)."""
+        out = asdict(replace(self, calibration_patches=None, image_term=None))
+        del out["calibration_patches"], out["image_term"]
         return out
 
     @classmethod
@@ -246,9 +267,10 @@ def patch_estimate(n_bank_images: int, *, config: ModelConfig) -> int:
 
 def mark_folds(batch: dict[str, np.ndarray], *, folds: dict[str, int]) -> dict[str, np.ndarray]:
     """FeatureExtractor output -> a feature block: adds "fold" [B] int16 (SplitPlan.folds_of; -1 for the
-    others) and keeps "copy" [B] int16 (augment_batch's; all 0 when absent) and the original "width" and
-    "height" [B] when the batch has them."""
-    out = {k: batch[k] for k in ("path", "error", "features", "foreground", "width", "height") if k in batch}
+    others) and keeps "copy" [B] int16 (augment_batch's; all 0 when absent), the image descriptors "image"
+    [B, D'] (config.global_block) and the original "width" and "height" [B] when the batch has them."""
+    out = {k: batch[k] for k in ("path", "error", "features", "foreground", "image", "width", "height")
+           if k in batch}
     out["fold"] = np.array([folds.get(str(p), -1) for p in batch["path"]], dtype=np.int16)
     out["copy"] = batch["copy"] if "copy" in batch else np.zeros(len(batch["path"]), dtype=np.int16)
     return out
@@ -256,10 +278,11 @@ def mark_folds(batch: dict[str, np.ndarray], *, folds: dict[str, int]) -> dict[s
 
 def feature_blocks(features: np.ndarray, fold: np.ndarray, *, images_per_block: int,
                    foreground: np.ndarray | None = None, paths: Sequence[str] | None = None,
-                   copy: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+                   copy: np.ndarray | None = None, images: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     """In-memory features [N, P, D], folds [N] int (SplitPlan.fold), foreground [N, P] bool (None:
-    everywhere), names [N] (None: "0", "1", ...) and copy index [N] (None: all originals) -> the blocks
-    fit_bank takes (what the fit job builds in Ray's object store)."""
+    everywhere), names [N] (None: "0", "1", ...), copy index [N] (None: all originals) and image descriptors
+    [N, D'] (config.global_block; None: none) -> the blocks fit_bank takes (what the fit job builds in
+    Ray's object store)."""
     n, p = features.shape[:2]
     fg = np.ones((n, p), dtype=bool) if foreground is None else foreground
     names = np.array([str(i) for i in range(n)] if paths is None else [str(x) for x in paths], dtype=object)
@@ -269,6 +292,7 @@ def feature_blocks(features: np.ndarray, fold: np.ndarray, *, images_per_block: 
              "error": np.full(len(names[s:s + images_per_block]), "", dtype=object),
              "features": features[s:s + images_per_block], "foreground": fg[s:s + images_per_block],
              "fold": fold[s:s + images_per_block], "copy": cp[s:s + images_per_block]}
+            | ({} if images is None else {"image": images[s:s + images_per_block]})
             for s in range(0, n, images_per_block)]
 
 
@@ -279,6 +303,15 @@ def bank_patches(block: dict[str, np.ndarray], *, leave_out: int | None) -> np.n
     if leave_out is not None:
         keep &= block["fold"] != leave_out
     return block["features"][keep][block["foreground"][keep]]                     # [b, P, D][b, P] -> [n, D]
+
+
+def bank_images(block: dict[str, np.ndarray], *, leave_out: int | None) -> np.ndarray:
+    """[n, D'] image descriptors of the block's readable images outside fold `leave_out` (None: all),
+    augmented copies included: the image bank's rows (config.global_block)."""
+    keep = block["error"] == ""                                                    # [B]
+    if leave_out is not None:
+        keep &= block["fold"] != leave_out
+    return block["image"][keep]
 
 
 def position_consistency(count: int, total: np.ndarray, total_sq: np.ndarray) -> float:
@@ -293,7 +326,7 @@ def position_consistency(count: int, total: np.ndarray, total_sq: np.ndarray) ->
 
 @dataclass(frozen=True)
 class BlockCalibration:
-    scores: np.ndarray                  # [m] float32 image scores of the block's fold-f originals
+    scores: np.ndarray                  # [m] float32 patch scores of the block's fold-f originals
     distance_sum: np.ndarray            # [P] float64 sums of their patch distances per position
     distance_sq: np.ndarray             # [P] float64 sums of squares
     paths: list[str]                    # their names
@@ -301,14 +334,16 @@ class BlockCalibration:
     originals: list[str]                # their names
     unreadable: list[tuple[str, str]]   # (name, error)
     sizes: np.ndarray                   # [n, 2] int (width, height) of the readable originals; [0, 2] unknown
-    patches: CalibrationPatches         # of the fold-f originals, in the order of `paths`
+    patches: CalibrationPatches         # of the fold-f originals, in the order of `paths` (with their image
+                                        # descriptors and distances when the model has an image term)
 
 
-def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: ModelConfig, block_of: Callable,
-                    exact_above: float | None) -> BlockCalibration:
-    """Scores of the block's fold-`fold` images (originals, not augmented copies) against a bank fitted
-    without them (shipped serialised: this runs as a Ray task), searched as the model will search it:
-    rows beyond `exact_above` (that bank's cover radius) exhaustively (MemoryBank)."""
+def calibrate_block(block, bank_bytes: list[np.ndarray], image_bank: np.ndarray | None, *, fold: int,
+                    config: ModelConfig, block_of: Callable, exact_above: float | None) -> BlockCalibration:
+    """Patch scores of the block's fold-`fold` images (originals, not augmented copies) against a bank
+    fitted without them (shipped serialised: this runs as a Ray task), searched as the model will search
+    it: rows beyond `exact_above` (that bank's cover radius) exhaustively (MemoryBank); with image_bank
+    ([M, D'] descriptors of the images of that bank; None: no image term) their image distances too."""
     block = block_of(block)
     bank = MemoryBank.deserialize(bank_bytes, nprobe=config.nprobe, ef_search=config.ef_search,
                                   exact_above=exact_above)
@@ -326,29 +361,42 @@ def calibrate_block(block, bank_bytes: list[np.ndarray], *, fold: int, config: M
         unreadable=[(str(p), str(e)) for p, e in zip(block["path"][~ok], block["error"][~ok], strict=True)],
         sizes=(np.stack([block["width"][original], block["height"][original]], axis=1).astype(np.int64)
                if "width" in block else np.zeros((0, 2), dtype=np.int64)),
-        patches=CalibrationPatches.of(dist, block["features"][sel], stored=stored_patches(config)))
+        patches=CalibrationPatches.of(
+            dist, block["features"][sel], stored=stored_patches(config),
+            images=None if image_bank is None else block["image"][sel],
+            image_distances=None if image_bank is None else image_distances(block["image"][sel], image_bank)))
 
 
 def calibration_passes(blocks: Sequence, *, plan: SplitPlan | None, n_estimate: int, banked: Callable,
-                       config: ModelConfig, map_fn: MapFn, block_of: Callable) -> tuple[tuple, list[BlockCalibration]]:
+                       config: ModelConfig, map_fn: MapFn, block_of: Callable, image_base: np.ndarray | None = None
+                       ) -> tuple[tuple, np.ndarray | None, list[BlockCalibration]]:
     """The bank passes of a calibrated fit (fit_bank) or update (anomaly_core.update), and their calibration.
 
     banked(leave_out, estimate) -> (selection, MemoryBank): a bank of the blocks' images less fold
     `leave_out` (None: every image), `estimate` the patches expected in it. Cross-fitted plan: each fold
     is scored by a bank built without it, then the final bank holds every image. Otherwise (a hold-out
-    plan, or None) fold 0 is left out of the one bank and scored by it.
-    Returns (the final banked(...) result, the calibration of every block, fold by fold).
+    plan, or None) fold 0 is left out of the one bank and scored by it. image_base: [M0, D'] image
+    descriptors every image bank starts from (a parent's; [0, D'] for a fit), to which each pass adds
+    its images' (bank_images); None: no image term.
+    Returns (the final banked(...) result, the final image bank or None, the calibration of every block,
+    fold by fold).
     """
-    def calibrated(fold: int, bank: MemoryBank) -> list[BlockCalibration]:
+    def images(leave_out: int | None) -> np.ndarray | None:
+        if image_base is None:
+            return None
+        rows = map_fn(compose(partial(bank_images, leave_out=leave_out), block_of), blocks)
+        return np.concatenate([image_base, *rows]).astype(np.float32)               # [M, D']
+
+    def calibrated(fold: int, bank: MemoryBank, image_bank: np.ndarray | None) -> list[BlockCalibration]:
         return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of,
-                              exact_above=bank.exact_above), blocks, bank.serialize())
+                              exact_above=bank.exact_above), blocks, bank.serialize(), image_bank)
 
     if plan is not None and plan.crossfit:
         fold_estimate = n_estimate * (plan.n_folds - 1) // plan.n_folds
-        parts = [c for f in range(plan.n_folds) for c in calibrated(f, banked(f, fold_estimate)[1])]
-        return banked(None, n_estimate), parts
-    final = banked(0, n_estimate)
-    return final, calibrated(0, final[1])
+        parts = [c for f in range(plan.n_folds) for c in calibrated(f, banked(f, fold_estimate)[1], images(f))]
+        return banked(None, n_estimate), images(None), parts
+    final, image_bank = banked(0, n_estimate), images(0)
+    return final, image_bank, calibrated(0, final[1], image_bank)
 
 
 def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estimate: int,
@@ -376,12 +424,14 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
         return core, MemoryBank.build(core.features, kind=kind, shard_size=config.shard_size, seed=config.seed,
                                       nprobe=config.nprobe, ef_search=config.ef_search, exact_above=core.cover_radius)
 
-    (core, bank), parts = calibration_passes(blocks, plan=plan, n_estimate=n_estimate, banked=fitted,
-                                             config=config, map_fn=map_fn, block_of=block_of)
+    (core, bank), image_bank, parts = calibration_passes(
+        blocks, plan=plan, n_estimate=n_estimate, banked=fitted, config=config, map_fn=map_fn, block_of=block_of,
+        image_base=None if config.global_block is None else np.zeros((0, BACKBONES[config.backbone].dim), np.float32))
     t_core = time.perf_counter() - t0
     log.info("coreset: %d of %d patches, cover radius %.4f; calibration %s; %.1fs",
              core.features.shape[0], core.n_points, core.cover_radius, plan.name, t_core)
-    scores = np.concatenate([c.scores for c in parts])
+    patches = CalibrationPatches.concat([c.patches for c in parts])
+    term, scores = image_scoring(image_bank, np.concatenate([c.scores for c in parts]), patches)
     cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
     consistency = position_consistency(int(scores.size), sum(c.distance_sum for c in parts),
                                        sum(c.distance_sq for c in parts))
@@ -410,9 +460,22 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
                      position_consistency=round(consistency, 4),
                      unreadable=[u for c in one_pass for u in c.unreadable], index=kind,
                      input_sizes=size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None,
-                     calibration_scores=[float(s) for s in scores],
-                     calibration_patches=CalibrationPatches.concat([c.patches for c in parts]))
+                     calibration_scores=[float(s) for s in scores], calibration_patches=patches, image_term=term)
     return bank, cal, stats
+
+
+def image_scoring(image_bank: np.ndarray | None, patch_scores: np.ndarray, patches: CalibrationPatches
+                  ) -> tuple[ImageTerm | None, np.ndarray]:
+    """(the image term, the calibration images' image scores [C]) from the final image bank [M, D'] (None:
+    no image term, the scores are the patch scores [C]) and the calibration images' patch scores and
+    CalibrationPatches (their image distances), in the same order: what the threshold is set on."""
+    if image_bank is None:
+        return None, np.asarray(patch_scores)
+    term = ImageTerm.of(image_bank, patch_scores=patch_scores, distances=patches.image_distances)
+    log.info("image term: %d bank images; calibration log patch score %.3f +- %.3f, log image distance %.3f "
+             "+- %.3f", len(image_bank), term.patch_log_mean, term.patch_log_std, term.image_log_mean,
+             term.image_log_std)
+    return term, term.combine(patch_scores, patches.image_distances)
 
 
 def index_kind(config: ModelConfig, *, n_estimate: int, search_device: str) -> str:

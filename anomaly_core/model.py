@@ -34,6 +34,7 @@ from anomaly_core.fit import (
     mark_folds,
     split_calibration,
 )
+from anomaly_core.image_term import ImageTerm
 from anomaly_core.images import size_range
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_maps, image_scores, patch_distances
@@ -56,15 +57,22 @@ class ScoreResult:
 
 def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
                    foreground: np.ndarray | None = None, poses: np.ndarray | None = None, maps: bool = True,
-                   device: str | torch.device = "cpu") -> ScoreResult:
+                   device: str | torch.device = "cpu", image_term: ImageTerm | None = None,
+                   images: np.ndarray | None = None) -> ScoreResult:
     """Descriptors [B, G*G, D] unit rows and foreground [B, G*G] bool (None: everywhere) -> ScoreResult
     against `bank` (Model.score_features with the model's own bank; benchmarks pass banks of their own).
     poses: [B, 3] when the descriptors are of aligned images (maps are turned back by them). maps: build
-    the maps (image_maps, on `device`)."""
+    the maps (image_maps, on `device`). image_term: the model's (None: none), which combines the patch
+    score with the image descriptors [B, D'] (anomaly_core.image_term)."""
     b, g = len(features), config.grid_size
     dist = patch_distances(features, bank, foreground=foreground)                        # [B, G*G]
     grid = dist.reshape(b, g, g)                                                         # [B, G, G]
     scores = image_scores(grid, **config.score_options)                                  # [B]
+    if image_term is not None:
+        if images is None:
+            raise ValueError("the model has an image term (global_block): pass the images' descriptors "
+                             "(FeatureExtractor.describe_all)")
+        scores = image_term.score(scores, images)                                        # [B]
     amaps = None
     if maps:
         amaps = image_maps(torch.from_numpy(grid).to(device), out_size=config.input_size, sigma=config.map_sigma,
@@ -79,6 +87,9 @@ class Model:
 
     def __init__(self, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration, weights: dict | None,
                  stats: FitStats, manifest: dict | None = None, lineage: dict | None = None):
+        if (config.global_block is None) != (stats.image_term is None):
+            raise ValueError(f"config.global_block={config.global_block} but the fit statistics "
+                             f"{'lack' if stats.image_term is None else 'hold'} an image term: fit the model anew")
         self.config, self.bank, self.calibration = config, bank, calibration
         # a training patch lies within the cover radius of the bank, so an approximate index's misses above it
         # are what can turn a verdict: those rows are searched again exhaustively (MemoryBank exact_above)
@@ -104,7 +115,7 @@ class Model:
         t_feat = time.perf_counter() - t0
         model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
                                  foreground=rows["foreground"], paths=rows["path"], copy=rows["copy"],
-                                 weights=extractor.backbone.identity,
+                                 images=rows.get("image"), weights=extractor.backbone.identity,
                                  search_device=extractor.backbone.device.type)
         model._extractor = extractor
         model.bank.place(extractor.backbone.device)
@@ -116,18 +127,20 @@ class Model:
     @classmethod
     def fit_features(cls, features: np.ndarray, *, config: ModelConfig, plan: SplitPlan | None = None,
                      foreground: np.ndarray | None = None, paths: Sequence[str] | None = None,
-                     copy: np.ndarray | None = None, weights: dict | None = None,
+                     copy: np.ndarray | None = None, images: np.ndarray | None = None, weights: dict | None = None,
                      search_device: str = "cpu") -> Model:
         """Fit on descriptors [N, P, D] float32 of good images (FeatureExtractor's; augmented copies as rows
         of their own, marked by copy [N] int, 0 = the image itself). plan: which rows calibrate (its fold
         is per row; None: split_calibration of the paths); foreground: [N, P] bool (None: everywhere);
-        paths: [N] names (None: "0".."N-1"); weights: the backbone's identity record (needed to save);
+        paths: [N] names (None: "0".."N-1"); images: [N, D'] image descriptors (needed with a
+        global_block); weights: the backbone's identity record (needed to save);
         search_device: where the model will be scored (sets what index="auto" chooses; fit_bank)."""
         names = [str(i) for i in range(len(features))] if paths is None else [str(p) for p in paths]
         plan = plan or split_calibration(names, config=config)
         config = fitted_config(config, plan=plan, names=names)
         blocks = feature_blocks(features, plan.fold, images_per_block=images_per_block(config),
-                                foreground=foreground, paths=names, copy=copy)
+                                foreground=foreground, paths=names, copy=copy,
+                                images=image_rows(images, config=config, n=len(names)))
         n_bank_rows = len(names) if plan.crossfit else int((plan.fold != 0).sum())
         bank, calibration, stats = fit_bank(blocks, config=config, plan=plan,
                                             n_estimate=n_bank_rows * config.grid_size ** 2,
@@ -151,7 +164,7 @@ class Model:
         t_feat = time.perf_counter() - t0
         model = self.update_features(rows["features"], foreground=rows["foreground"], paths=rows["path"],
                                      copy=rows["copy"], fold=rows["fold"], plan=plan, max_added=max_added,
-                                     sizes=sizes)
+                                     sizes=sizes, images=rows.get("image"))
         model._extractor = extractor
         model.bank.place(extractor.backbone.device)
         model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
@@ -162,16 +175,17 @@ class Model:
     def update_features(self, features: np.ndarray, *, paths: Sequence[str], foreground: np.ndarray | None = None,
                         copy: np.ndarray | None = None, fold: np.ndarray | None = None,
                         plan: SplitPlan | None = None, max_added: int | None = None,
-                        sizes: np.ndarray | None = None) -> Model:
+                        sizes: np.ndarray | None = None, images: np.ndarray | None = None) -> Model:
         """Model.update on descriptors [N, P, D] float32 of the new good images (rows as Model.fit_features
-        takes them; fold [N] per row, default plan's). plan: update_split of the names when not given.
-        sizes: [N_images, 2] original (width, height) of the new images, None: unknown."""
+        takes them, images [N, D'] too; fold [N] per row, default plan's). plan: update_split of the names
+        when not given. sizes: [N_images, 2] original (width, height) of the new images, None: unknown."""
         names = [str(p) for p in paths]
         plan = plan if plan is not None else update_split(names, config=self.config)
         if fold is None:
             fold = plan.fold if plan is not None else np.full(len(names), -1, dtype=np.int16)
         blocks = feature_blocks(features, fold, images_per_block=images_per_block(self.config),
-                                foreground=foreground, paths=names, copy=copy)
+                                foreground=foreground, paths=names, copy=copy,
+                                images=image_rows(images, config=self.config, n=len(names)))
         bank, calibration, stats, added = update_bank(blocks, config=self.config, bank=self.bank, stats=self.stats,
                                                       plan=plan, max_added=max_added)
         if sizes is not None:
@@ -203,17 +217,20 @@ class Model:
     def score(self, pixels: np.ndarray, *, maps: bool = True) -> ScoreResult:
         """Images [B, S, S, 3] uint8 (S = config.input_size) -> their ScoreResult. Aligned first when the
         config says so; the maps are in each image's own frame. maps=False: scores and grids only."""
+        poses = None
         if self.config.align:
-            aligned, poses = align_images(pixels)                                # [B, S, S, 3], [B, 3]
-            return self.score_features(*self.backbone().describe(aligned), poses=poses, maps=maps)
-        return self.score_features(*self.backbone().describe(pixels), maps=maps)
+            pixels, poses = align_images(pixels)                                 # [B, S, S, 3], [B, 3]
+        features, foreground, images = self.backbone().describe_all(pixels)
+        return self.score_features(features, foreground, poses=poses, maps=maps, images=images)
 
     def score_features(self, features: np.ndarray, foreground: np.ndarray | None = None, *,
-                       poses: np.ndarray | None = None, maps: bool = True) -> ScoreResult:
+                       poses: np.ndarray | None = None, maps: bool = True,
+                       images: np.ndarray | None = None) -> ScoreResult:
         """Descriptors [B, G*G, D] and foreground [B, G*G] bool (None: everywhere) -> ScoreResult; poses
-        [B, 3] when the descriptors are of aligned images."""
+        [B, 3] when the descriptors are of aligned images; images [B, D'] their image descriptors (needed
+        when the model has an image term, config.global_block)."""
         return score_features(features, self.bank, config=self.config, foreground=foreground, poses=poses,
-                              maps=maps, device=self.device)
+                              maps=maps, device=self.device, image_term=self.stats.image_term, images=images)
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
         """Image scores [B] -> verdicts [B] bool: at or above the calibrated threshold."""
@@ -235,10 +252,13 @@ class Model:
         if self.weights is None:
             raise ValueError("the model was fitted from features with weights=None; pass the backbone's "
                              "identity (FeatureExtractor(...).backbone.identity) to fit_features to save it")
+        term, patches = self.stats.image_term, self.stats.calibration_patches
         self.manifest = save_model(uri, config=self.config, bank=self.bank, calibration=self.calibration.to_dict(),
                                    weights=self.weights, stats=self.stats.to_dict(), lineage=self.lineage,
-                                   calibration_patches=(asdict(self.stats.calibration_patches)
-                                                        if self.stats.calibration_patches is not None else None),
+                                   calibration_patches=(None if patches is None else
+                                                        {k: v for k, v in asdict(patches).items() if v is not None}),
+                                   image_term=term.standardisation() if term is not None else None,
+                                   image_vectors=term.vectors if term is not None else None,
                                    overwrite=overwrite, options=options)
         return self.manifest
 
@@ -246,9 +266,14 @@ class Model:
     def load(cls, uri: str, options: StorageOptions | None = None, *, model_id: str | None = None) -> Model:
         """Load a model folder (local or s3://), every file checked against the manifest; model_id: the id
         it must have (a pinned model), checked before any bank file is read."""
-        manifest, bank, patches = load_artifact(uri, options, model_id=model_id)
+        manifest, bank, arrays = load_artifact(uri, options, model_id=model_id)
+        arrays = dict(arrays or {})
+        vectors = arrays.pop("image_vectors", None)
+        term = manifest.get("image_term")
         stats = replace(FitStats.from_dict(manifest["stats"]),
-                        calibration_patches=CalibrationPatches(**patches) if patches is not None else None)
+                        calibration_patches=CalibrationPatches(**arrays) if arrays else None,
+                        image_term=None if vectors is None else ImageTerm(
+                            vectors=vectors, **{k: v for k, v in term.items() if k != "vectors"}))
         return cls(config=ModelConfig.from_dict(manifest["config"]), bank=bank,
                    calibration=Calibration(**manifest["calibration"]), weights=manifest["weights"],
                    stats=stats, manifest=manifest,
@@ -258,8 +283,8 @@ class Model:
 def _feature_rows(extractor: FeatureExtractor, pixels: np.ndarray, names: list[str], *, plan: SplitPlan | None,
                   batch_size: int) -> dict[str, np.ndarray]:
     """Images [N, S, S, 3] uint8 named `names` -> rows {"path", "features" [R, P, D], "foreground" [R, P],
-    "fold" [R], "copy" [R]}: the images, and augmented copies of the bank images when the config augments
-    (plan None: none is held out; every fold -1)."""
+    "fold" [R], "copy" [R]}, and "image" [R, D'] with a global_block: the images, and augmented copies of
+    the bank images when the config augments (plan None: none is held out; every fold -1)."""
     config = extractor.config
     held = plan.held_out(names) if plan is not None else frozenset()
     folds = plan.folds_of(names) if plan is not None else {}
@@ -271,4 +296,16 @@ def _feature_rows(extractor: FeatureExtractor, pixels: np.ndarray, names: list[s
         if config.n_augment > 1:
             batch = augment_batch(batch, name=config.augment, held=held)
         parts.append(mark_folds(extractor(batch), folds=folds))
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("path", "features", "foreground", "fold", "copy")}
+    keys = ("path", "features", "foreground", "fold", "copy") + (("image",) if config.global_block is not None else ())
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def image_rows(images: np.ndarray | None, *, config: ModelConfig, n: int) -> np.ndarray | None:
+    """The image descriptors [n, D'] a fit or update on n rows needs: required with a global_block, else
+    unused (None)."""
+    if config.global_block is None:
+        return None
+    if images is None or len(images) != n:
+        raise ValueError(f"global_block={config.global_block}: the fit needs each row's image descriptor "
+                         f"(FeatureExtractor.describe_all), [{n}, D]; got {None if images is None else images.shape}")
+    return np.asarray(images, dtype=np.float32)

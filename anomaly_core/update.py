@@ -74,6 +74,7 @@ from anomaly_core.fit import (
     bank_patches,
     calibration_passes,
     compose,
+    image_scoring,
     split_calibration,
 )
 from anomaly_core.images import size_range
@@ -125,16 +126,17 @@ def stop_radius(cover_radius: float) -> float:
     return cover_radius / 2
 
 
-def rescored(stats: FitStats, keep: Sequence[int], added: np.ndarray, *, config: ModelConfig
-             ) -> tuple[np.ndarray, CalibrationPatches | None, int]:
+def rescored(stats: FitStats, keep: Sequence[int], added: np.ndarray, *, config: ModelConfig,
+             added_images: np.ndarray | None = None) -> tuple[np.ndarray, CalibrationPatches | None, int]:
     """The parent's calibration images at `keep` (indices into stats.calibration_images) scored against
-    its bank plus `added` ([a, D] float32 unit rows): (scores [c] float64, their CalibrationPatches with
-    the lowered grids, how many scores are exact). A parent without stored patches: its recorded scores
-    (upper bounds), None, 0."""
+    its bank plus `added` ([a, D] float32 unit rows), and its image bank plus `added_images` ([b, D']
+    descriptors, with an image term): (patch scores [c] float64, their CalibrationPatches with the lowered
+    grids and image distances, how many scores are exact). A parent without stored patches: its recorded
+    scores (upper bounds), None, 0."""
     recorded = np.array([stats.calibration_scores[i] for i in keep], dtype=np.float64)
     if stats.calibration_patches is None:
         return recorded, None, 0
-    patches = stats.calibration_patches.take(keep).lowered(added)
+    patches = stats.calibration_patches.take(keep).lowered(added, added_images=added_images)
     g = config.grid_size
     scores = image_scores(patches.grids.reshape(-1, g, g), **config.score_options).astype(np.float64)
     return scores, patches, int(patches.exact(config=config).sum())
@@ -167,8 +169,10 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
     # hold-out: fold 0 is the new calibration part; no plan: every fold is -1, so fold 0 selects no image
     # and the calibration pass only counts the images, their sizes and the unreadable ones. The budget
     # counts the candidates as round 1 finds them, so the passes need no estimate of the patches (0).
-    (ext, new_bank), parts = calibration_passes(blocks, plan=plan, n_estimate=0, banked=extended,
-                                                config=config, map_fn=map_fn, block_of=block_of)
+    parent_images = stats.image_term.vectors if stats.image_term is not None else None
+    (ext, new_bank), image_bank, parts = calibration_passes(blocks, plan=plan, n_estimate=0, banked=extended,
+                                                            config=config, map_fn=map_fn, block_of=block_of,
+                                                            image_base=parent_images)
     one_pass = parts[:len(blocks)]                         # every block seen once (the first fold's pass)
     new_images = [p for c in one_pass for p in c.originals]
     new_names = [p for c in parts for p in c.paths]
@@ -176,7 +180,9 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
     seen = set(new_images)
     keep = [i for i, name in enumerate(stats.calibration_images)
             if stats.calibration_scores is not None and name not in seen]
-    parent_scores, parent_patches, n_exact = rescored(stats, keep, ext.features, config=config)
+    parent_scores, parent_patches, n_exact = rescored(
+        stats, keep, ext.features, config=config,
+        added_images=None if image_bank is None else image_bank[len(parent_images):])
     if stats.calibration_scores is None:
         log.warning("the parent model records no calibration scores (fitted before they were recorded): the "
                     "threshold rests on the %d held-out new images alone", new_scores.size)
@@ -191,13 +197,14 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
         raise ValueError(f"{len(keep)} recorded parent scores and {new_scores.size} held-out new images: the threshold "
                          f"needs at least 2 normal scores the new bank did not see; add good images (from "
                          f"{MIN_NEW_CALIBRATION} new images up, some are held out) or refit")
-    scores = np.concatenate([parent_scores, new_scores])
-    cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
     sizes = np.concatenate([c.sizes for c in one_pass])                    # [n, 2] (width, height)
     # in the order of calibration_images; none when kept parent images have none (a chained update then
     # keeps upper bounds for them, as for its parent)
     patches = (None if parent_patches is None and keep else CalibrationPatches.concat(
         ([parent_patches] if parent_patches is not None else []) + [c.patches for c in parts]))
+    # a model with an image term is re-standardised on the new calibration set (it always stores patches)
+    term, scores = image_scoring(image_bank, np.concatenate([parent_scores, new_scores]), patches)
+    cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
     t_update = time.perf_counter() - t0
     new_stats = FitStats(
         n_images=stats.n_images + len(new_images),
@@ -209,7 +216,7 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
         cover_radius=max(stats.cover_radius, ext.cover_radius), coreset_seconds=round(t_update, 2),
         calibration_images=[stats.calibration_images[i] for i in keep] + new_names,
         calibration_scores=[float(s) for s in scores],
-        calibration_patches=patches,
+        calibration_patches=patches, image_term=term,
         position_consistency=stats.position_consistency,
         unreadable=list(stats.unreadable) + [u for c in one_pass for u in c.unreadable], index=new_bank.kind,
         input_sizes=merge_sizes(stats.input_sizes, size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None))
