@@ -70,7 +70,7 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
     scores = image_scores(grid, **config.score_options)                                  # [B]
     if image_term is not None:
         if images is None:
-            raise ValueError("the model has an image term (global_block): pass the images' descriptors "
+            raise ValueError("the model has an image term (global_block): pass the image descriptors "
                              "(FeatureExtractor.describe_all)")
         scores = image_term.score(scores, images)                                        # [B]
     amaps = None

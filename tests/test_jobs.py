@@ -174,3 +174,23 @@ def test_the_fit_job_records_the_training_images_sizes_in_the_model_id(fitted_mo
     edited = json.loads(json.dumps(manifest))
     edited["stats"]["input_sizes"]["max_side"] = 4000                        # widen what gets a verdict
     assert content_id(edited) != manifest["model_id"]
+
+
+@pytest.mark.integration
+def test_an_image_term_fits_and_scores_through_ray_as_in_process(ray_local, texture_dataset, tmp_path):
+    """The fit job carries each image's descriptor through Ray's blocks (augmented copies too); the score
+    job's scores are the in-process model's."""
+    from anomaly_core.config import ModelConfig
+    from anomaly_core.images import decode_image, resize_square
+    from anomaly_core.model import Model
+    from jobs.fit import run_fit
+    cfg = ModelConfig(image_size=56, blocks=(3,), global_block=2, tiles=1, augment="flips", calibration="holdout")
+    manifest = run_fit(str(texture_dataset / "train" / "good"), str(tmp_path / "m"), config=cfg, batch_size=4)
+    model = Model.load(tmp_path / "m")
+    assert len(model.stats.image_term.vectors) == 8 * 4 and "image_term" in manifest       # 4 flips of 8 images
+    run_score(str(texture_dataset / "test"), str(tmp_path / "m"), str(tmp_path / "out"), batch_size=4)
+    got = dict(rows(tmp_path / "out", "SELECT uri, score FROM {T}"))
+    paths = sorted((texture_dataset / "test").rglob("*.png"))
+    pixels = np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths])
+    expected = model.score(pixels, maps=False).scores
+    assert [got[str(p)] for p in paths] == pytest.approx(expected.tolist(), rel=1e-4)
