@@ -10,9 +10,10 @@ Contract of the graph (docs/export.md):
 
 The graph holds the steps `Model.score` runs: the backbone over the tiles and their stitching, the
 descriptor steps the config enables (neighbourhood aggregation, position code), exact cosine 1-NN against
-the bank (a constant [M, D]: one matrix product and a maximum), the image-score reduction and the map
-smoothing. The threshold, model id and the facts a caller needs (input size, grid, resize) are in the
-graph's metadata_props. Options the graph cannot express are refused, never dropped (exportable).
+the bank (a constant [M, D]: one matrix product and a maximum), the image-score reduction, the image-level
+term of a model fitted with one (anomaly_core.image_term) and the map smoothing. The threshold, model id
+and the facts a caller needs (input size, grid, resize) are in the graph's metadata_props. Options the
+graph cannot express are refused, never dropped (exportable).
 
 Where the library's step is numpy, the graph uses an equivalent torch step defined here and tested
 against it (tests/test_export.py): tile cutting and stitching as gathers whose indices come from the
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from anomaly_core.backbone import normalised_tokens
+from anomaly_core.backbone import BACKBONES, normalised_tokens
 from anomaly_core.config import ModelConfig
+from anomaly_core.image_term import LOG_FLOOR, ImageTerm
 from anomaly_core.index import MemoryBank
 from anomaly_core.patches import position_code
 from anomaly_core.scoring import reduce_grids, smoothing_matrix, upsampling_matrix
@@ -69,10 +71,6 @@ def exportable(config: ModelConfig, bank: MemoryBank) -> None:
                         "principal component and then dilates and closes the mask (anomaly_core.foreground): "
                         "a per-image histogram threshold the graph does not hold; fit with "
                         "--no-foreground-mask to export")
-    if config.global_block is not None:
-        problems.append(f"global_block={config.global_block} adds an image-level term (anomaly_core.image_term: "
-                        f"the nearest bank image's distance, standardised with the patch score) that the graph "
-                        f"does not hold yet; fit without --global-block to export")
     if bank.kind == "ivfpq":
         problems.append("index='ivfpq' stores the bank as product-quantised codes, so its vectors cannot be "
                         "recovered exactly for the graph's exact search; refit with --index flat (or hnsw / "
@@ -124,11 +122,19 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 class ScoringGraph(torch.nn.Module):
     """Model.score as one torch module that traces to ONNX: image [N, S, S, 3] uint8 -> (score [N],
     grid [N, G, G], map [N, S, S]), all float32. vit: the truncated timm ViT (anomaly_core.backbone), in
-    `dtype`; bank: [M, D] float32 unit rows, stored in `dtype`."""
+    `dtype`; bank: [M, D] float32 unit rows, stored in `dtype`; image_term: the model's (config.global_block),
+    whose image vectors stay float32 whatever `dtype` (nearest-image distances of about 1e-3 are below
+    float16's resolution of a cosine near 1)."""
 
-    def __init__(self, *, vit: torch.nn.Module, bank: np.ndarray, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, *, vit: torch.nn.Module, bank: np.ndarray, config: ModelConfig, dtype: torch.dtype,
+                 image_term: ImageTerm | None = None):
         super().__init__()
+        if (config.global_block is None) != (image_term is None):
+            raise ValueError(f"global_block={config.global_block} needs the model's image term, and only it has one")
         self.config, self.vit, self.blocks = config, vit, tuple(config.blocks)
+        self.image_term = image_term
+        if image_term is not None:
+            self.register_buffer("image_vectors", torch.from_numpy(image_term.vectors).float())
         self.register_buffer("tile_index", torch.from_numpy(tile_index(config)))
         self.register_buffer("stitch_index", torch.from_numpy(stitch_index(config)))
         g = config.grid_size
@@ -149,15 +155,16 @@ class ScoringGraph(torch.nn.Module):
         cfg = self.config
         n, s, t = image.shape[0], cfg.image_size, cfg.tiles
         tiles = image.reshape(n, -1, 3)[:, self.tile_index].reshape(n * t * t, s, s, 3)
-        tokens = normalised_tokens(self.vit, tiles, blocks=self.blocks)              # [N*T*T, g*g, D]
-        return tokens.reshape(n, -1, tokens.shape[-1])[:, self.stitch_index]       # [N, G*G, D]
+        tokens = normalised_tokens(self.vit, tiles, blocks=self.blocks,
+                                   global_block=cfg.global_block)                    # [N*T*T, g*g, D (+ D')]
+        return tokens.reshape(n, -1, tokens.shape[-1])[:, self.stitch_index]       # [N, G*G, D (+ D')]
 
     def describe(self, tokens: torch.Tensor) -> torch.Tensor:
         """Stitched tokens [N, G*G, D] unit rows -> descriptors [N, G*G, feature_dim] unit rows
         (anomaly_core.features.describe_tokens without the foreground mask, which exportable refuses)."""
         cfg = self.config
-        n, g, d = tokens.shape[0], cfg.grid_size, tokens.shape[-1]
-        f = tokens
+        f = tokens[..., :BACKBONES[cfg.backbone].dim * len(cfg.blocks)]                # the patch blocks' channels
+        n, g, d = f.shape[0], cfg.grid_size, f.shape[-1]
         if cfg.neighbourhood > 1:                  # aggregate_neighbours: R @ x @ R^T on each channel
             r = self.neighbours
             f = torch.matmul(r, f.reshape(n, g, g * d)).reshape(n, g, g, d)         # rows averaged
@@ -170,13 +177,27 @@ class ScoringGraph(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         n, g = image.shape[0], cfg.grid_size
-        f = self.describe(self.tokens(image))                                       # [N, G*G, D]
+        tokens = self.tokens(image)                                                 # [N, G*G, D (+ D')]
+        f = self.describe(tokens)                                                   # [N, G*G, D]
         grid = nearest_distance(f.to(self.bank.dtype), self.bank).reshape(n, g, g)  # [N, G, G] float32
         score = reduce_grids(grid, reduction=cfg.reduction, top_fraction=cfg.top_fraction,
                              smoothing=self.grid_smoothing)                   # [N]
+        if self.image_term is not None:
+            score = self.combined(score, tokens[..., -BACKBONES[cfg.backbone].dim:].float())
         a = self.map_operator                                                       # [S, G]
         amap = a @ grid @ a.T                                                       # [N, S, S]
         return score, grid, amap
+
+    def combined(self, score: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """ImageTerm.score in torch: patch scores [N] and the global block's unit tokens [N, G*G, D'] ->
+        [N] combined scores (image_descriptors, their nearest-image distance, the larger z-score in
+        patch-score units)."""
+        t = self.image_term
+        desc = torch.nn.functional.normalize(image_tokens.mean(dim=1), dim=-1)            # [N, D']
+        dist = nearest_distance(desc, self.image_vectors)                                 # [N]
+        zp = (torch.log(score.clamp_min(LOG_FLOOR)) - t.patch_log_mean) / t.patch_log_std
+        zi = (torch.log(dist.clamp_min(LOG_FLOOR)) - t.image_log_mean) / t.image_log_std
+        return torch.exp(t.patch_log_mean + t.patch_log_std * torch.maximum(zp, zi))
 
 
 @dataclass(frozen=True)
@@ -232,7 +253,8 @@ def export_model(model, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, d
                     model.bank.kind, model.bank.size)
     vit = copy.deepcopy(model.backbone(device="cpu").backbone.model).to(DTYPES[dtype])
     bank = bank_vectors(model.bank)
-    graph = ScoringGraph(vit=vit, bank=bank, config=cfg, dtype=DTYPES[dtype]).eval()
+    graph = ScoringGraph(vit=vit, bank=bank, config=cfg, dtype=DTYPES[dtype],
+                         image_term=model.stats.image_term).eval()
     s = cfg.input_size
     example = torch.zeros((1, s, s, 3), dtype=torch.uint8)
     out = Path(out)

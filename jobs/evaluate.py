@@ -65,9 +65,10 @@ def missed_note(*, missed: int, defective: int, median_area: float, recall_at_5:
             f"(median defect area {median_area:.2%} of the image): the map finds them, the image score does not "
             f"rank them above the threshold.")
     if median_area < SMALL_DEFECT_AREA:
-        return (f"{seen} For defects this small on parts (not textures), --blocks 2,4 (0.6x the backbone's cost) "
-                f"or --tiles 4 --reduction smoothed_max --score-sigma 1 (4x) rank them higher: docs/ablation.md, "
-                f"Verdict.")
+        return (f"{seen} For defects this small on parts (not textures), --blocks 2,4 --global-block 4 (0.6x the "
+                f"backbone's cost; the image-level term also sees bent or cut parts whose patches each look "
+                f"normal) or --tiles 4 --reduction smoothed_max --score-sigma 1 (4x) rank them higher: "
+                f"docs/ablation.md, Verdict.")
     return (f"{seen} A larger --false-alarm-rate trades false alarms for them: on this test the scores allow a "
             f"recall of {recall_at_5:.2f} at 5% false alarms.")
 

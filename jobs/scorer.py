@@ -59,10 +59,12 @@ class Scorer:
         self.run_id, self.run_time, self.run_date = run_id, run_time, run_date or run_time[:10]
         self.heatmap_png = heatmap_png
         # CUDA_VISIBLE_DEVICES: the GPU ids Ray assigned this actor (unset outside Ray), whichever device it uses
-        log.info("scorer: model %s, backbone on %s, bank index %s searched by %s, heatmaps as %s, "
+        term = self.model.stats.image_term
+        log.info("scorer: model %s, backbone on %s, bank index %s searched by %s, image term %s, heatmaps as %s, "
                  "CUDA_VISIBLE_DEVICES=%s", self.model.model_id, self.model.device, self.model.bank.kind,
-                 self.model.bank.search_path, "grids and PNGs" if heatmap_png else "grids",
-                 os.environ.get("CUDA_VISIBLE_DEVICES"))
+                 self.model.bank.search_path,
+                 "off" if term is None else f"block {self.model.config.global_block}, {len(term.vectors)} bank images",
+                 "grids and PNGs" if heatmap_png else "grids", os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cal, cfg = self.model.calibration, self.model.config

@@ -122,6 +122,17 @@ def test_the_graph_scores_as_model_score_with_the_same_verdicts(model, exported,
     assert list(model.is_anomalous(score)) == list(model.is_anomalous(ref.scores)) == [False, False, True]
 
 
+def test_a_graph_with_an_image_term_scores_as_model_score(test_images, tmp_path):
+    cfg = dataclasses.replace(CFG, global_block=3)
+    model = Model.fit(resized(parts(8, 0), cfg.input_size), config=cfg, device="cpu")
+    model.save(tmp_path / "m")
+    ref = model.score(test_images, maps=False)
+    score, grid, _ = session(export_model(model, tmp_path / "m.onnx").path).run(None, {INPUT_NAME: test_images})
+    np.testing.assert_allclose(grid, ref.distances, atol=1e-4)
+    np.testing.assert_allclose(score, ref.scores, rtol=1e-3)
+    assert list(model.is_anomalous(score)) == list(model.is_anomalous(ref.scores))
+
+
 def test_the_graph_states_its_contract_and_threshold(model, exported):
     sess = session(exported.path)
     s, g = CFG.input_size, CFG.grid_size

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from anomaly_core.config import ModelConfig
-from anomaly_core.export import exportable
 from anomaly_core.features import FeatureExtractor
 from anomaly_core.fit import feature_blocks, fit_bank, split_calibration
 from anomaly_core.image_term import ImageTerm, image_descriptors, image_distances
@@ -155,8 +154,6 @@ def test_backbone_tokens_carry_the_global_block_after_the_patch_blocks():
     assert extractor(batch)["image"].shape == (2, 384) and "image" not in plain(batch)
 
 
-def test_a_global_block_beyond_the_backbone_is_refused_and_export_names_the_option(rng):
+def test_a_global_block_beyond_the_backbone_is_refused():
     with pytest.raises(ValueError, match=r"global_block=12 must be a block index in 0\.\.11"):
         ModelConfig(global_block=12)
-    with pytest.raises(ValueError, match="fit without --global-block"):
-        exportable(CFG, MemoryBank.build(unit_rows(rng, 4, 384)))

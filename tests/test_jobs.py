@@ -108,7 +108,7 @@ def test_evaluate_names_the_small_defect_options_only_for_small_missed_defects()
     from jobs.evaluate import missed_note
     assert missed_note(missed=0, defective=9, median_area=0.001, recall_at_5=0.5) is None
     small = missed_note(missed=3, defective=9, median_area=0.002, recall_at_5=0.5)
-    assert "3 of 9" in small and "0.20% of the image" in small and "--blocks 2,4" in small
+    assert "3 of 9" in small and "0.20% of the image" in small and "--blocks 2,4 --global-block 4" in small
     large = missed_note(missed=3, defective=9, median_area=0.05, recall_at_5=0.5)
     assert "--false-alarm-rate" in large and "--blocks" not in large and "0.50 at 5%" in large
 
