@@ -190,14 +190,12 @@ class ScoringGraph(torch.nn.Module):
 
     def combined(self, score: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """ImageTerm.score in torch: patch scores [N] and the global block's unit tokens [N, G*G, D'] ->
-        [N] combined scores (image_descriptors, their nearest-image distance, the larger z-score in
-        patch-score units)."""
+        [N] combined scores (image_descriptors, their nearest-image distance, ImageTerm.combine)."""
         t = self.image_term
         desc = torch.nn.functional.normalize(image_tokens.mean(dim=1), dim=-1)            # [N, D']
         dist = nearest_distance(desc, self.image_vectors)                                 # [N]
-        zp = (torch.log(score.clamp_min(LOG_FLOOR)) - t.patch_log_mean) / t.patch_log_std
         zi = (torch.log(dist.clamp_min(LOG_FLOOR)) - t.image_log_mean) / t.image_log_std
-        return torch.exp(t.patch_log_mean + t.patch_log_std * torch.maximum(zp, zi))
+        return torch.maximum(score, torch.exp(t.patch_log_mean + t.patch_log_std * zi))       # in_score_units
 
 
 @dataclass(frozen=True)

@@ -80,18 +80,17 @@ class ImageTerm:
         return cls(vectors=np.ascontiguousarray(vectors, dtype=np.float32), patch_log_mean=pm, patch_log_std=ps,
                    image_log_mean=im, image_log_std=is_)
 
-    def combine(self, patch_scores: np.ndarray, distances: np.ndarray) -> np.ndarray:
-        """Patch scores [B] and image distances [B] -> [B] float32 image scores: the larger of the two
-        z-scores, in patch-score units (exp(patch_log_mean + patch_log_std * z))."""
-        zp = (np.log(np.maximum(np.asarray(patch_scores, dtype=np.float64), LOG_FLOOR)) - self.patch_log_mean
-              ) / self.patch_log_std
+    def in_score_units(self, distances: np.ndarray) -> np.ndarray:
+        """Image distances [B] -> [B] float32: the patch score with the same z-score (what `combine` takes
+        the larger of; the output's image_term_score)."""
         zi = (np.log(np.maximum(np.asarray(distances, dtype=np.float64), LOG_FLOOR)) - self.image_log_mean
               ) / self.image_log_std
-        return np.exp(self.patch_log_mean + self.patch_log_std * np.maximum(zp, zi)).astype(np.float32)
+        return np.exp(self.patch_log_mean + self.patch_log_std * zi).astype(np.float32)
 
-    def score(self, patch_scores: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
-        """Patch scores [B] and image descriptors [B, D] -> [B] float32 combined image scores."""
-        return self.combine(patch_scores, image_distances(descriptors, self.vectors))
+    def combine(self, patch_scores: np.ndarray, distances: np.ndarray) -> np.ndarray:
+        """Patch scores [B] and image distances [B] -> [B] float32 image scores: the larger of the two
+        z-scores, in patch-score units (the larger of the patch score and in_score_units)."""
+        return np.maximum(np.asarray(patch_scores, dtype=np.float32), self.in_score_units(distances))
 
     def standardisation(self) -> dict:
         """The four floats, as the manifest stores them (the vectors are a file of the model)."""

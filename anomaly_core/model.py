@@ -34,7 +34,7 @@ from anomaly_core.fit import (
     mark_folds,
     split_calibration,
 )
-from anomaly_core.image_term import ImageTerm
+from anomaly_core.image_term import ImageTerm, image_distances
 from anomaly_core.images import size_range
 from anomaly_core.index import MemoryBank
 from anomaly_core.scoring import image_maps, image_scores, patch_distances
@@ -53,6 +53,8 @@ class ScoreResult:
     maps: np.ndarray | None        # [B, S, S] float32 anomaly maps in the image's frame (S = input_size); None
                                    # when not asked for (the score job builds them on the device instead)
     poses: np.ndarray | None = None    # [B, 3] poses the grids were scored in (anomaly_core.align), if aligned
+    # [B] float32 the image-level term in score units (ImageTerm.in_score_units), for models with one
+    image_term_scores: np.ndarray | None = None
 
 
 def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfig,
@@ -68,16 +70,18 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
     dist = patch_distances(features, bank, foreground=foreground)                        # [B, G*G]
     grid = dist.reshape(b, g, g)                                                         # [B, G, G]
     scores = image_scores(grid, **config.score_options)                                  # [B]
+    term_scores = None
     if image_term is not None:
         if images is None:
             raise ValueError("the model has an image term (global_block): pass the image descriptors "
                              "(FeatureExtractor.describe_all)")
-        scores = image_term.score(scores, images)                                        # [B]
+        term_scores = image_term.in_score_units(image_distances(images, image_term.vectors))  # [B]
+        scores = np.maximum(scores, term_scores)                                         # [B]
     amaps = None
     if maps:
         amaps = image_maps(torch.from_numpy(grid).to(device), out_size=config.input_size, sigma=config.map_sigma,
                            poses=poses).cpu().numpy()
-    return ScoreResult(scores=scores, distances=grid, maps=amaps, poses=poses)
+    return ScoreResult(scores=scores, distances=grid, maps=amaps, poses=poses, image_term_scores=term_scores)
 
 
 class Model:

@@ -7,7 +7,8 @@ import pyarrow as pa
 
 # 2: the heatmap is stored as its patch-distance grid (heatmap_grid, heatmap_size, heatmap_sigma,
 #    heatmap_pose); the PNG columns of version 1 stay, null unless the score job is asked for them.
-SCHEMA_VERSION = "2"
+# 3: image_term_score, the image-level term of models fitted with --global-block (NaN otherwise).
+SCHEMA_VERSION = "3"
 METADATA_KEY = b"anomaly.schema_version"
 
 # (name, type, unit, meaning); the order is the column order in the files.
@@ -25,6 +26,9 @@ COLUMNS = [
     ("verdict", pa.string(), "",
      "`anomalous` (score >= threshold), `normal`, `review` (status warning: no verdict) or `error`"),
     ("threshold", pa.float32(), "cosine distance", "the model's calibrated threshold"),
+    ("image_term_score", pa.float32(), "cosine distance",
+     "the image-level term in score units (models fitted with --global-block; NaN otherwise): the score is the "
+     "larger of it and the patch score, so a score equal to it was set by the whole image, not by a patch"),
     ("heatmap_grid", pa.binary(), "float16 cosine distance",
      "patch distances, G x G float16 little-endian, row-major (2 G^2 bytes); null on error"),
     ("heatmap_size", pa.int32(), "px", "side S of the map rebuilt from the grid (the input size); 0 on error"),

@@ -71,6 +71,7 @@ class Scorer:
         n = len(batch["path"])
         ok = batch["error"] == ""
         score = np.full(n, np.nan, dtype=np.float32)
+        term = np.full(n, np.nan, dtype=np.float32)
         grid = np.full(n, None, dtype=object)
         pose = np.full(n, None, dtype=object)
         png = np.full(n, None, dtype=object)
@@ -84,6 +85,8 @@ class Scorer:
             maps = image_maps(torch.from_numpy(result.distances).to(self.model.device), out_size=cfg.input_size,
                               sigma=cfg.map_sigma, poses=result.poses)         # [b, S, S], on the device
             score[idx] = result.scores
+            if result.image_term_scores is not None:
+                term[idx] = result.image_term_scores
             px[idx], py[idx] = peak_locations(maps, widths=batch["width"][ok], heights=batch["height"][ok])
             for j, i in enumerate(idx):
                 grid[i] = encode_grid(result.distances[j])
@@ -111,6 +114,7 @@ class Scorer:
             "score_normalised": normalise(score, cal),
             "verdict": verdict.astype(object),
             "threshold": np.full(n, cal.threshold, dtype=np.float32),
+            "image_term_score": term,
             "heatmap_grid": grid,
             "heatmap_size": np.where(ok, cfg.input_size, 0).astype(np.int32),
             "heatmap_sigma": np.where(ok, cfg.map_sigma, np.nan).astype(np.float32),

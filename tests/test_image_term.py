@@ -95,7 +95,9 @@ def test_a_part_whose_patches_are_normal_but_whose_shape_is_not_is_flagged_only_
     patches = near(rng, kind, 4, 0.3)[None]                                      # [1, 4, 384]: normal patches
     bent = unit_rows(rng, 1, 384)                                                # a shape unlike any bank image
     assert not without.is_anomalous(without.score_features(patches).scores)[0]
-    assert with_term.is_anomalous(with_term.score_features(patches, images=bent).scores)[0]
+    result = with_term.score_features(patches, images=bent)
+    assert with_term.is_anomalous(result.scores)[0]
+    assert result.scores[0] == result.image_term_scores[0]                       # the term set the score
     usual = near(rng, images.mean(axis=0) / np.linalg.norm(images.mean(axis=0)), 1, 0.0)
     assert not with_term.is_anomalous(with_term.score_features(patches, images=usual).scores)[0]
 

@@ -78,6 +78,7 @@ def test_output_columns_and_heatmap_decoding(scored, model):
     heat = decode_heatmap(row)
     assert heat.shape == (112, 112) and np.isfinite(heat).all() and row["heatmap_png"] is None
     assert row["model_id"] == model[1]["model_id"] and row["run_id"] == summary["run_id"]
+    assert rows(out, "SELECT count(*) FROM {T} WHERE NOT isnan(image_term_score)") == [(0,)]   # no image term
 
 
 def test_cli_fit_rejects_bad_config_before_starting(texture_dataset, tmp_path):
@@ -189,8 +190,10 @@ def test_an_image_term_fits_and_scores_through_ray_as_in_process(ray_local, text
     model = Model.load(tmp_path / "m")
     assert len(model.stats.image_term.vectors) == 8 * 4 and "image_term" in manifest       # 4 flips of 8 images
     run_score(str(texture_dataset / "test"), str(tmp_path / "m"), str(tmp_path / "out"), batch_size=4)
-    got = dict(rows(tmp_path / "out", "SELECT uri, score FROM {T}"))
+    got = {uri: (score, term) for uri, score, term in rows(tmp_path / "out",
+                                                           "SELECT uri, score, image_term_score FROM {T}")}
     paths = sorted((texture_dataset / "test").rglob("*.png"))
     pixels = np.stack([resize_square(decode_image(p.read_bytes()), cfg.input_size) for p in paths])
-    expected = model.score(pixels, maps=False).scores
-    assert [got[str(p)] for p in paths] == pytest.approx(expected.tolist(), rel=1e-4)
+    expected = model.score(pixels, maps=False)
+    assert [got[str(p)][0] for p in paths] == pytest.approx(expected.scores.tolist(), rel=1e-4)
+    assert [got[str(p)][1] for p in paths] == pytest.approx(expected.image_term_scores.tolist(), rel=1e-4)
