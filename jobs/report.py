@@ -12,6 +12,7 @@ import datetime as dt
 import html
 import io
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
     parts.append(_reviewed_section(con))
     shards = ShardCache(SHARD_CACHE_BYTES)                 # the worst images of one shard: one fetch of it
     read = {"options": options, "image_column": image_column, "id_column": id_column, "cache": shards}
-    select = (f"SELECT uri, score, score_normalised, verdict, peak_x, peak_y, {', '.join(HEATMAP_COLUMNS)} "
+    select = (f"SELECT uri, score, score_normalised, verdict, image_term_score, peak_x, peak_y, "
+              f"{', '.join(HEATMAP_COLUMNS)} "
               f"FROM scores WHERE status = 'ok'")
     worst = fetch(con, f"{select} ORDER BY score DESC LIMIT ?", [top])
     parts.append(f"<h2>Top {len(worst)} anomalies</h2>{_cards(worst, threshold, **read)}")
@@ -191,15 +193,17 @@ def write_report(scores_dir: str, html_path: str, *, top: int = 12, labels: dict
 
 
 def _cards(rows: list[dict], threshold: float, **read) -> str:
-    """The rows (uri, score, score_normalised, verdict, peak_x, peak_y, heatmap columns) as cards: image,
-    overlay, score."""
+    """The rows (uri, score, score_normalised, verdict, image_term_score, peak_x, peak_y, heatmap columns)
+    as cards: image, overlay, score, and whether the image-level term set it (the map then shows no
+    patch that does)."""
     cards = []
     for row in rows:
         pair = _pair(row, threshold, **read)
         imgs = (f"<img alt='image' src='{pair[0]}'><img alt='heatmap overlay' src='{pair[1]}'>" if pair
                 else "<p class='missing'>original image no longer readable</p>")
         cards.append(f"<div class='card'>{imgs}<p><b>{row['score']:.4f}</b> (normalised "
-                     f"{row['score_normalised']:.2f}, {row['verdict']})<br>"
+                     f"{row['score_normalised']:.2f}, {row['verdict']})"
+                     f"{'<br>set by the whole image (image-level term)' if set_by_image_term(row) else ''}<br>"
                      f"<code>{html.escape(row['uri'])}</code></p></div>")
     return f"<div class='grid'>{''.join(cards)}</div>"
 
@@ -323,6 +327,12 @@ def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fp, tp
 
 
+def set_by_image_term(row: dict) -> bool:
+    """Whether an output row's score is its image_term_score: the whole image, not a patch, set it."""
+    term = row.get("image_term_score")
+    return term is not None and not math.isnan(term) and term >= row["score"]
+
+
 def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "auto") -> dict:
     """Score one image in-process (no Ray) and write image | overlay side by side as a PNG; the map is
     rebuilt from the row's stored grid, as report and analysts rebuild it."""
@@ -341,7 +351,7 @@ def write_show(image_path: str, model_dir: str, out_png: str, *, device: str = "
     Image.fromarray(side).save(out_png)
     return {"image": image_path, "score": float(row["score"]), "verdict": row["verdict"],
             "score_normalised": float(row["score_normalised"]), "peak": [int(row["peak_x"]), int(row["peak_y"])],
-            "overlay": out_png}
+            "set_by_image_term": set_by_image_term(row), "overlay": out_png}
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0}

@@ -194,3 +194,11 @@ def test_report_with_model_draws_the_models_calibration(tmp_path):
     assert "<td>calibration</td><td>40 held-out</td>" in html_file.read_text()
     assert CliRunner().invoke(main, ["report", str(out), "--html", str(html_file)]).exit_code == 0
     assert "<td>calibration</td>" not in html_file.read_text()
+
+
+def test_a_card_says_when_the_image_level_term_set_the_score():
+    from jobs.report import set_by_image_term
+    assert set_by_image_term({"score": 0.4, "image_term_score": 0.4})
+    assert not set_by_image_term({"score": 0.4, "image_term_score": 0.2})          # a patch set it
+    assert not set_by_image_term({"score": 0.4, "image_term_score": float("nan")})  # no image term
+    assert not set_by_image_term({"score": 0.4, "image_term_score": None})          # an older output
