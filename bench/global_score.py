@@ -1,5 +1,9 @@
 """A global term beside the patch score: how far an image's mean descriptor lies from the good images'.
 
+The term is built (`--global-block`, anomaly_core.image_term: the maximum below, standardised the same
+way, with the model's own threshold); this bench compares blocks and combinations on one evaluation
+without refitting, and breaks image AUROC down by defect type.
+
     python bench/global_score.py OUT [OUT ...] [--global-blocks 4,5] [--data DATASET]
 
 OUT is what `anomaly evaluate DATASET --out OUT` wrote (its model, fitted with a hold-out, and its
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.config import ModelConfig  # noqa: E402
+from anomaly_core.image_term import image_descriptors, image_distances  # noqa: E402
 from anomaly_core.threshold import calibrate  # noqa: E402
 from bench.features import extract, list_images  # noqa: E402
 from bench.verdict import verdict  # noqa: E402
@@ -37,15 +42,9 @@ from jobs.analyst import connect  # noqa: E402
 from jobs.evaluate import REPORTED_RATES  # noqa: E402
 
 
-def image_descriptors(paths: list[Path], cfg: ModelConfig, block: int) -> np.ndarray:
-    """[N, D] float32 unit rows: the mean of each image's unit patch tokens of `block`, normalised."""
-    g = extract(paths, dataclasses.replace(cfg, blocks=(block,))).mean(axis=1)      # [N, D]
-    return g / np.linalg.norm(g, axis=1, keepdims=True)
-
-
-def nearest_distance(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """[Q, D], [B, D] unit rows -> [Q] cosine distance to the nearest bank row (exact, B is images)."""
-    return 1.0 - (queries @ bank.T).max(axis=1)
+def descriptors(paths: list[Path], cfg: ModelConfig, block: int) -> np.ndarray:
+    """[N, D] float32 unit rows: the images' descriptors of `block` (anomaly_core.image_term)."""
+    return image_descriptors(extract(paths, dataclasses.replace(cfg, blocks=(block,))))     # [N, D]
 
 
 def log_z(scores: np.ndarray, normal: np.ndarray) -> np.ndarray:
@@ -92,10 +91,10 @@ def rows_for(out: Path, data: Path | None, blocks: list[int]) -> list[dict]:
     zp, zph = log_z(patch, patch_held), log_z(patch_held, patch_held)
     rows = [row("patch (the model)", zp, zph)]
     for b in blocks:
-        g_train = image_descriptors(train, cfg, b)                                   # [N, D]
-        g_test = image_descriptors(test_paths, cfg, b)                               # [T, D]
-        bank, d_held = g_train[~held], nearest_distance(g_train[held], g_train[~held])     # held: as `order`
-        zg, zgh = log_z(nearest_distance(g_test, bank), d_held), log_z(d_held, d_held)
+        g_train = descriptors(train, cfg, b)                                         # [N, D]
+        g_test = descriptors(test_paths, cfg, b)                                     # [T, D]
+        bank, d_held = g_train[~held], image_distances(g_train[held], g_train[~held])      # held: as `order`
+        zg, zgh = log_z(image_distances(g_test, bank), d_held), log_z(d_held, d_held)
         rows.append(row(f"global block {b} alone", zg, zgh))
         rows.append(row(f"max(patch, global {b})", np.maximum(zp, zg), np.maximum(zph, zgh)))
         rows.append(row(f"mean(patch, global {b})", (zp + zg) / 2, (zph + zgh) / 2))
