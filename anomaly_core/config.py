@@ -77,9 +77,9 @@ class ModelConfig:
     # (anomaly_core.image_term): the cosine distance to the nearest bank image, standardised with the patch
     # score on the calibration images and combined by the larger. None: off. For parts whose defects change
     # their shape (bent, cut) while every patch looks normal: block 4 lifted cable_gland's image AUROC from
-    # 0.897 to 0.940 (0.975 with blocks 2,4); on a texture (magnetic_tile) it cost 0.007-0.015, so it is
-    # not a default (docs/ablation.md, "An image-level term"). Blocks up to the last of `blocks` cost no
-    # extra depth.
+    # 0.897 to 0.940 (0.975 with blocks 2,4) and left mpdd and hazelnut unchanged; on a texture
+    # (magnetic_tile) it cost 0.015 and doubled the false alarms, so it is not a default (docs/ablation.md,
+    # "An image-level term"). A block not deeper than the last of `blocks` costs no extra depth.
     global_block: int | None = option(
         None, "Block whose image-mean token adds an image-level score (parts whose defects change their shape; "
               "e.g. 4 with --blocks 2,4). Default: off.")
