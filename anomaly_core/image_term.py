@@ -21,6 +21,7 @@ move the mean, and the term costs image AUROC, hence an option for parts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,14 +42,19 @@ def image_descriptors(tokens: np.ndarray) -> np.ndarray:
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 
 
-def image_distances(descriptors: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """[B, D] image descriptors against [M, D] bank image descriptors (unit rows) -> [B] float32 cosine
-    distance to the nearest, by FAISS's exact search (MemoryBank, flat)."""
+def image_bank(vectors: np.ndarray) -> MemoryBank:
+    """[M, D] bank image descriptors (unit rows) -> their exact FAISS index (MemoryBank, flat)."""
     if len(vectors) == 0:
         raise ValueError("the image bank is empty: a model with an image term needs at least one bank image")
+    return MemoryBank.build(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def image_distances(descriptors: np.ndarray, vectors: np.ndarray | MemoryBank) -> np.ndarray:
+    """[B, D] image descriptors against [M, D] bank image descriptors (unit rows, or their image_bank)
+    -> [B] float32 cosine distance to the nearest, by FAISS's exact search."""
+    bank = vectors if isinstance(vectors, MemoryBank) else image_bank(vectors)
     if len(descriptors) == 0:
         return np.zeros(0, dtype=np.float32)
-    bank = MemoryBank.build(np.ascontiguousarray(vectors, dtype=np.float32))
     return bank.nearest(np.ascontiguousarray(descriptors, dtype=np.float32))
 
 
@@ -79,6 +85,11 @@ class ImageTerm:
         (pm, ps), (im, is_) = _log_stats(patch_scores), _log_stats(distances)
         return cls(vectors=np.ascontiguousarray(vectors, dtype=np.float32), patch_log_mean=pm, patch_log_std=ps,
                    image_log_mean=im, image_log_std=is_)
+
+    @functools.cached_property
+    def index(self) -> MemoryBank:
+        """The vectors' exact index, built once (a scorer searches it every batch)."""
+        return image_bank(self.vectors)
 
     def in_score_units(self, distances: np.ndarray) -> np.ndarray:
         """Image distances [B] -> [B] float32: the patch score with the same z-score (what `combine` takes

@@ -75,7 +75,7 @@ def score_features(features: np.ndarray, bank: MemoryBank, *, config: ModelConfi
         if images is None:
             raise ValueError("the model has an image term (global_block): pass the image descriptors "
                              "(FeatureExtractor.describe_all)")
-        term_scores = image_term.in_score_units(image_distances(images, image_term.vectors))  # [B]
+        term_scores = image_term.in_score_units(image_distances(images, image_term.index))  # [B]
         scores = np.maximum(scores, term_scores)                                         # [B]
     amaps = None
     if maps:
