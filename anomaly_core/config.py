@@ -281,13 +281,6 @@ class ModelConfig:
         """Width of a patch descriptor: token width x blocks concatenated, + the position code if used."""
         return BACKBONES[self.backbone].dim * len(self.blocks) + (POSITION_DIM if self.position_weight else 0)
 
-    @property
-    def token_dim(self) -> int:
-        """Width of a backbone token row (FeatureExtractor.tokens): the patch blocks' concatenated width,
-        then the global block's width when the config has one."""
-        dim = BACKBONES[self.backbone].dim
-        return dim * len(self.blocks) + (dim if self.global_block is not None else 0)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

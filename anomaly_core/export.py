@@ -189,8 +189,9 @@ class ScoringGraph(torch.nn.Module):
         return score, grid, amap
 
     def combined(self, score: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """ImageTerm.score in torch: patch scores [N] and the global block's unit tokens [N, G*G, D'] ->
-        [N] combined scores (image_descriptors, their nearest-image distance, ImageTerm.combine)."""
+        """Model.score's image term in torch: patch scores [N] and the global block's unit tokens
+        [N, G*G, D'] -> [N] combined scores (image_descriptors, their nearest-image distance,
+        ImageTerm.combine)."""
         t = self.image_term
         desc = torch.nn.functional.normalize(image_tokens.mean(dim=1), dim=-1)            # [N, D']
         dist = nearest_distance(desc, self.image_vectors)                                 # [N]

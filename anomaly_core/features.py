@@ -16,8 +16,9 @@ from anomaly_core.tiling import cut_tiles, stitch_tiles
 
 
 def describe_tokens(tokens: np.ndarray, *, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Stitched backbone tokens [B, G*G, token_dim] -> (descriptors [B, G*G, feature_dim] unit rows,
-    foreground [B, G*G] bool), from the patch blocks' channels (a global block's follow them)."""
+    """Stitched backbone tokens [B, G*G, D * len(blocks) (+ D)] (FeatureExtractor.tokens) -> (descriptors
+    [B, G*G, feature_dim] unit rows, foreground [B, G*G] bool), from the patch blocks' channels (a global
+    block's follow them)."""
     g = config.grid_size
     tokens = tokens[..., :BACKBONES[config.backbone].dim * len(config.blocks)]       # [B, G*G, D*nb]
     fg = (foreground_mask(tokens, grid=g) if config.foreground_mask
@@ -27,8 +28,9 @@ def describe_tokens(tokens: np.ndarray, *, config: ModelConfig) -> tuple[np.ndar
 
 
 def describe_images(tokens: np.ndarray, *, config: ModelConfig) -> np.ndarray:
-    """Stitched backbone tokens [B, G*G, token_dim] of a config with a global_block -> [B, D] float32 unit
-    image descriptors (anomaly_core.image_term.image_descriptors of that block's channels, the last D)."""
+    """Stitched backbone tokens [B, G*G, D * len(blocks) + D] of a config with a global_block -> [B, D]
+    float32 unit image descriptors (anomaly_core.image_term.image_descriptors of that block's channels,
+    the last D)."""
     if config.global_block is None:
         raise ValueError("the config has no global_block: its tokens carry no image-level channels")
     return image_descriptors(tokens[..., -BACKBONES[config.backbone].dim:])
@@ -52,13 +54,13 @@ class FeatureExtractor:
                                  num_threads=num_threads)
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, token_dim] float32, tiles stitched:
-        the patch blocks' joint unit rows, then the global block's unit rows when the config has one."""
+        """[B, S, S, 3] uint8, S = input_size -> backbone tokens [B, G*G, D * len(blocks) (+ D)] float32, tiles
+        stitched: the patch blocks' joint unit rows, then the global block's unit rows when the config has one."""
         cfg = self.config
         tiles = cut_tiles(pixels, tiles=cfg.tiles, tile_size=cfg.image_size,
                           stride=cfg.tile_stride)                                        # [B*T*T, s, s, 3]
         return stitch_tiles(self.backbone.patch_features(tiles), tiles=cfg.tiles, tile_grid=cfg.tile_grid,
-                            overlap=cfg.tile_overlap)                                    # [B, G*G, token_dim]
+                            overlap=cfg.tile_overlap)                                    # [B, G*G, D*nb (+ D)]
 
     def describe(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[B, S, S, 3] uint8 (already aligned if the config aligns) -> describe_tokens of its tokens:
