@@ -135,6 +135,12 @@ def test_a_label_from_the_page_is_appended_under_the_images_hash(small):
     assert (got["content_sha256"], got["uri"], got["comment"]) == (row["content_sha256"], row["uri"], "new supplier")
 
 
+def test_the_detail_carries_the_image_level_term_null_without_one(small):
+    data, rows = small
+    row = rows.to_pylist()[0]
+    assert data.row(row["run_id"], row["uri"])["image_term_score"] is None             # NaN: no image term
+
+
 def test_a_label_of_no_row_or_of_a_bad_value_writes_nothing(small):
     data, rows = small
     row = rows.to_pylist()[0]

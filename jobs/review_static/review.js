@@ -169,6 +169,9 @@ function renderDetail(d) {
   const fields = [
     ["score", `${fmt(d.score, 4)} (normalised ${fmt(d.score_normalised, 2)}: 0 = normal mean, 1 = threshold)`],
     ["threshold", fmt(d.threshold, 4)], ["verdict", d.verdict],
+    // null without --global-block; equal to the score when the whole image, not a patch, set it
+    ["image-level term", d.image_term_score == null ? "-" : fmt(d.image_term_score, 4) +
+      (d.image_term_score >= d.score ? " (set the score: the whole image, not a patch)" : "")],
     ["peak", d.peak_x >= 0 ? `x ${d.peak_x}, y ${d.peak_y} px of ${d.width} x ${d.height}` : "-"],
     ["model id", d.model_id], ["model fitted", d.model_created_at], ["run", `${d.run_id} (${d.run_date})`],
     ["product / line", `${d.product || "-"} / ${d.line || "-"}`], ["status", d.status + (d.error ? ": " + d.error : "")],
