@@ -28,8 +28,10 @@ def read_pixels(paths: list[Path], size: int) -> np.ndarray:
 
 
 def cache_name(cfg: ModelConfig) -> str:
-    """What a cached feature file depends on, for its name: input size, tiles and blocks (e.g. s224_t2_b5+7)."""
-    return f"s{cfg.image_size}_t{cfg.tiles}_b{'+'.join(map(str, cfg.blocks))}"
+    """What a cached feature file depends on, for its name: input size, tiles, blocks and the global block
+    (e.g. s224_t2_b5+7, s224_t2_b5+7_g4)."""
+    glob = f"_g{cfg.global_block}" if cfg.global_block is not None else ""
+    return f"s{cfg.image_size}_t{cfg.tiles}_b{'+'.join(map(str, cfg.blocks))}{glob}"
 
 
 def extract(paths: list[Path], cfg: ModelConfig, *, batch: int = 16) -> np.ndarray:

@@ -3,6 +3,7 @@
     python bench/verdict.py ../shared/data/mvtec3d_cable_gland ../shared/data/mpdd_metal_plate \
         ../shared/data/hazelnut_toy ../shared/data/magnetic_tile --cache CACHE_DIR --json rows.json
     python bench/verdict.py ../shared/data/mpdd_metal_plate --few-shot 1,2,4,8,16 --seeds 0,1,2 --cache CACHE_DIR
+        [--global-block 4]
 
 Scores. For each geometry (--tiles), one model is fitted on train/good with the default config and
 calibration="holdout", so that every image score is calibrated on the same held-out images against the
@@ -36,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.align import align_images  # noqa: E402
+from anomaly_core.backbone import BACKBONES  # noqa: E402
 from anomaly_core.config import SMOOTH_TOP_FRACTION, ModelConfig  # noqa: E402
-from anomaly_core.features import FeatureExtractor, describe_tokens  # noqa: E402
+from anomaly_core.features import FeatureExtractor, describe_images, describe_tokens  # noqa: E402
 from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import image_scores  # noqa: E402
@@ -57,8 +59,8 @@ REDUCTIONS = {
 
 
 def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tuple[list[Path], np.ndarray]:
-    """Paths and backbone tokens [N, G*G, D] float32 unit rows of train/good or test/ (turned to their
-    canonical pose first when cfg.align)."""
+    """Paths and backbone tokens [N, G*G, D (+ D')] float32 of train/good or test/ (turned to their
+    canonical pose first when cfg.align): the patch blocks' unit rows, then the global block's."""
     paths = list_images(root / "train" / "good") if split == "train" else list_images(root / "test")
     suffix = "_aligned" if cfg.align else ""
     f = cache / f"{root.name}_{cache_name(cfg)}_{split}{suffix}.npy" if cache else None
@@ -75,7 +77,10 @@ def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tupl
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             np.save(f, tok.astype(np.float16))
-    return paths, tok / np.linalg.norm(tok, axis=-1, keepdims=True)
+    # the float16 cache rounds the rows: each part back to unit length
+    d = BACKBONES[cfg.backbone].dim * len(cfg.blocks)
+    parts = [tok[..., :d]] + ([tok[..., d:]] if cfg.global_block is not None else [])
+    return paths, np.concatenate([p / np.linalg.norm(p, axis=-1, keepdims=True) for p in parts], axis=-1)
 
 
 def verdict(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -131,11 +136,14 @@ def few_shot_rows(root: Path, shots: list[int], seeds: list[int], cache: Path | 
     labels = np.array([p.parent.name != "good" for p in test_paths])
     f_train, fg_train = describe_tokens(train, config=cfg)
     f_test, fg_test = describe_tokens(test, config=cfg)
+    term = cfg.global_block is not None
+    g_train = describe_images(train, config=cfg) if term else None                       # [N, D'] or None
+    g_test = describe_images(test, config=cfg) if term else None
     rows = []
     for n in shots:
         for seed in seeds:
             pick = np.random.default_rng(seed).permutation(len(train_paths))[:n]                # [n]
-            if n == 1:              # nothing to calibrate on: rank only, against the image's own patches
+            if n == 1:              # nothing to calibrate on (nor to standardise an image term): patches only
                 bank = MemoryBank.build(f_train[pick[0]][fg_train[pick[0]]])
                 # no calibration image, so no quantile: the image score a fit without one chooses
                 one = cfg if cfg.top_fraction else dataclasses.replace(cfg, top_fraction=SMOOTH_TOP_FRACTION)
@@ -147,8 +155,9 @@ def few_shot_rows(root: Path, shots: list[int], seeds: list[int], cache: Path | 
                     model = Model.fit(read_pixels([train_paths[i] for i in pick], cfg.input_size), config=cfg,
                                       names=names)
                 else:
-                    model = Model.fit_features(f_train[pick], config=cfg, foreground=fg_train[pick], paths=names)
-                scores = model.score_features(f_test, fg_test).scores
+                    model = Model.fit_features(f_train[pick], config=cfg, foreground=fg_train[pick], paths=names,
+                                               images=g_train[pick] if term else None)
+                scores = model.score_features(f_test, fg_test, images=g_test).scores
                 recall, far = verdict(scores, labels, model.calibration.threshold)
                 row = {"image_auroc": metrics.auroc(labels, scores), "recall": recall, "false_alarms": far,
                        "threshold": model.calibration.method, "split": model.stats.calibration_split,
@@ -176,6 +185,7 @@ def main() -> None:
                                                   "then run the backbone on the copies)")
     ap.add_argument("--align", action="store_true", help="few-shot fits and test images turned to a canonical pose")
     ap.add_argument("--blocks", default="", help="few-shot feature blocks, e.g. 2,4 (default: the config's)")
+    ap.add_argument("--global-block", type=int, help="few-shot image-level term's block, e.g. 4 (default: off)")
     ap.add_argument("--cache", type=Path, help="folder for the backbone tokens of each set")
     ap.add_argument("--json", type=Path, help="also write every row, unrounded, to this file")
     a = ap.parse_args()
@@ -186,6 +196,8 @@ def main() -> None:
                                      ("align", a.align)) if v}
         if a.blocks:
             options["blocks"] = tuple(int(b) for b in a.blocks.split(","))
+        if a.global_block is not None:
+            options["global_block"] = a.global_block
         print("| data set | good images | draws | image AUROC | verdict recall | false-alarm rate | rate bound |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for root in a.datasets:
