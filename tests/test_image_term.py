@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from anomaly_core.align import align_images
 from anomaly_core.config import ModelConfig
 from anomaly_core.features import FeatureExtractor
 from anomaly_core.fit import feature_blocks, fit_bank, split_calibration
@@ -159,3 +160,16 @@ def test_backbone_tokens_carry_the_global_block_after_the_patch_blocks():
 def test_a_global_block_beyond_the_backbone_is_refused():
     with pytest.raises(ValueError, match=r"global_block=12 must be a block index in 0\.\.11"):
         ModelConfig(global_block=12)
+
+
+def test_an_aligned_fit_describes_each_image_in_its_canonical_pose():
+    """Model.fit and Model.score take the image descriptors of the aligned pixels, as the patches."""
+    from tests.test_model import parts
+    cfg = ModelConfig(image_size=56, tiles=1, blocks=(5,), global_block=3, align=True, coreset_ratio=0.5)
+    good = parts(6, 0)
+    model = Model.fit(good, config=cfg, device="cpu")
+    aligned = FeatureExtractor(config=cfg, device="cpu").describe_all(align_images(good)[0])[2]
+    np.testing.assert_allclose(np.sort(model.stats.image_term.vectors, axis=0), np.sort(aligned, axis=0), atol=1e-5)
+    result = model.score(good[:2], maps=False)
+    np.testing.assert_allclose(result.image_term_scores, model.stats.image_term.in_score_units(
+        image_distances(aligned[:2], model.stats.image_term.vectors)), rtol=1e-5)
