@@ -54,6 +54,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
+def forward_blocks(blocks: tuple[int, ...], global_block: int | None) -> list[int]:
+    """The blocks whose tokens the forward takes, in block order: the patch blocks and the global block."""
+    return sorted(set(blocks) | ({global_block} if global_block is not None else set()))
+
+
 def normalised_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, blocks: tuple[int, ...],
                       global_block: int | None = None) -> torch.Tensor:
     """The backbone's torch step: pixels [B, S, S, 3] uint8 RGB tensor -> [B, (S/14)^2, D * len(blocks)] float32,
@@ -65,7 +70,7 @@ def normalised_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, blocks: t
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = ((x - mean) / std).to(next(model.parameters()).dtype)
-    taken = sorted(set(blocks) | ({global_block} if global_block is not None else set()))
+    taken = forward_blocks(blocks, global_block)
     outs = model.forward_intermediates(x, indices=taken, norm=False, output_fmt="NLC",
                                        intermediates_only=True)
     # each: [B, G*G, D] patch tokens (prefix tokens dropped), in block order; normalise per block, then
@@ -101,8 +106,7 @@ class Backbone:
         state = dict(state, pos_embed=resample_pos_embed(state["pos_embed"], image_size // PATCH_SIZE))
         model.load_state_dict(state, strict=True)
         self.identity = identity
-        model.prune_intermediate_layers(sorted(set(self.blocks) | ({global_block} - {None})), prune_norm=True,
-                                        prune_head=True)
+        model.prune_intermediate_layers(forward_blocks(self.blocks, global_block), prune_norm=True, prune_head=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
         log.info("backbone %s blocks=%s global_block=%s on %s, weights %s", name, self.blocks, global_block,
                  self.device, identity)

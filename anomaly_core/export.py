@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from anomaly_core.backbone import BACKBONES, normalised_tokens
+from anomaly_core.backbone import normalised_tokens
 from anomaly_core.config import ModelConfig
+from anomaly_core.features import split_tokens
 from anomaly_core.image_term import LOG_FLOOR, ImageTerm
 from anomaly_core.index import MemoryBank
 from anomaly_core.patches import position_code
@@ -163,7 +164,7 @@ class ScoringGraph(torch.nn.Module):
         """Stitched tokens [N, G*G, D] unit rows -> descriptors [N, G*G, feature_dim] unit rows
         (anomaly_core.features.describe_tokens without the foreground mask, which exportable refuses)."""
         cfg = self.config
-        f = tokens[..., :BACKBONES[cfg.backbone].dim * len(cfg.blocks)]                # the patch blocks' channels
+        f = split_tokens(tokens, config=cfg)[0]                                      # the patch blocks' channels
         n, g, d = f.shape[0], cfg.grid_size, f.shape[-1]
         if cfg.neighbourhood > 1:                  # aggregate_neighbours: R @ x @ R^T on each channel
             r = self.neighbours
@@ -183,7 +184,7 @@ class ScoringGraph(torch.nn.Module):
         score = reduce_grids(grid, reduction=cfg.reduction, top_fraction=cfg.top_fraction,
                              smoothing=self.grid_smoothing)                   # [N]
         if self.image_term is not None:
-            score = self.combined(score, tokens[..., -BACKBONES[cfg.backbone].dim:].float())
+            score = self.combined(score, split_tokens(tokens, config=cfg)[1].float())
         a = self.map_operator                                                       # [S, G]
         amap = a @ grid @ a.T                                                       # [N, S, S]
         return score, grid, amap

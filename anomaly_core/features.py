@@ -15,12 +15,20 @@ from anomaly_core.patches import add_position, aggregate_neighbours
 from anomaly_core.tiling import cut_tiles, stitch_tiles
 
 
+def split_tokens(tokens, *, config: ModelConfig):
+    """Stitched backbone tokens [..., D * len(blocks) (+ D)] (numpy or torch) -> (the patch blocks' channels
+    [..., D * len(blocks)], the global block's [..., D] or None without one): the layout normalised_tokens
+    writes."""
+    d = BACKBONES[config.backbone].dim * len(config.blocks)
+    return tokens[..., :d], (tokens[..., d:] if config.global_block is not None else None)
+
+
 def describe_tokens(tokens: np.ndarray, *, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Stitched backbone tokens [B, G*G, D * len(blocks) (+ D)] (FeatureExtractor.tokens) -> (descriptors
     [B, G*G, feature_dim] unit rows, foreground [B, G*G] bool), from the patch blocks' channels (a global
     block's follow them)."""
     g = config.grid_size
-    tokens = tokens[..., :BACKBONES[config.backbone].dim * len(config.blocks)]       # [B, G*G, D*nb]
+    tokens = split_tokens(tokens, config=config)[0]                                 # [B, G*G, D*nb]
     fg = (foreground_mask(tokens, grid=g) if config.foreground_mask
           else np.ones(tokens.shape[:2], dtype=bool))                               # [B, G*G]
     f = aggregate_neighbours(tokens, grid=g, size=config.neighbourhood)             # [B, G*G, D]
@@ -33,7 +41,7 @@ def describe_images(tokens: np.ndarray, *, config: ModelConfig) -> np.ndarray:
     the last D)."""
     if config.global_block is None:
         raise ValueError("the config has no global_block: its tokens carry no image-level channels")
-    return image_descriptors(tokens[..., -BACKBONES[config.backbone].dim:])
+    return image_descriptors(split_tokens(tokens, config=config)[1])
 
 
 class FeatureExtractor:

@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core import metrics  # noqa: E402
 from anomaly_core.align import align_images  # noqa: E402
-from anomaly_core.backbone import BACKBONES  # noqa: E402
 from anomaly_core.config import SMOOTH_TOP_FRACTION, ModelConfig  # noqa: E402
-from anomaly_core.features import FeatureExtractor, describe_images, describe_tokens  # noqa: E402
+from anomaly_core.features import FeatureExtractor, describe_images, describe_tokens, split_tokens  # noqa: E402
 from anomaly_core.index import MemoryBank  # noqa: E402
 from anomaly_core.model import Model, score_features  # noqa: E402
 from anomaly_core.scoring import image_scores  # noqa: E402
@@ -78,8 +77,7 @@ def tokens(root: Path, split: str, cfg: ModelConfig, cache: Path | None) -> tupl
             f.parent.mkdir(parents=True, exist_ok=True)
             np.save(f, tok.astype(np.float16))
     # the float16 cache rounds the rows: each part back to unit length
-    d = BACKBONES[cfg.backbone].dim * len(cfg.blocks)
-    parts = [tok[..., :d]] + ([tok[..., d:]] if cfg.global_block is not None else [])
+    parts = [p for p in split_tokens(tok, config=cfg) if p is not None]
     return paths, np.concatenate([p / np.linalg.norm(p, axis=-1, keepdims=True) for p in parts], axis=-1)
 
 
