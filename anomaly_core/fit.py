@@ -305,13 +305,11 @@ def bank_patches(block: dict[str, np.ndarray], *, leave_out: int | None) -> np.n
     return block["features"][keep][block["foreground"][keep]]                     # [b, P, D][b, P] -> [n, D]
 
 
-def bank_images(block: dict[str, np.ndarray], *, leave_out: int | None) -> np.ndarray:
-    """[n, D'] image descriptors of the block's readable images outside fold `leave_out` (None: all),
-    augmented copies included: the image bank's rows (config.global_block)."""
+def image_rows(block: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(image descriptors [n, D'], folds [n] int16) of the block's readable images, augmented copies
+    included: the rows every pass's image bank is chosen from (config.global_block)."""
     keep = block["error"] == ""                                                    # [B]
-    if leave_out is not None:
-        keep &= block["fold"] != leave_out
-    return block["image"][keep]
+    return block["image"][keep], block["fold"][keep]
 
 
 def position_consistency(count: int, total: np.ndarray, total_sq: np.ndarray) -> float:
@@ -377,15 +375,20 @@ def calibration_passes(blocks: Sequence, *, plan: SplitPlan | None, n_estimate: 
     is scored by a bank built without it, then the final bank holds every image. Otherwise (a hold-out
     plan, or None) fold 0 is left out of the one bank and scored by it. image_base: [M0, D'] image
     descriptors every image bank starts from (a parent's; [0, D'] for a fit), to which each pass adds
-    its images' (bank_images); None: no image term.
+    its images' (image_rows, read from the blocks once); None: no image term.
     Returns (the final banked(...) result, the final image bank or None, the calibration of every block,
     fold by fold).
     """
+    if image_base is not None:
+        parts = map_fn(compose(image_rows, block_of), blocks)
+        rows = np.concatenate([image_base[:0], *(r for r, _ in parts)])               # [n, D']
+        folds = np.concatenate([np.zeros(0, np.int16), *(f for _, f in parts)])       # [n]
+
     def images(leave_out: int | None) -> np.ndarray | None:
         if image_base is None:
             return None
-        rows = map_fn(compose(partial(bank_images, leave_out=leave_out), block_of), blocks)
-        return np.concatenate([image_base, *rows]).astype(np.float32)               # [M, D']
+        keep = rows[folds != leave_out] if leave_out is not None else rows
+        return np.concatenate([image_base, keep]).astype(np.float32)                  # [M, D']
 
     def calibrated(fold: int, bank: MemoryBank, image_bank: np.ndarray | None) -> list[BlockCalibration]:
         return map_fn(partial(calibrate_block, fold=fold, config=config, block_of=block_of,
