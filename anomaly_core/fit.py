@@ -38,6 +38,11 @@ SHARP_SCORES_ABOVE = 2
 # Position consistency above which fit suggests the options for fixtured parts: half of the normal
 # patch-distance variance is explained by where a patch is, not by which image it is in.
 POSITION_HINT = 0.5
+# Position consistency above which fit suggests the image term (config.global_block): the normal images
+# share a layout, as parts do and textures do not. A tenth of the variance lies 6x above the texture
+# measured (magnetic_tile 0.016) and 2x below the least consistent part (mpdd_metal_plate 0.21; cable
+# gland 0.40, hazelnut 0.59-0.69), docs/ablation.md "An image-level term".
+PART_HINT = 0.1
 
 
 @dataclass(frozen=True)
@@ -322,6 +327,22 @@ def position_consistency(count: int, total: np.ndarray, total_sq: np.ndarray) ->
     return between / (between + within) if between + within > 0 else 0.0
 
 
+def layout_hints(consistency: float, *, config: ModelConfig) -> list[str]:
+    """What the fit suggests from its position consistency (position_consistency, 0-1) for the options a
+    config does not use: the image term for parts (>= PART_HINT), the fixtured-part options (>= POSITION_HINT)."""
+    hints = []
+    if consistency >= PART_HINT and config.global_block is None:
+        hints.append(f"normal images share a layout (position consistency {consistency:.2f} >= {PART_HINT}), as "
+                     "parts do and textures do not: if a defect can change the part's shape while each patch "
+                     "still looks normal (bent, cut, missing pieces), --global-block 4 adds an image-level term "
+                     "(docs/ablation.md, 'An image-level term'; it costs textures)")
+    if consistency >= POSITION_HINT:
+        hints.append(f"normal images score alike at the same positions (position consistency {consistency:.2f} >= "
+                     f"{POSITION_HINT}): the parts look fixtured, so --position-weight (a part moved or missing) "
+                     "may catch what the global search cannot; for parts seen at any angle, see --align")
+    return hints
+
+
 @dataclass(frozen=True)
 class BlockCalibration:
     scores: np.ndarray                  # [m] float32 patch scores of the block's fold-f originals
@@ -438,10 +459,8 @@ def fit_bank(blocks: Sequence, *, config: ModelConfig, plan: SplitPlan, n_estima
     cal = calibrate(scores, false_alarm_rate=config.false_alarm_rate)
     consistency = position_consistency(int(scores.size), sum(c.distance_sum for c in parts),
                                        sum(c.distance_sq for c in parts))
-    if consistency >= POSITION_HINT:
-        log.info("normal images score alike at the same positions (position consistency %.2f >= %.2f): the parts "
-                 "look fixtured, so --position-weight (a part moved or missing) may catch what the global "
-                 "search cannot; for parts seen at any angle, see --align", consistency, POSITION_HINT)
+    for hint in layout_hints(consistency, config=config):
+        log.info(hint)
     if cal.method != "quantile":
         log.warning("the threshold rests on %d normal images, fewer than the %d that a false-alarm rate of %g "
                     "needs to be set without a model of the scores: it comes from a log-normal fitted to them. "

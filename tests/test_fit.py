@@ -160,6 +160,19 @@ def test_position_consistency_is_the_between_position_share_of_the_variance(rng)
     assert consistency(d) == pytest.approx(between / (between + within))
 
 
+def test_fit_suggests_the_image_term_for_parts_but_not_for_textures():
+    from anomaly_core.fit import layout_hints
+    texture, part, fixtured = (layout_hints(c, config=ModelConfig()) for c in (0.016, 0.40, 0.69))
+    assert texture == []
+    assert len(part) == 1 and "--global-block 4" in part[0]
+    assert "--global-block 4" in fixtured[0] and "--position-weight" in fixtured[1]
+
+
+def test_fit_does_not_suggest_the_image_term_a_model_already_has():
+    from anomaly_core.fit import layout_hints
+    assert layout_hints(0.40, config=ModelConfig(global_block=4)) == []
+
+
 def fit_on_random(rng, config: ModelConfig, **kw):
     f = unit_rows(rng, 6 * 4, 384).reshape(6, 4, 384)
     plan = split_calibration([f"i{k}" for k in range(6)], config=config)
