@@ -85,6 +85,9 @@ class FeatureExtractor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         cfg = self.config
+        if cfg.align is None:
+            raise ValueError("align=None is chosen by the fit (anomaly_core.fit.aligned_config) before the "
+                             "features; describe with a fitted model's config, or set align")
         p = cfg.grid_size ** 2
         feats = np.zeros((len(ok), p, cfg.feature_dim), dtype=np.float32)
         fg = np.zeros((len(ok), p), dtype=bool)

@@ -20,6 +20,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from anomaly_core.align import align_images
 from anomaly_core.backbone import BACKBONES
 from anomaly_core.config import SHARP_TOP_FRACTION, SMOOTH_TOP_FRACTION, ModelConfig
 from anomaly_core.coreset import MapFn, composable_coreset, coreset_size, identity, local_map
@@ -38,6 +39,19 @@ SHARP_SCORES_ABOVE = 2
 # Position consistency above which fit suggests the options for fixtured parts: half of the normal
 # patch-distance variance is explained by where a patch is, not by which image it is in.
 POSITION_HINT = 0.5
+# The alignment trial (alignment_trial, when config.align is None): at most this many good images, seeded,
+# are described unaligned and aligned and cross-fitted in ALIGN_TRIAL_FOLDS folds. 16 and 32 images gave
+# the same decisions on the four shared sets (docs/ablation.md, "Parts at any angle"); 32 costs 64 forwards.
+ALIGN_TRIAL_IMAGES = 32
+ALIGN_TRIAL_FOLDS = 4
+# Fewer good images than this run no trial (4 folds of 4): a median of fewer scores decides on noise.
+ALIGN_TRIAL_MIN = 16
+# Aligned normal images must score at most this share of the unaligned median for the fit to align. The
+# shared sets measured 0.77-0.79 (cable glands at any angle), 1.0-1.15 (fixtured or round parts) and
+# 1.36-1.49 (a texture); the margin keeps a small or noisy gain from buying alignment's costs (a pose
+# estimate per image on the CPU, no ONNX export).
+ALIGN_GAIN = 0.9
+
 # Position consistency above which fit suggests the image term (config.global_block): the normal images
 # share a layout, as parts do and textures do not. A tenth of the variance lies 6x above the texture
 # measured (magnetic_tile 0.016) and 2x below the least consistent part (mpdd_metal_plate 0.21; cable
@@ -170,6 +184,8 @@ class FitStats:
     # the image term of a model with a global_block (its bank images' descriptors, a file of the model, and
     # its standardisation, the manifest's "image_term"); None: the image score is the patch score alone
     image_term: ImageTerm | None = field(default=None, compare=False, repr=False)
+    # what the alignment trial measured when the fit chose config.align (aligned_config); None: not run
+    alignment_trial: AlignmentTrial | None = None
 
     def to_dict(self) -> dict:
         """The manifest's "stats": every field but calibration_patches and image_term (stored apart)."""
@@ -186,6 +202,8 @@ class FitStats:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in values.items() if k in known}      # e.g. n_unreadable, now len(unreadable)
         values["unreadable"] = [(u, "") if isinstance(u, str) else tuple(u) for u in values.get("unreadable", [])]
+        if values.get("alignment_trial") is not None:
+            values["alignment_trial"] = AlignmentTrial(**values["alignment_trial"])
         return cls(**values)
 
 
@@ -257,6 +275,88 @@ def fitted_config(config: ModelConfig, *, plan: SplitPlan, names: Sequence[str])
              "false-alarm rate of %g)", 100 * fraction, n_calibration, 100 * SHARP_TOP_FRACTION, needed,
              config.false_alarm_rate)
     return replace(config, top_fraction=fraction)
+
+
+@dataclass(frozen=True)
+class AlignmentTrial:
+    """What alignment_trial measured: the median cross-fitted image score of `images` good images,
+    unaligned and aligned (patch-distance units), and their ratio (aligned / unaligned)."""
+    images: int
+    unaligned: float
+    aligned: float
+
+    @property
+    def ratio(self) -> float:
+        return self.aligned / self.unaligned if self.unaligned > 0 else 1.0
+
+    @property
+    def aligns(self) -> bool:
+        return self.ratio <= ALIGN_GAIN
+
+
+def trial_scores(features: np.ndarray, foreground: np.ndarray, *, config: ModelConfig,
+                 folds: int = ALIGN_TRIAL_FOLDS) -> np.ndarray:
+    """[m, P, D] unit descriptors and [m, P] foreground of m good images -> [m] image scores, each image
+    scored against the exact bank of every patch of the images outside its fold (image i in fold i % folds),
+    with the config's image score (the 1% of SMOOTH_TOP_FRACTION where the fit chooses it)."""
+    m, p, d = features.shape
+    fold = np.arange(m) % folds                                                     # [m]
+    options = replace(config, top_fraction=config.top_fraction or SMOOTH_TOP_FRACTION).score_options
+    scores = np.zeros(m, dtype=np.float32)
+    for k in range(folds):
+        out = fold == k
+        if not out.any():
+            continue
+        bank = MemoryBank.build(features[~out][foreground[~out]])                    # [n, D] exact
+        dist = patch_distances(features[out], bank, foreground=foreground[out])      # [b, P]
+        scores[out] = image_scores(dist.reshape(-1, config.grid_size, config.grid_size), **options)
+    return scores
+
+
+def alignment_trial(pixels: np.ndarray, *, describe: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                    config: ModelConfig) -> AlignmentTrial:
+    """Does turning parts to a canonical pose (anomaly_core.align) bring unseen good images closer to the
+    bank? pixels: [m, S, S, 3] uint8 good images (m >= ALIGN_TRIAL_FOLDS); describe: pixels -> (descriptors
+    [b, P, D], foreground [b, P]) in batches of any size (FeatureExtractor.describe). Both ways share the
+    backbone and the patch distance, so their scores compare: a bank of parts seen at any angle holds each
+    pose only a few times, and alignment lowers the normal scores (mvtec3d_cable_gland: 0.79x); on fixtured
+    parts the pose estimate only adds jitter, on a texture it turns the grain (1.1x-1.5x)."""
+    def scores(px: np.ndarray) -> np.ndarray:
+        parts = [describe(px[i:i + 8]) for i in range(0, len(px), 8)]
+        return trial_scores(np.concatenate([f for f, _ in parts]), np.concatenate([g for _, g in parts]),
+                            config=config)
+    return AlignmentTrial(images=len(pixels), unaligned=float(np.median(scores(pixels))),
+                          aligned=float(np.median(scores(align_images(pixels)[0]))))
+
+
+def trial_sample(names: Sequence[str], *, seed: int) -> list[str]:
+    """The good images an alignment trial reads: ALIGN_TRIAL_IMAGES of `names`, drawn with `seed`, in their
+    order (all of them when there are fewer); [] below ALIGN_TRIAL_MIN."""
+    if len(names) < ALIGN_TRIAL_MIN:
+        return []
+    pick = np.random.default_rng(seed).choice(len(names), size=min(ALIGN_TRIAL_IMAGES, len(names)), replace=False)
+    return [names[i] for i in sorted(pick)]
+
+
+def aligned_config(config: ModelConfig, trial: Callable[[], AlignmentTrial | None]) -> tuple[ModelConfig,
+                                                                                          AlignmentTrial | None]:
+    """`config` with align=None resolved, and the trial that resolved it (None: none was run). `trial()` runs
+    the alignment trial on the fit's good images, or returns None when they are too few (trial_sample).
+    Augmented copies exclude alignment (ModelConfig), so a config that augments is not aligned."""
+    if config.align is not None:
+        return config, None
+    if config.n_augment > 1:
+        return replace(config, align=False), None
+    result = trial()
+    if result is None:
+        log.info("alignment: not tried (fewer than %d good images); images are scored as they are",
+                 ALIGN_TRIAL_MIN)
+        return replace(config, align=False), None
+    log.info("alignment trial on %d good images: aligned, their median score is %.2fx the unaligned (aligns at "
+             "<= %.2fx): %s", result.images, result.ratio, ALIGN_GAIN,
+             "parts appear at varying angles, so every image is turned to a canonical pose" if result.aligns
+             else "images are scored as they are")
+    return replace(config, align=result.aligns), result
 
 
 def images_per_block(config: ModelConfig) -> int:

@@ -27,12 +27,15 @@ from anomaly_core.fit import (
     CalibrationPatches,
     FitStats,
     SplitPlan,
+    aligned_config,
+    alignment_trial,
     feature_blocks,
     fit_bank,
     fitted_config,
     images_per_block,
     mark_folds,
     split_calibration,
+    trial_sample,
 )
 from anomaly_core.image_term import ImageTerm, image_distances
 from anomaly_core.images import size_range
@@ -91,6 +94,9 @@ class Model:
 
     def __init__(self, *, config: ModelConfig, bank: MemoryBank, calibration: Calibration, weights: dict | None,
                  stats: FitStats, manifest: dict | None = None, lineage: dict | None = None):
+        if config.align is None:
+            raise ValueError("config.align=None is chosen by the fit (anomaly_core.fit.aligned_config): give the "
+                             "fitted config, or set align")
         if (config.global_block is None) != (stats.image_term is None):
             raise ValueError(f"config.global_block={config.global_block} but the fit statistics "
                              f"{'lack' if stats.image_term is None else 'hold'} an image term: fit the model anew")
@@ -110,11 +116,17 @@ class Model:
         makes them). names: [N] (default "0".."N-1"); they decide the hold-out split, as URIs do in the
         fit job (split_calibration). Augmented copies (config.augment) are made of the bank images only.
         sizes: [N, 2] int (width, height) of the images before the resize, recorded so that scoring gives
-        no normal verdict to images far outside them (anomaly_core.images.size_mismatch); None: unknown."""
+        no normal verdict to images far outside them (anomaly_core.images.size_mismatch); None: unknown.
+        align=None: the alignment trial on a seeded sample of the images decides (anomaly_core.fit.aligned_config)."""
         t0 = time.perf_counter()
         names = [str(i) for i in range(len(pixels))] if names is None else [str(x) for x in names]
         plan = split_calibration(names, config=config)
         extractor = FeatureExtractor(config=config, device=device)
+        sample = trial_sample(names, seed=config.seed)
+        index = {n: i for i, n in enumerate(names)}
+        config, trial = aligned_config(config, lambda: alignment_trial(
+            pixels[[index[n] for n in sample]], describe=extractor.describe, config=config) if sample else None)
+        extractor.config = config                                 # alignment does not change the backbone
         rows = _feature_rows(extractor, pixels, names, plan=plan, batch_size=batch_size)
         t_feat = time.perf_counter() - t0
         model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
@@ -124,7 +136,7 @@ class Model:
         model._extractor = extractor
         model.bank.place(extractor.backbone.device)
         model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
-                              fit_seconds=round(time.perf_counter() - t0, 2),
+                              fit_seconds=round(time.perf_counter() - t0, 2), alignment_trial=trial,
                               input_sizes=None if sizes is None else size_range(*np.asarray(sizes).T))
         return model
 
@@ -138,9 +150,12 @@ class Model:
         is per row; None: split_calibration of the paths); foreground: [N, P] bool (None: everywhere);
         paths: [N] names (None: "0".."N-1"); images: [N, D'] image descriptors (needed with a
         global_block); weights: the backbone's identity record (needed to save);
-        search_device: where the model will be scored (sets what index="auto" chooses; fit_bank)."""
+        search_device: where the model will be scored (sets what index="auto" chooses; fit_bank).
+        align=None takes the descriptors as unaligned (the alignment trial needs pixels: Model.fit)."""
         names = [str(i) for i in range(len(features))] if paths is None else [str(p) for p in paths]
         plan = plan or split_calibration(names, config=config)
+        if config.align is None:                           # the trial needs pixels (Model.fit): taken as given
+            config = replace(config, align=False)
         config = fitted_config(config, plan=plan, names=names)
         blocks = feature_blocks(features, plan.fold, images_per_block=images_per_block(config),
                                 foreground=foreground, paths=names, copy=copy,

@@ -4,16 +4,19 @@ The term is built (`--global-block`, anomaly_core.image_term: the maximum below,
 way, with the model's own threshold); this bench compares blocks and combinations on one evaluation
 without refitting, and breaks image AUROC down by defect type.
 
-    python bench/global_score.py OUT [OUT ...] [--global-blocks 4,5] [--data DATASET]
+    python bench/global_score.py OUT [OUT ...] [--global-blocks 4,5] [--distance nn,gaussian] [--data DATASET]
 
 OUT is what `anomaly evaluate DATASET --out OUT` wrote (its model, fitted with a hold-out, and its
 scores). Patch kNN scores each patch on its own, so a part whose every patch is normal but whose shape is
 not (a bent gland) scores like a good one. The global term: each image's descriptor is the mean of its
 unit patch tokens of one block, L2-normalised ([D]); its score is the cosine distance to the nearest
-descriptor of the model's bank images. Each score (the model's own image score, the global distance) is
-standardised by its held-out normal images (z-score of its logarithm) and the two are combined by their
-maximum (a union of two calibrated detectors) or mean (pooled evidence); the threshold is set on the
-combined held-out scores exactly as the fit sets its own (anomaly_core.threshold.calibrate).
+descriptor of the model's bank images (`--distance nn`, what the library builds), or the Mahalanobis
+distance to their mean under their Ledoit-Wolf shrunk covariance (`gaussian`: one Gaussian of normal
+images, as in Rippel et al. 2020, arXiv 2005.14140, on pooled features). Each score (the model's own
+image score, the global distance) is standardised by its held-out normal images (z-score of its
+logarithm) and the two are combined by their maximum (a union of two calibrated detectors) or mean
+(pooled evidence); the threshold is set on the combined held-out scores exactly as the fit sets its own
+(anomaly_core.threshold.calibrate).
 Rows: image AUROC, F1-max, verdict recall / false alarms on test/ at that threshold, ROC recall at 1% /
 5% (test labels), for the model alone and each combination; then the image AUROC per defect type. The
 backbone runs once per block over train/good and test/ (in-process, no Ray); the patch scores are the
@@ -47,13 +50,37 @@ def descriptors(paths: list[Path], cfg: ModelConfig, block: int) -> np.ndarray:
     return image_descriptors(extract(paths, dataclasses.replace(cfg, blocks=(block,))))     # [N, D]
 
 
+def ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """[n, D] samples -> [D, D] float64 covariance shrunk towards a scaled identity by the Ledoit-Wolf
+    (2004) intensity, the estimator of sklearn.covariance.ledoit_wolf (n well below D needs it)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    xc = x - x.mean(axis=0)                                                            # [n, D]
+    emp = xc.T @ xc / n                                                                # [D, D]
+    mu = np.trace(emp) / d
+    dispersion = np.sum(emp ** 2) - 2 * mu * np.trace(emp) + d * mu ** 2              # ||emp - mu I||_F^2
+    spread = np.sum((xc ** 2).T @ (xc ** 2)) / n - np.sum(emp ** 2)    # sum_k ||x_k x_k^T - emp||_F^2 / n
+    shrink = min(spread / n, dispersion) / dispersion if dispersion > 0 else 1.0
+    return (1 - shrink) * emp + shrink * mu * np.eye(d)
+
+
+def gaussian_distances(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """[B, D] descriptors -> [B] Mahalanobis distances to the [M, D] bank descriptors' mean (ledoit_wolf)."""
+    precision = np.linalg.inv(ledoit_wolf(bank))                                       # [D, D]
+    d = np.asarray(queries, dtype=np.float64) - bank.mean(axis=0)                      # [B, D]
+    return np.sqrt(np.einsum("bd,de,be->b", d, precision, d))
+
+
+DISTANCES = {"nn": image_distances, "gaussian": gaussian_distances}
+
+
 def log_z(scores: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """Scores in standard deviations of the normal scores' logarithm from their mean."""
     ln = np.log(normal)
     return (np.log(scores) - ln.mean()) / ln.std()
 
 
-def rows_for(out: Path, data: Path | None, blocks: list[int]) -> list[dict]:
+def rows_for(out: Path, data: Path | None, blocks: list[int], distances: list[str]) -> list[dict]:
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     cfg, stats = ModelConfig.from_dict(manifest["config"]), manifest["stats"]
     if stats["calibration_split"] != "holdout":
@@ -93,11 +120,14 @@ def rows_for(out: Path, data: Path | None, blocks: list[int]) -> list[dict]:
     for b in blocks:
         g_train = descriptors(train, cfg, b)                                         # [N, D]
         g_test = descriptors(test_paths, cfg, b)                                     # [T, D]
-        bank, d_held = g_train[~held], image_distances(g_train[held], g_train[~held])      # held: as `order`
-        zg, zgh = log_z(image_distances(g_test, bank), d_held), log_z(d_held, d_held)
-        rows.append(row(f"global block {b} alone", zg, zgh))
-        rows.append(row(f"max(patch, global {b})", np.maximum(zp, zg), np.maximum(zph, zgh)))
-        rows.append(row(f"mean(patch, global {b})", (zp + zg) / 2, (zph + zgh) / 2))
+        bank = g_train[~held]
+        for name in distances:
+            tag = f"global {'' if name == 'nn' else 'gaussian '}{b}"
+            d_held = DISTANCES[name](g_train[held], bank)                                # held: as `order`
+            zg, zgh = log_z(DISTANCES[name](g_test, bank), d_held), log_z(d_held, d_held)
+            rows.append(row(f"{tag} alone", zg, zgh))
+            rows.append(row(f"max(patch, {tag})", np.maximum(zp, zg), np.maximum(zph, zgh)))
+            rows.append(row(f"mean(patch, {tag})", (zp + zg) / 2, (zph + zgh) / 2))
     return rows
 
 
@@ -105,11 +135,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outs", nargs="+", type=Path, help="folders written by `anomaly evaluate --out`")
     ap.add_argument("--global-blocks", default="4,5", help="comma-separated blocks of the global descriptor")
+    ap.add_argument("--distance", default="nn", help=f"comma-separated image distances, of {sorted(DISTANCES)}")
     ap.add_argument("--data", type=Path, default=None, help="the data set (default: read from the scored uris)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     blocks = [int(b) for b in args.global_blocks.split(",")]
-    rows = [r for out in args.outs for r in rows_for(out, args.data, blocks)]
+    distances = args.distance.split(",")
+    if unknown := sorted(set(distances) - set(DISTANCES)):
+        raise SystemExit(f"--distance {','.join(unknown)}: unknown; choose from {sorted(DISTANCES)}")
+    rows = [r for out in args.outs for r in rows_for(out, args.data, blocks, distances)]
     print("| data set | patch blocks | image score | image AUROC | F1-max | recall / false alarms "
           "| ROC recall 1% / 5% |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -25,7 +25,12 @@ from anomaly_core.coreset import coreset_size
 from anomaly_core.decode import shard_uris
 from anomaly_core.features import FeatureExtractor, augment_batch
 from anomaly_core.fit import (
+    ALIGN_TRIAL_IMAGES,
+    ALIGN_TRIAL_MIN,
+    AlignmentTrial,
     SplitPlan,
+    aligned_config,
+    alignment_trial,
     compose,
     fit_bank,
     fitted_config,
@@ -33,6 +38,7 @@ from anomaly_core.fit import (
     mark_folds,
     patch_estimate,
     split_calibration,
+    trial_sample,
 )
 from anomaly_core.model import Model
 from anomaly_core.shards import is_shard, shard_of
@@ -198,6 +204,32 @@ def good_features(archive: Archive, *, config: ModelConfig, split: Callable[[lis
     return dataclasses.replace(before, blocks=blocks)
 
 
+def trial_pixels(archive: Archive, *, config: ModelConfig, options: StorageOptions, image_column: str,
+                 id_column: str | None) -> np.ndarray | None:
+    """[m, S, S, 3] uint8: the good images the alignment trial runs on (anomaly_core.fit.trial_sample), read
+    and decoded by Ray tasks; None when fewer than ALIGN_TRIAL_MIN are readable. A listing is sampled with
+    the config's seed; shards name their images only when read, so there it is their first images."""
+    if archive.shards:
+        ds = read_shards_decoded(archive.shards, input_size=config.input_size, batch_size=ALIGN_TRIAL_IMAGES,
+                                 options=options, image_column=image_column,
+                                 id_column=id_column).limit(ALIGN_TRIAL_IMAGES)
+    else:
+        sample = trial_sample(archive.images, seed=config.seed)
+        if not sample:
+            return None
+        ds = read_images(sample, input_size=config.input_size, batch_size=ALIGN_TRIAL_IMAGES, options=options,
+                         image_column=image_column, id_column=id_column)
+    rows = ds.take_all()
+    pixels = [r["pixels"] for r in rows if r["error"] == ""]
+    return np.stack(pixels) if len(pixels) >= ALIGN_TRIAL_MIN else None
+
+
+@ray.remote(num_cpus=1)
+def _alignment_trial(pixels: np.ndarray, config: ModelConfig, device: str) -> AlignmentTrial:
+    """alignment_trial in a Ray task, with the backbone on `device` (a GPU when the task is given one)."""
+    return alignment_trial(pixels, describe=FeatureExtractor(config=config, device=device).describe, config=config)
+
+
 def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, batch_size: int = 16,
             actors: int | None = None, device: str = "auto", address: str | None = None,
             overwrite: bool = False, options: StorageOptions | None = None,
@@ -224,6 +256,13 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
         check_paths_reach_every_node({"training images": archive.images or archive.shards, "model": [model_uri]})
     gpus = default_actors(actors)[2]
     ray.data.DataContext.get_current().execution_options.preserve_order = True   # same blocks, same coreset
+
+    def trial() -> AlignmentTrial | None:
+        pixels = trial_pixels(archive, config=config, options=options, image_column=image_column,
+                              id_column=id_column)
+        return None if pixels is None else ray.get(
+            _alignment_trial.options(num_gpus=1 if gpus else 0).remote(pixels, config, device))
+    config, align_trial = aligned_config(config, trial)
     good = good_features(
         archive, config=config, split=partial(split_calibration, config=config),
         check=lambda good: check_budget(config, patch_estimate(good.n_bank_images, config=config), memory_budget_mb),
@@ -238,7 +277,8 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
     del good
     for path, error in stats.unreadable:
         log.warning("skipped unreadable training image %s: %s", path, error)
-    stats = dataclasses.replace(stats, feature_seconds=round(t_feat, 2), fit_seconds=round(time.time() - t0, 2))
+    stats = dataclasses.replace(stats, feature_seconds=round(t_feat, 2), fit_seconds=round(time.time() - t0, 2),
+                                alignment_trial=align_trial)
     _, weights = load_weights(config.weights, backbone=config.backbone)      # the identity the actors load
     model = Model(config=config, bank=bank, calibration=cal, weights=weights, stats=stats)
     manifest = model.save(model_uri, overwrite=overwrite, options=options)
