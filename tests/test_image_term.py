@@ -143,8 +143,8 @@ def test_an_update_adds_the_new_bank_images_and_lowers_the_parents_image_distanc
 
 def test_backbone_tokens_carry_the_global_block_after_the_patch_blocks():
     px = np.random.default_rng(0).integers(0, 255, (2, 28, 28, 3), dtype=np.uint8)
-    plain = FeatureExtractor(config=ModelConfig(image_size=28, tiles=1, blocks=(4, 5)), device="cpu")
-    extractor = FeatureExtractor(config=ModelConfig(image_size=28, tiles=1, blocks=(4, 5), global_block=4),
+    plain = FeatureExtractor(config=ModelConfig(image_size=28, tiles=1, blocks=(4, 5), align=False), device="cpu")
+    extractor = FeatureExtractor(config=ModelConfig(image_size=28, tiles=1, blocks=(4, 5), global_block=4, align=False),
                                  device="cpu")
     tokens = extractor.tokens(px)                                                  # [2, 4, 3 * 384]
     np.testing.assert_allclose(tokens[..., :768], plain.tokens(px), atol=1e-5)
