@@ -79,6 +79,16 @@ def test_options_reach_the_config(tmp_path, monkeypatch):
     assert seen["config"] == ModelConfig()                 # the defaults shown are the config's
 
 
+def test_align_is_the_fits_choice_unless_a_flag_sets_it(tmp_path, monkeypatch):
+    import jobs.fit
+    seen = []
+    monkeypatch.setattr(jobs.fit, "run_fit", lambda data, model, *, config, **kw: seen.append(config.align) or {
+        "model_id": "m", "calibration": {"threshold": 1.0}, "stats": {}})
+    for flags in ([], ["--align"], ["--no-align"]):
+        assert run("fit", tmp_path, tmp_path / "model", *flags).exit_code == 0
+    assert seen == [None, True, False]
+
+
 def test_a_new_field_or_registry_name_needs_no_cli_change():
     registry = {"topk_mean": None, "max": None}
 

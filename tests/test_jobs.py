@@ -197,3 +197,32 @@ def test_an_image_term_fits_and_scores_through_ray_as_in_process(ray_local, text
     expected = model.score(pixels, maps=False)
     assert [got[str(p)][0] for p in paths] == pytest.approx(expected.scores.tolist(), rel=1e-4)
     assert [got[str(p)][1] for p in paths] == pytest.approx(expected.image_term_scores.tolist(), rel=1e-4)
+
+
+@pytest.mark.integration
+def test_the_fit_job_runs_the_alignment_trial_as_an_in_process_fit_does(ray_local, tmp_path):
+    """16 good parts at random angles: the job reads the trial's sample through Ray, decides to align as
+    Model.fit decides on the same images, and records the same trial."""
+    from PIL import Image
+
+    from anomaly_core.config import ModelConfig
+    from anomaly_core.model import Model
+    from jobs.fit import run_fit
+    from tests.helpers import TEST_CONFIG_KW
+    from tests.test_align import textured_part
+    cfg = ModelConfig(**TEST_CONFIG_KW)
+    rng = np.random.default_rng(3)
+    px = np.stack([textured_part(a, (48, 48), cfg.input_size, rng) for a in rng.uniform(-np.pi, np.pi, 16)])
+    (tmp_path / "good").mkdir()
+    names = [str(tmp_path / "good" / f"{i:03d}.png") for i in range(len(px))]
+    for name, img in zip(names, px, strict=True):
+        Image.fromarray(img).save(name)
+    manifest = run_fit(str(tmp_path / "good"), str(tmp_path / "m"), config=cfg, batch_size=8)
+    local = Model.fit(px, config=cfg, names=names, device="cpu")
+    assert manifest["config"]["align"] is True is local.config.align
+    trial = manifest["stats"]["alignment_trial"]
+    assert trial["images"] == 16
+    assert trial["aligned"] == pytest.approx(local.stats.alignment_trial.aligned, rel=1e-4)
+    assert trial["unaligned"] == pytest.approx(local.stats.alignment_trial.unaligned, rel=1e-4)
+    loaded = Model.load(str(tmp_path / "m")).stats.alignment_trial
+    assert (loaded.images, loaded.unaligned, loaded.aligned) == (16, trial["unaligned"], trial["aligned"])
