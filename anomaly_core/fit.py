@@ -347,13 +347,14 @@ def aligned_config(config: ModelConfig, trial: Callable[[], AlignmentTrial | Non
         return config, None
     if config.n_augment > 1:
         return replace(config, align=False), None
+    t0 = time.perf_counter()
     result = trial()
     if result is None:
         log.info("alignment: not tried (fewer than %d good images); images are scored as they are",
                  ALIGN_TRIAL_MIN)
         return replace(config, align=False), None
-    log.info("alignment trial on %d good images: aligned, their median score is %.2fx the unaligned (aligns at "
-             "<= %.2fx): %s", result.images, result.ratio, ALIGN_GAIN,
+    log.info("alignment trial on %d good images (%.1fs): aligned, their median score is %.2fx the unaligned "
+             "(aligns at <= %.2fx): %s", result.images, time.perf_counter() - t0, result.ratio, ALIGN_GAIN,
              "parts appear at varying angles, so every image is turned to a canonical pose" if result.aligns
              else "images are scored as they are")
     return replace(config, align=result.aligns), result
