@@ -127,8 +127,9 @@ class Model:
         config, trial = aligned_config(config, lambda: alignment_trial(
             pixels[[index[n] for n in sample]], describe=extractor.describe, config=config) if sample else None)
         extractor.config = config                                 # alignment does not change the backbone
+        t_trial = time.perf_counter()
         rows = _feature_rows(extractor, pixels, names, plan=plan, batch_size=batch_size)
-        t_feat = time.perf_counter() - t0
+        t_feat = time.perf_counter() - t_trial
         model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
                                  foreground=rows["foreground"], paths=rows["path"], copy=rows["copy"],
                                  images=rows.get("image"), weights=extractor.backbone.identity,
