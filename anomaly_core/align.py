@@ -61,6 +61,19 @@ def align_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, poses
 
 
+def resample_images(images: np.ndarray, *, seed: int) -> np.ndarray:
+    """images: [B, S, S, 3] uint8 -> the same images shifted by a random sub-pixel offset (each axis uniform
+    in [0, 1) px, drawn with `seed`) with align_images' bilinear interpolation and border rule: the
+    smoothing an alignment's turn brings, without the turn (the alignment trial's control arm)."""
+    offsets = np.random.default_rng(seed).random((len(images), 2))                 # [B, 2] (row, col) px
+    out = np.empty_like(images)
+    for i, (im, shift) in enumerate(zip(images, offsets, strict=True)):
+        for ch in range(im.shape[-1]):
+            out[i, ..., ch] = ndimage.shift(im[..., ch].astype(np.float32), shift, order=1,
+                                            mode="nearest").round().clip(0, 255)
+    return out
+
+
 def unalign_maps(maps: np.ndarray, poses: np.ndarray) -> np.ndarray:
     """maps: [B, S, S] float32 in the aligned frame, poses [B, 3] -> [B, S, S] in each image's own frame."""
     s = maps.shape[1]
