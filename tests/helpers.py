@@ -26,6 +26,19 @@ def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def textured_part(angle: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """[size, size, 3] uint8: a bar with a knob at one end (tests/test_align.py's part, scaled from 96 px),
+    turned by `angle` (radians, ccw) about the centre, filled with fine noise on a dark noisy background
+    (the backbone needs some texture to describe): a part that can lie at any angle."""
+    rows, cols = np.mgrid[:size, :size].astype(float) * 96 / size
+    dx, dy = cols - 48, -(rows - 48)
+    u = dx * np.cos(angle) + dy * np.sin(angle)                   # along the bar
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    shape = ((np.abs(u) < 26) & (np.abs(v) < 6)) | ((u - 26) ** 2 + v ** 2 < 11 ** 2)
+    img = np.where(shape, 190, 45) + rng.normal(0, 6, (size, size))
+    return np.repeat(img.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
 def as_stored(rows: np.ndarray, kind: str) -> np.ndarray:
     """[n, d] float32 rows as a bank of index `kind` stores them: an hnsw bank keeps float16 vectors."""
     return rows.astype(np.float16).astype(np.float32) if kind == "hnsw" else rows

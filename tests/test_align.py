@@ -53,19 +53,6 @@ def test_a_flat_image_keeps_its_pose():
 
 # ---- the fit's alignment trial (anomaly_core.fit.aligned_config) -------------------------------------------
 
-def textured_part(angle: float, centre: tuple[float, float], size: int, rng: np.random.Generator) -> np.ndarray:
-    """[size, size, 3] uint8: `part`'s bar and knob scaled to `size`, filled with fine noise, on a dark
-    noisy background (the backbone needs some texture to describe)."""
-    scale = size / S
-    rows, cols = np.mgrid[:size, :size].astype(float) / scale
-    dx, dy = cols - centre[1], -(rows - centre[0])
-    u = dx * np.cos(angle) + dy * np.sin(angle)
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    shape = ((np.abs(u) < 26) & (np.abs(v) < 6)) | ((u - 26) ** 2 + v ** 2 < 11 ** 2)
-    img = np.where(shape, 190, 45) + rng.normal(0, 6, (size, size))
-    return np.repeat(img.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
 @pytest.fixture(scope="module")
 def trial_extractor():
     from anomaly_core.config import ModelConfig
@@ -78,10 +65,11 @@ def trial_extractor():
 @pytest.mark.parametrize("any_angle", [True, False])
 def test_the_trial_aligns_parts_seen_at_any_angle_and_not_fixtured_ones(trial_extractor, any_angle):
     from anomaly_core.fit import alignment_trial
+    from tests.helpers import textured_part
     cfg, ex = trial_extractor
     rng = np.random.default_rng(0)
     angles = rng.uniform(-np.pi, np.pi, 16) if any_angle else np.full(16, 0.4)
-    px = np.stack([textured_part(a, (48, 48), cfg.input_size, rng) for a in angles])
+    px = np.stack([textured_part(a, cfg.input_size, rng) for a in angles])
     trial = alignment_trial(px, describe=ex.describe, config=cfg)
     assert trial.images == 16
     assert trial.aligns == any_angle, trial

@@ -208,11 +208,10 @@ def test_the_fit_job_runs_the_alignment_trial_as_an_in_process_fit_does(ray_loca
     from anomaly_core.config import ModelConfig
     from anomaly_core.model import Model
     from jobs.fit import run_fit
-    from tests.helpers import TEST_CONFIG_KW
-    from tests.test_align import textured_part
+    from tests.helpers import TEST_CONFIG_KW, textured_part
     cfg = ModelConfig(**TEST_CONFIG_KW)
     rng = np.random.default_rng(3)
-    px = np.stack([textured_part(a, (48, 48), cfg.input_size, rng) for a in rng.uniform(-np.pi, np.pi, 16)])
+    px = np.stack([textured_part(a, cfg.input_size, rng) for a in rng.uniform(-np.pi, np.pi, 16)])
     (tmp_path / "good").mkdir()
     names = [str(tmp_path / "good" / f"{i:03d}.png") for i in range(len(px))]
     for name, img in zip(names, px, strict=True):
