@@ -217,7 +217,7 @@ def update_bank(blocks: Sequence, *, config: ModelConfig, bank: MemoryBank, stat
         calibration_images=[stats.calibration_images[i] for i in keep] + new_names,
         calibration_scores=[float(s) for s in scores],
         calibration_patches=patches, image_term=term,
-        position_consistency=stats.position_consistency,
+        position_consistency=stats.position_consistency, alignment_trial=stats.alignment_trial,
         unreadable=list(stats.unreadable) + [u for c in one_pass for u in c.unreadable], index=new_bank.kind,
         input_sizes=merge_sizes(stats.input_sizes, size_range(sizes[:, 0], sizes[:, 1]) if len(sizes) else None))
     added = {"images": new_images, "patches": ext.n_points, "candidates": ext.n_candidates,

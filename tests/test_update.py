@@ -70,6 +70,19 @@ def test_an_update_records_its_parent_and_what_it_added_and_leaves_the_parent_un
     assert loaded.stats.n_images == 50 and loaded.stats.calibration_split == "holdout+holdout"
 
 
+def test_an_update_keeps_the_alignment_trial_that_chose_its_parents_pose(parent):
+    import copy
+
+    from anomaly_core.fit import AlignmentTrial
+    model, _ = parent
+    trial = AlignmentTrial(images=32, unaligned=0.3, aligned=0.2)
+    aligned_parent = copy.copy(model)
+    aligned_parent.stats = dataclasses.replace(model.stats, alignment_trial=trial)
+    child = aligned_parent.update_features(clustered(np.random.default_rng(1), 10, model.new_kind),
+                                           paths=[f"new{i}" for i in range(10)])
+    assert child.stats.alignment_trial == trial and child.config.align == model.config.align
+
+
 def test_the_new_bank_keeps_every_old_entry_and_adds_the_new_kind(parent):
     model, _ = parent
     rng = np.random.default_rng(2)
