@@ -122,14 +122,16 @@ class Model:
         names = [str(i) for i in range(len(pixels))] if names is None else [str(x) for x in names]
         plan = split_calibration(names, config=config)
         extractor = FeatureExtractor(config=config, device=device)
-        sample = trial_sample(names, seed=config.seed)
-        index = {n: i for i, n in enumerate(names)}
-        config, trial = aligned_config(config, lambda: alignment_trial(
-            pixels[[index[n] for n in sample]], describe=extractor.describe, config=config) if sample else None)
+
+        def trial():
+            sample = set(trial_sample(names, seed=config.seed))
+            picked = [i for i, n in enumerate(names) if n in sample]                   # in `names` order
+            return alignment_trial(pixels[picked], describe=extractor.describe, config=config) if picked else None
+        config, align_trial = aligned_config(config, trial)
         extractor.config = config                                 # alignment does not change the backbone
-        t_trial = time.perf_counter()
+        t_features = time.perf_counter()
         rows = _feature_rows(extractor, pixels, names, plan=plan, batch_size=batch_size)
-        t_feat = time.perf_counter() - t_trial
+        t_feat = time.perf_counter() - t_features
         model = cls.fit_features(rows["features"], config=config, plan=replace(plan, fold=rows["fold"]),
                                  foreground=rows["foreground"], paths=rows["path"], copy=rows["copy"],
                                  images=rows.get("image"), weights=extractor.backbone.identity,
@@ -137,7 +139,7 @@ class Model:
         model._extractor = extractor
         model.bank.place(extractor.backbone.device)
         model.stats = replace(model.stats, feature_seconds=round(t_feat, 2),
-                              fit_seconds=round(time.perf_counter() - t0, 2), alignment_trial=trial,
+                              fit_seconds=round(time.perf_counter() - t0, 2), alignment_trial=align_trial,
                               input_sizes=None if sizes is None else size_range(*np.asarray(sizes).T))
         return model
 

@@ -263,13 +263,13 @@ def run_fit(data_uri: str | list[str], model_uri: str, *, config: ModelConfig, b
         return None if pixels is None else ray.get(
             _alignment_trial.options(num_gpus=1 if gpus else 0).remote(pixels, config, device))
     config, align_trial = aligned_config(config, trial)
-    t_trial = time.time()
+    t_features = time.time()
     good = good_features(
         archive, config=config, split=partial(split_calibration, config=config),
         check=lambda good: check_budget(config, patch_estimate(good.n_bank_images, config=config), memory_budget_mb),
         batch_size=batch_size, actors=actors, device=device, options=options, image_column=image_column,
         id_column=id_column, label="fit: features")
-    t_feat = time.time() - t_trial
+    t_feat = time.time() - t_features
     log.info("fit: features of %d images in %d blocks, %.1fs", len(good.names), len(good.blocks), t_feat)
     config = fitted_config(config, plan=good.plan, names=good.names)
     bank, cal, stats = fit_bank(good.blocks, config=config, plan=good.plan,
